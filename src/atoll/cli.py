@@ -1,0 +1,134 @@
+"""The `atoll` command line: train, model-info, tokenizer.
+
+User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from atoll.config import describe_fields, load_config, parse_overrides
+from atoll.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if rest and args.command != "train":
+            raise UserError(f"unrecognised arguments: {' '.join(rest)}")
+        return args.handler(args, rest)
+    except UserError as err:
+        print(f"atoll: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atoll", description="Train LLMs across islands of compute.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train one island (one machine, one or more local ranks)",
+        usage="atoll train [CONFIG] [--nproc N] [--run-dir DIR] [--resume [latest|PATH]] [--section.key VALUE ...]",
+        description="Train one island. Any config key below can be overridden as --section.key VALUE.",
+        epilog="config keys:\n" + describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", nargs="?", help="TOML config file (omit for all defaults)")
+    train.add_argument("--nproc", type=int, default=1, help="local ranks to start with torchrun (default 1)")
+    train.add_argument("--run-dir", type=Path, help="run directory (default runs/<train.run_name>-<timestamp>)")
+    train.add_argument(
+        "--resume", nargs="?", const="latest",
+        help="resume from the latest checkpoint of --run-dir, or from a checkpoint or run directory",
+    )
+    train.set_defaults(handler=cmd_train)
+
+    info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
+    info.add_argument("names", nargs="*", help="sizes to show (default: all)")
+    info.set_defaults(handler=cmd_model_info)
+
+    tok = commands.add_parser("tokenizer", help="tokenizer tools")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tok_train = tok_commands.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
+    tok_train.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
+    tok_train.add_argument("--source", default="stdlib", help="corpus: stdlib, a directory or a text file")
+    tok_train.add_argument("--val-fraction", type=float, default=0.05, help="held-out fraction (not trained on)")
+    tok_train.add_argument("--out", type=Path, default=Path("tokenizer.json"), help="output tokenizer.json path")
+    tok_train.set_defaults(handler=cmd_tokenizer_train)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.launch import default_run_dir, run_torchrun, under_torchrun
+
+    cfg = load_config(args.config, parse_overrides(rest))
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    run_dir = args.run_dir
+    if run_dir is None and args.resume not in (None, "latest"):
+        run_dir = run_dir_of(Path(args.resume))
+    if run_dir is None and args.resume == "latest":
+        raise UserError("--resume latest needs --run-dir of the run to continue")
+    if args.nproc > 1 and not under_torchrun():
+        run_dir = run_dir or default_run_dir(cfg.train.run_name)
+        passthrough = [*([args.config] if args.config else []), *rest, "--run-dir", str(run_dir)]
+        if args.resume is not None:
+            passthrough += ["--resume", args.resume]
+        return run_torchrun(args.nproc, passthrough)
+
+    from atoll.train import train
+
+    train(cfg, run_dir, args.resume)
+    return 0
+
+
+def run_dir_of(checkpoint_or_run: Path) -> Path:
+    """The run directory a --resume path belongs to (runs/x/checkpoints/step-N -> runs/x)."""
+    if checkpoint_or_run.parent.name == "checkpoints":
+        return checkpoint_or_run.parent.parent
+    return checkpoint_or_run
+
+
+def cmd_model_info(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.metrics import flops_per_token
+    from atoll.model import SIZES, count_params
+
+    names = args.names or list(SIZES)
+    unknown = [n for n in names if n not in SIZES]
+    if unknown:
+        raise UserError(f"unknown model size {unknown[0]!r}: choose from {', '.join(SIZES)}")
+    header = f"{'size':<16}{'layers':>7}{'dim':>6}{'heads':>6}{'kv':>4}{'ffn':>7}{'vocab':>8}{'seq':>6}{'params':>16}{'non-embed':>16}{'GFLOP/token':>13}"
+    print(header)
+    for name in names:
+        a = SIZES[name]
+        counts = count_params(a)
+        gflops = flops_per_token(a, counts["non_embedding"], a.max_seq_len) / 1e9
+        print(f"{name:<16}{a.n_layers:>7}{a.dim:>6}{a.n_heads:>6}{a.n_kv_heads:>4}{a.ffn_hidden:>7}{a.vocab_size:>8}"
+              f"{a.max_seq_len:>6}{counts['total']:>16,}{counts['non_embedding']:>16,}{gflops:>13.3f}")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.data import load_documents, train_bpe
+
+    if args.vocab_size < 300:
+        raise UserError(f"--vocab-size {args.vocab_size} is too small: byte-level BPE needs at least 300")
+    try:
+        docs = load_documents(args.source, "train", args.val_fraction)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    tokenizer = train_bpe(docs, args.vocab_size, args.out)
+    print(f"atoll: wrote {args.out} ({tokenizer.vocab_size} tokens); use it with --data.tokenizer {args.out} "
+          f"--model.vocab_size {tokenizer.vocab_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""One typed config tree for a run: TOML files plus dotted command-line overrides.
+
+    atoll train configs/debug.toml --optim.lr 3e-4 --train.steps 50
+
+Every field is documented by the docstring under it; `atoll train --help` prints them all. An
+unknown key, a wrong type or an out-of-range value raises `UserError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from atoll.errors import UserError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, field docstrings are the documentation."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "debug"
+    """Named model size (see `atoll model-info`): debug, demo, 150m, 1b, 8b, intellect-1-10b."""
+    vocab_size: int | None = Field(default=None, gt=0)
+    """Override the size's vocabulary; must be at least the tokenizer's vocabulary. None keeps the size's."""
+    rope_theta: float | None = Field(default=None, gt=0)
+    """Override the RoPE base frequency (Llama-3 uses 500000). None keeps the size's."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, about 1/3 more compute."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=3e-4, gt=0)
+    """Peak AdamW learning rate, reached at the end of warmup."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """Decoupled weight decay, applied to matrices only (not norms)."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+class ScheduleConfig(Section):
+    kind: Literal["wsd", "cosine", "constant"] = "wsd"
+    """LR schedule: wsd (warmup, stable, decay), cosine (warmup then cosine to min), constant (warmup then flat)."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Steps of linear warmup from 0 to optim.lr."""
+    decay_fraction: float = Field(default=0.2, ge=0, le=1)
+    """wsd only: the LR stays at optim.lr and decays only during this last fraction of train.steps."""
+    decay_shape: Literal["linear", "sqrt", "cosine"] = "linear"
+    """wsd only: shape of the final decay (sqrt is 1 - sqrt(progress), as in MiniCPM)."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    """LR at the end of decay, as a fraction of optim.lr (wsd and cosine)."""
+
+
+class DataConfig(Section):
+    source: str = "stdlib"
+    """Corpus: "stdlib" (the running Python's standard library sources, always present) or a directory / text file."""
+    tokenizer: str = "byte"
+    """"byte" (UTF-8 bytes, 257 ids) or a path to an HF tokenizer.json (see `atoll tokenizer train`)."""
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)
+    """Fraction of documents held out for validation, chosen by a stable hash of their path."""
+    cache_dir: str | None = "~/.cache/atoll"
+    """Where tokenized corpora are cached; empty string disables the cache."""
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=100, gt=0)
+    """Optimizer steps to train for (the schedule spans exactly this many)."""
+    seq_len: int | None = Field(default=None, gt=0)
+    """Tokens per sequence; None uses the model size's max_seq_len."""
+    global_batch: int = Field(default=8, gt=0)
+    """Sequences per optimizer step over the whole island (all local ranks, all accumulation steps)."""
+    micro_batch: int | None = Field(default=None, gt=0)
+    """Sequences per forward pass per local rank; the rest is gradient accumulation. None: no accumulation."""
+    z_loss_weight: float = Field(default=0.0, ge=0)
+    """Weight of the max-z-loss (mean max-logit squared); INTELLECT-1 used 2e-4."""
+    seed: int = 0
+    """Seed for weight init and data order; the same seed gives the same weights on every process."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks cuda when available (NCCL, bf16 mixed precision), else cpu (gloo, fp32)."""
+    run_name: str = "atoll"
+    """Name used in the default run directory runs/<run_name>-<timestamp>."""
+
+
+class EvalConfig(Section):
+    every: int = Field(default=50, ge=0)
+    """Compute validation loss every this many steps and at the end; 0 disables."""
+    batches: int = Field(default=4, gt=0)
+    """Global batches of validation data per evaluation (always the same ones)."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(default=0, ge=0)
+    """Save a checkpoint every this many steps; 0 saves only at the end (if at_end)."""
+    at_end: bool = True
+    """Save a checkpoint when training finishes."""
+    keep: int = Field(default=2, gt=0)
+    """How many of the newest checkpoints to keep on disk."""
+
+
+class MetricsConfig(Section):
+    log_every: int = Field(default=1, gt=0)
+    """Write a metrics.jsonl record (and a log line) every this many steps."""
+    peak_flops: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one accelerator for MFU; None detects known GPUs and reports mfu null on CPU."""
+    progress: Literal["auto", "bar", "plain"] = "auto"
+    """auto: a progress bar on a terminal, plain log lines otherwise."""
+
+
+class JobConfig(Section):
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> JobConfig:
+        if self.schedule.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds train.steps ({self.train.steps})"
+            )
+        if self.train.micro_batch is not None and self.train.micro_batch > self.train.global_batch:
+            raise ValueError(
+                f"train.micro_batch ({self.train.micro_batch}) exceeds train.global_batch ({self.train.global_batch})"
+            )
+        return self
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `--a.b value` / `--a.b=value` pairs into a flat {"a.b": value} dict.
+
+    Values are read as TOML literals when they parse (numbers, booleans, arrays), else as strings.
+    """
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}: config overrides look like --section.key value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise UserError(f"--{key} needs a value, e.g. --{key} VALUE")
+            value = args[i + 1]
+            i += 1
+        if "." not in key:
+            raise UserError(f"unknown option --{key}: config overrides look like --section.key value")
+        overrides[key] = _parse_value(value)
+        i += 1
+    return overrides
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set --{key}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing or malformed file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: pass the path of a TOML file such as configs/debug.toml")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Build the config from a TOML file (or the defaults when path is None) plus dotted overrides."""
+    tree = read_toml(path) if path is not None else {}
+    overrides = overrides or {}
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_describe(err, path, overrides)) from None
+
+
+def _describe(err: ValidationError, path: str | Path | None, overrides: dict[str, Any]) -> str:
+    """One line for the first validation error: the dotted key, what is wrong, where it came from."""
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"] if not isinstance(part, int))
+    from_cli = [k for k in overrides if k == key or k.startswith(key + ".")] if key else []
+    origin = f"--{from_cli[0]}" if from_cli else (str(path) if path else "defaults")
+    if first["type"] == "extra_forbidden":
+        *parents, leaf = key.split(".")
+        section: type[BaseModel] = JobConfig
+        for part in parents:
+            section = section.model_fields[part].annotation  # type: ignore[assignment]
+        hint = difflib.get_close_matches(leaf, list(section.model_fields), n=1)
+        fix = f"did you mean {'.'.join([*parents, hint[0]])}?" if hint else "see `atoll train --help`"
+        return f"unknown config key {key!r} (in {origin}): {fix}"
+    if not key:
+        return f"invalid config (in {origin}): {first['msg'].removeprefix('Value error, ')}"
+    return f"config key {key!r} (in {origin}): {first['msg']}, got {first['input']!r}"
+
+
+def dump_config(cfg: JobConfig, path: Path) -> None:
+    """Write the resolved config as TOML (None fields omitted: they mean 'the default')."""
+    path.write_text(tomli_w.dumps(cfg.model_dump(exclude_none=True)))
+
+
+def describe_fields() -> str:
+    """Every config key with its type, default and description, for `--help`."""
+    lines = []
+    for section_name, section_field in JobConfig.model_fields.items():
+        section = section_field.annotation
+        lines.append(f"[{section_name}]")
+        for name, field in section.model_fields.items():  # type: ignore[union-attr]
+            lines.append(f"  --{section_name}.{name} (default {field.default!r})")
+            lines.append(f"      {field.description}")
+    return "\n".join(lines)
+

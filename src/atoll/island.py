@@ -1,0 +1,110 @@
+"""One island: its local process group, its device, and FSDP2 sharding of the model over it.
+
+An island is one machine running L local ranks (launched by torchrun or `atoll train --nproc L`).
+The island's group is torch's default process group: gloo on CPU, NCCL on CUDA. A plain
+`python`/`atoll train` without torchrun is an island of one rank, with no sharding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from atoll.errors import UserError
+
+# torchrun's contract: these variables describe the local job.
+RANK_ENV = "RANK"
+WORLD_SIZE_ENV = "WORLD_SIZE"
+LOCAL_RANK_ENV = "LOCAL_RANK"
+
+LOCAL_GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Island:
+    """The local job as this process sees it."""
+
+    rank: int
+    """This process's rank in the island (torchrun's RANK)."""
+    world: int
+    """Local ranks in the island."""
+    device: torch.device
+    """Where this rank computes."""
+
+    @property
+    def is_leader(self) -> bool:
+        """Local rank 0 writes logs, metrics and the run directory's files."""
+        return self.rank == 0
+
+    @property
+    def mixed_precision(self) -> bool:
+        """bf16 compute with fp32 master weights on CUDA; plain fp32 on CPU."""
+        return self.device.type == "cuda"
+
+
+def start_island(device_pref: str) -> Island:
+    """Join the island's process group (creating a 1-rank one outside torchrun) and pick the device."""
+    rank = int(os.environ.get(RANK_ENV, 0))
+    world = int(os.environ.get(WORLD_SIZE_ENV, 1))
+    local_rank = int(os.environ.get(LOCAL_RANK_ENV, rank))
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is visible: set --train.device cpu")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if RANK_ENV in os.environ:
+            dist.init_process_group(backend, timeout=LOCAL_GROUP_TIMEOUT, device_id=device if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=LOCAL_GROUP_TIMEOUT)
+    return Island(rank=rank, world=world, device=device)
+
+
+def stop_island() -> None:
+    """Leave the island's process group (safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, island: Island) -> nn.Module:
+    """FSDP2 over the local group: each transformer block is one unit, then the root.
+
+    A 1-rank island is left unsharded (FSDP would only add copies). On CUDA, parameters are
+    gathered in bf16 and gradients reduced in fp32.
+    """
+    if island.world == 1:
+        return model
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if island.mixed_precision else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over the island's ranks (a copy; the input is untouched)."""
+    out = value.detach().clone()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def broadcast_text(text: str, island: Island) -> str:
+    """Local rank 0's string, on every rank (e.g. a run directory with rank 0's timestamp)."""
+    if island.world == 1:
+        return text
+    payload = torch.zeros(4096, dtype=torch.uint8, device=island.device)
+    if island.is_leader:
+        raw = text.encode()
+        payload[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(payload, src=0)
+    return bytes(payload.cpu().tolist()).rstrip(b"\0").decode()

@@ -1,0 +1,70 @@
+"""The inner optimizer: AdamW, gradient clipping and learning-rate schedules.
+
+Schedules are pure functions of the step (`lr_factor`), so resuming needs only the step count.
+WSD (warmup-stable-decay) follows Hu et al. 2024, "MiniCPM" (arXiv:2404.06395): linear warmup,
+a long constant phase, then a short decay whose shape is linear, sqrt or cosine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from atoll.config import OptimConfig, ScheduleConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; norms and other vectors are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based) of `total_steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.kind == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if cfg.kind == "cosine":
+        span = max(total_steps - cfg.warmup_steps, 1)
+        progress = (step - cfg.warmup_steps) / span
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = round(cfg.decay_fraction * total_steps)
+    decay_start = total_steps - decay_steps
+    if decay_steps == 0 or step < decay_start:
+        return 1.0
+    progress = (step - decay_start + 1) / decay_steps
+    if cfg.decay_shape == "linear":
+        shape = 1 - progress
+    elif cfg.decay_shape == "sqrt":
+        shape = 1 - math.sqrt(progress)
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * shape
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (over all shards) and return the norm before clipping.
+
+    max_norm 0 only measures. Works for plain and FSDP2-sharded (DTensor) parameters alike.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
