@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from atoll.model import (SIZES, Llama, ModelArgs, apply_activation_checkpointing, count_params,
-                         get_size, lm_loss)
+from atoll.model import (
+    SIZES,
+    Llama,
+    ModelArgs,
+    apply_activation_checkpointing,
+    count_params,
+    get_size,
+    lm_loss,
+)
 from atoll.model.llama import Attention, apply_rope, rope_table
 
 DEBUG = SIZES["debug"]

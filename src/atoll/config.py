@@ -9,13 +9,14 @@ unknown key, a wrong type or an out-of-range value raises `UserError` with one l
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from atoll.atomic import atomic_write
 from atoll.errors import UserError
 
 
@@ -228,7 +229,8 @@ def _describe(err: ValidationError, path: str | Path | None, overrides: dict[str
 
 def dump_config(cfg: JobConfig, path: Path) -> None:
     """Write the resolved config as TOML (None fields omitted: they mean 'the default')."""
-    path.write_text(tomli_w.dumps(cfg.model_dump(exclude_none=True)))
+    text = tomli_w.dumps(cfg.model_dump(exclude_none=True))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def describe_fields() -> str:

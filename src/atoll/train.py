@@ -20,10 +20,23 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.checkpoint import Checkpointer, ModelOptimizerState
 from atoll.config import JobConfig, dump_config
-from atoll.data import PackedLoader, Tokenizer, iter_eval_batches, load_split_tokens, load_tokenizer
+from atoll.data import (
+    PackedLoader,
+    Tokenizer,
+    iter_eval_batches,
+    load_split_tokens,
+    load_tokenizer,
+)
 from atoll.digest import tensor_digest
 from atoll.errors import UserError
-from atoll.island import Island, all_reduce_mean, broadcast_text, shard_model, start_island, stop_island
+from atoll.island import (
+    Island,
+    all_reduce_mean,
+    broadcast_text,
+    shard_model,
+    start_island,
+    stop_island,
+)
 from atoll.launch import default_run_dir
 from atoll.metrics import MetricsLog, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim import Optimizer
 
+from atoll.atomic import fsync_dir
 from atoll.errors import UserError
 
 STEP_PREFIX = "step-"
@@ -126,9 +127,5 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         os.replace(dst, stale)
     os.replace(src, dst)
-    fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(dst.parent)
     shutil.rmtree(stale, ignore_errors=True)
