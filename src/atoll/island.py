@@ -108,3 +108,10 @@ def broadcast_text(text: str, island: Island) -> str:
         payload[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
     dist.broadcast(payload, src=0)
     return bytes(payload.cpu().tolist()).rstrip(b"\0").decode()
+
+
+def check_same_on_all_ranks(text: str, island: Island, what: str) -> None:
+    """Raise RuntimeError unless every local rank holds the same string (e.g. a weights digest)."""
+    leader = broadcast_text(text, island)
+    if leader != text:
+        raise RuntimeError(f"{what} differs across local ranks: rank {island.rank} has {text}, rank 0 has {leader}")

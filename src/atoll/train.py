@@ -8,6 +8,7 @@ metrics) and runs `train_step()` until `train.steps`. Everything it keeps across
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from atoll.atomic import atomic_write
 from atoll.checkpoint import Checkpointer, ModelOptimizerState
 from atoll.config import JobConfig, dump_config
 from atoll.data import (
@@ -33,6 +35,7 @@ from atoll.island import (
     Island,
     all_reduce_mean,
     broadcast_text,
+    check_same_on_all_ranks,
     shard_model,
     start_island,
     stop_island,
@@ -191,6 +194,11 @@ def evaluate(model: nn.Module, val_tokens: np.ndarray, seq_len: int, cfg: JobCon
     return float(all_reduce_mean(torch.stack(losses).mean()))
 
 
+def write_run_info(path: Path, info: dict[str, Any]) -> None:
+    """run.json: facts about the run that are not per step (init digest, sizes, ranks)."""
+    atomic_write(path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+
+
 def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None) -> TrainResult:
     """Train one island as configured, writing config, metrics and checkpoints into run_dir.
 
@@ -225,10 +233,13 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     accum = accumulation_steps(cfg, island)
     try:
         loader = PackedLoader(train_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)
+        if cfg.eval.every:  # checks now that the validation split holds a global batch, not at the first eval
+            iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)
     except ValueError as err:
         raise UserError(f"data.source {cfg.data.source!r}: {err}") from None
 
     model, init_digest = build_model(args, cfg, island)
+    check_same_on_all_ranks(init_digest, island, "initial weights digest")
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState()
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader)
@@ -244,6 +255,14 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.toml")
     params = count_params(args)
+    if island.is_leader:
+        write_run_info(run_dir / "run.json", {
+            "init_digest": init_digest,
+            "params": params,
+            "local_ranks": island.world,
+            "device": island.device.type,
+            "start_step": state.step,
+        })
     flops_tok = flops_per_token(args, params["non_embedding"], seq_len)
     peak = cfg.metrics.peak_flops or detect_peak_flops(island.device)
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.metrics.progress, island.is_leader)

@@ -77,7 +77,8 @@ class Checkpointer:
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if self.is_leader:
             self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)
+            for leftover in self.directory.glob(f"*{PARTIAL_SUFFIX}"):  # from crashed saves
+                shutil.rmtree(leftover)
         dist.barrier()
         dcp.save(state, checkpoint_id=partial)
         dist.barrier()
