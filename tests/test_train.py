@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import read_metrics, run_atoll
 
 from atoll.checkpoint import Checkpointer
 from atoll.config import load_config
-from conftest import read_metrics, run_atoll
 
 TIMEOUT = 180
 

@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config keys:\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("config", nargs="?", help="TOML config file (omit for all defaults)")
     train.add_argument("--nproc", type=int, default=1, help="local ranks to start with torchrun (default 1)")
     train.add_argument("--run-dir", type=Path, help="run directory (default runs/<train.run_name>-<timestamp>)")
     train.add_argument(
@@ -66,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    args.config, rest = split_config_arg(rest)
+    cfg = load_config(args.config, parse_overrides(rest))
     from atoll.launch import default_run_dir, run_torchrun, under_torchrun
 
-    cfg = load_config(args.config, parse_overrides(rest))
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     run_dir = args.run_dir
@@ -87,6 +87,16 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     train(cfg, run_dir, args.resume)
     return 0
+
+
+def split_config_arg(rest: list[str]) -> tuple[str | None, list[str]]:
+    """(config file, overrides): the config is the first bare argument, if any.
+
+    Done by hand because argparse would take an override's value for an optional positional.
+    """
+    if rest and not rest[0].startswith("-"):
+        return rest[0], rest[1:]
+    return None, rest
 
 
 def run_dir_of(checkpoint_or_run: Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomli_w
 import tomllib
@@ -23,7 +23,9 @@ from atoll.errors import UserError
 class Section(BaseModel):
     """A config section: unknown keys are errors, field docstrings are the documentation."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(Section):
@@ -136,6 +138,12 @@ class JobConfig(Section):
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds train.steps ({self.train.steps})"
             )
+        stable_end = self.train.steps * (1 - self.schedule.decay_fraction)
+        if self.schedule.kind == "wsd" and self.schedule.warmup_steps > stable_end:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) runs into the decay phase, which starts at "
+                f"step {stable_end:.0f} (train.steps x (1 - schedule.decay_fraction))"
+            )
         if self.train.micro_batch is not None and self.train.micro_batch > self.train.global_batch:
             raise ValueError(
                 f"train.micro_batch ({self.train.micro_batch}) exceeds train.global_batch ({self.train.global_batch})"
@@ -153,7 +161,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise UserError(f"unexpected argument {arg!r}: config overrides look like --section.key value")
+            raise UserError(
+                f"unexpected argument {arg!r}: give the config file first, then overrides as --section.key value"
+            )
         key, sep, value = arg[2:].partition("=")
         if not sep:
             if i + 1 >= len(args):
@@ -162,16 +172,30 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             i += 1
         if "." not in key:
             raise UserError(f"unknown option --{key}: config overrides look like --section.key value")
-        overrides[key] = _parse_value(value)
+        overrides[key] = _parse_value(key, value)
         i += 1
     return overrides
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
+    """A TOML literal, except that a text field keeps text that TOML would read as a number or date."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    if not isinstance(value, str) and _accepts_text(key):
+        return text
+    return value
+
+
+def _accepts_text(key: str) -> bool:
+    node: Any = JobConfig
+    for part in key.split("."):
+        fields = getattr(node, "model_fields", {})
+        if part not in fields:
+            return False
+        node = fields[part].annotation
+    return node is str or str in get_args(node)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -223,7 +247,8 @@ def _describe(err: ValidationError, path: str | Path | None, overrides: dict[str
         fix = f"did you mean {'.'.join([*parents, hint[0]])}?" if hint else "see `atoll train --help`"
         return f"unknown config key {key!r} (in {origin}): {fix}"
     if not key:
-        return f"invalid config (in {origin}): {first['msg'].removeprefix('Value error, ')}"
+        origin = " + ".join([str(path) if path else "defaults", *(f"--{k}" for k in overrides)])
+        return f"invalid config (from {origin}): {first['msg'].removeprefix('Value error, ')}"
     return f"config key {key!r} (in {origin}): {first['msg']}, got {first['input']!r}"
 
 

@@ -38,7 +38,7 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
         span = max(total_steps - cfg.warmup_steps, 1)
         progress = (step - cfg.warmup_steps) / span
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = round(cfg.decay_fraction * total_steps)
+    decay_steps = max(1, round(cfg.decay_fraction * total_steps)) if cfg.decay_fraction > 0 else 0
     decay_start = total_steps - decay_steps
     if decay_steps == 0 or step < decay_start:
         return 1.0
