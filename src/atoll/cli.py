@@ -1,4 +1,4 @@
-"""The `atoll` command line: train, model-info, tokenizer.
+"""The `atoll` command line: train, coordinator, simulate, demo, model-info, tokenizer.
 
 User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2.
 """
@@ -13,13 +13,14 @@ from atoll.config import describe_fields, load_config, parse_overrides
 from atoll.errors import UserError
 
 EXIT_USER_ERROR = 2
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if rest and args.command != "train":
+        if rest and args.command not in ("train", "simulate", "demo"):
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args, rest)
     except UserError as err:
@@ -47,7 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", nargs="?", const="latest",
         help="resume from the latest checkpoint of --run-dir, or from a checkpoint or run directory",
     )
+    train.add_argument("--coordinator", metavar="HOST:PORT", help="join the run of this coordinator (mesh.coordinator)")
+    train.add_argument("--island-id", help="this island's id in the run (mesh.island_id; default hostname-<random>)")
+    train.add_argument("--mode", choices=["diloco", "ddp"], help="cross-island sync (mesh.mode; default diloco)")
     train.set_defaults(handler=cmd_train)
+
+    coord = commands.add_parser("coordinator", help="run a coordinator: the rendezvous and membership service of a run")
+    coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
+    coord.add_argument("--port", type=int, default=29400, help="port to listen on (default 29400)")
+    coord.add_argument("--islands", type=int, required=True, help="islands that must arrive before training starts")
+    coord.set_defaults(handler=cmd_coordinator)
+
+    for name, text in (("simulate", "run several islands and a coordinator on this machine"),
+                       ("demo", "the demo: 2 islands training the demo model with DiLoCo on this machine")):
+        sim = commands.add_parser(name, help=text, usage=f"atoll {name} [options] {'CONFIG ' if name == 'simulate' else ''}[--section.key VALUE ...]")
+        sim.add_argument("--islands", type=int, default=2, help="number of islands (default 2)")
+        sim.add_argument("--procs-per-island", type=int, default=1, help="local ranks per island (default 1)")
+        sim.add_argument("--run-dir", type=Path, help="run directory (default runs/<train.run_name>-<timestamp>)")
+        sim.set_defaults(handler=cmd_simulate, demo=name == "demo")
 
     info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
     info.add_argument("names", nargs="*", help="sizes to show (default: all)")
@@ -66,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     args.config, rest = split_config_arg(rest)
+    for flag, key in (("coordinator", "mesh.coordinator"), ("island_id", "mesh.island_id"), ("mode", "mesh.mode")):
+        if getattr(args, flag) is not None:
+            rest = [*rest, f"--{key}", getattr(args, flag)]
     cfg = load_config(args.config, parse_overrides(rest))
     from atoll.launch import default_run_dir, run_torchrun, under_torchrun
 
@@ -87,6 +108,41 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     train(cfg, run_dir, args.resume)
     return 0
+
+
+def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.mesh.coordinator import Coordinator
+
+    if args.islands < 1:
+        raise UserError(f"--islands must be at least 1, got {args.islands}")
+    try:
+        coordinator = Coordinator(args.host, args.port, args.islands)
+    except RuntimeError as err:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({str(err).splitlines()[0]}): choose another --port") from None
+    print(f"atoll: coordinator listening on {coordinator.address}, waiting for {args.islands} island(s); Ctrl-C stops it", flush=True)
+    coordinator.serve()
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.launch import default_run_dir
+    from atoll.simulate import simulate, summarize
+
+    if args.demo:
+        config = str(DEMO_CONFIG)
+        if not DEMO_CONFIG.is_file():
+            raise UserError(f"atoll demo needs {DEMO_CONFIG}: run it from a clone of the atoll repository")
+    else:
+        config, rest = split_config_arg(rest)
+    if args.islands < 1 or args.procs_per_island < 1:
+        raise UserError("--islands and --procs-per-island must be at least 1")
+    cfg = load_config(config, parse_overrides(rest))
+    run_dir = args.run_dir or default_run_dir(cfg.train.run_name)
+    code = simulate(config, rest, args.islands, args.procs_per_island, run_dir)
+    if code == 0:
+        print(f"atoll: all {args.islands} islands finished; run dir {run_dir}")
+        print(summarize(run_dir))
+    return code
 
 
 def split_config_arg(rest: list[str]) -> tuple[str | None, list[str]]:

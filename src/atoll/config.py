@@ -122,6 +122,32 @@ class MetricsConfig(Section):
     """auto: a progress bar on a terminal, plain log lines otherwise."""
 
 
+class MeshConfig(Section):
+    coordinator: str | None = None
+    """host:port of the run's coordinator; None trains this island alone (set by --coordinator)."""
+    island_id: str | None = None
+    """This island's id in the run; None generates hostname-<random> (set by --island-id)."""
+    mode: Literal["diloco", "ddp"] = "diloco"
+    """diloco: average pseudo-gradients every diloco.inner_steps; ddp: average gradients every step (baseline)."""
+    connect_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds to wait for the coordinator to answer before giving up."""
+    join_timeout_s: float = Field(default=600.0, gt=0)
+    """Seconds to wait for the run's first epoch (for all islands to arrive)."""
+    collective_timeout_s: float = Field(default=300.0, gt=0)
+    """Deadline of every collective on the global groups; a peer silent this long fails the step."""
+
+
+class DilocoConfig(Section):
+    inner_steps: int = Field(default=50, gt=0)
+    """H: inner (AdamW) steps between outer steps. INTELLECT-1 used 100."""
+    outer_lr: float = Field(default=0.7, gt=0)
+    """Learning rate of the outer SGD step on the averaged pseudo-gradient."""
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+    """Momentum of the outer SGD step; 0 makes it plain SGD."""
+    nesterov: bool = True
+    """Use Nesterov momentum in the outer step (DiLoCo's choice)."""
+
+
 class JobConfig(Section):
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -131,6 +157,8 @@ class JobConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
+    mesh: MeshConfig = MeshConfig()
+    diloco: DilocoConfig = DilocoConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> JobConfig:

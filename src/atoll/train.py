@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +44,12 @@ from atoll.island import (
     stop_island,
 )
 from atoll.launch import default_run_dir
+from atoll.mesh.client import join_mesh
 from atoll.metrics import MetricsLog, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss
 from atoll.model.llama import apply_activation_checkpointing
 from atoll.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
+from atoll.sync import IslandSync
 
 
 @dataclass
@@ -154,10 +159,13 @@ def train_step(
     accum: int,
     cfg: JobConfig,
     island: Island,
+    after_backward: Callable[[], None],
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step over this rank's share of the global batch, in `accum` micro-batches.
 
-    Returns the rank's mean loss (cross-entropy, before z-loss) and the global gradient norm.
+    `after_backward` runs once the island's gradients are complete (the ddp baseline averages
+    them across islands there). Returns the rank's mean loss (cross-entropy, before z-loss) and
+    the global gradient norm.
     """
     sharded = island.world > 1
     ce_sum = torch.zeros((), device=island.device)
@@ -169,6 +177,7 @@ def train_step(
         total, ce, _ = lm_loss(logits, tgt.to(island.device, non_blocking=True), cfg.train.z_loss_weight)
         (total / accum).backward()
         ce_sum += ce.detach()
+    after_backward()
     grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -192,6 +201,12 @@ def evaluate(model: nn.Module, val_tokens: np.ndarray, seq_len: int, cfg: JobCon
         losses.append(lm_loss(logits, tgt.to(island.device))[1])
     model.train()
     return float(all_reduce_mean(torch.stack(losses).mean()))
+
+
+def island_id(cfg: JobConfig, island: Island) -> str:
+    """The configured island id, or hostname-<random> chosen by local rank 0 for every local rank."""
+    chosen = cfg.mesh.island_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    return broadcast_text(chosen, island)
 
 
 def write_run_info(path: Path, info: dict[str, Any]) -> None:
@@ -231,8 +246,14 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     args = model_args(cfg, tokenizer.vocab_size)
     seq_len = cfg.train.seq_len or get_size(cfg.model.name).max_seq_len
     accum = accumulation_steps(cfg, island)
+    member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world) if cfg.mesh.coordinator else None
+    # Islands read disjoint slices of one sample stream: island i's local rank r is data rank i*L + r.
+    islands, island_index = (member.world, member.index) if member else (1, 0)
     try:
-        loader = PackedLoader(train_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)
+        loader = PackedLoader(
+            train_tokens, seq_len, islands * cfg.train.global_batch,
+            island_index * island.world + island.rank, islands * island.world, cfg.train.seed,
+        )
         if cfg.eval.every:  # checks now that the validation split holds a global batch, not at the first eval
             iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)
     except ValueError as err:
@@ -241,12 +262,14 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     model, init_digest = build_model(args, cfg, island)
     check_same_on_all_ranks(init_digest, island, "initial weights digest")
     optimizer = build_optimizer(model, cfg.optim)
+    sync = IslandSync(cfg, model, member, island)
     state = TrainState()
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader)
     stateful = {
         "model_optimizer": ModelOptimizerState(model, optimizer),
         "train": state,
         f"rank{island.rank}": RankState(loader, island.device),
+        **sync.stateful(),
     }
     if resume is not None:
         checkpointer.load(checkpointer.resolve(resume), stateful)
@@ -262,6 +285,9 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
             "local_ranks": island.world,
             "device": island.device.type,
             "start_step": state.step,
+            "island_id": member.island_id if member else None,
+            "islands": list(member.epoch.members) if member else None,
+            "mode": sync.mode,
         })
     flops_tok = flops_per_token(args, params["non_embedding"], seq_len)
     peak = cfg.metrics.peak_flops or detect_peak_flops(island.device)
@@ -280,18 +306,20 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
         lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
         set_lr(optimizer, lr)
         inputs, targets = loader.next_batch()
-        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island)
+        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward)
         state.step += 1
         state.tokens += cfg.train.global_batch * seq_len
         window_tokens += cfg.train.global_batch * seq_len
 
         is_last = state.step == cfg.train.steps
-        record: dict[str, Any] = {}
+        record = sync.after_step(state.step, is_last)
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
             eval_start = time.perf_counter()
             val_loss = evaluate(model, val_tokens, seq_len, cfg, island)
             record["val_loss"] = val_loss
-            window_start += time.perf_counter() - eval_start  # throughput counts training only
+            paused = time.perf_counter() - eval_start  # throughput and compute_s count training only
+            window_start += paused
+            sync.pause(paused)
         if state.step % cfg.metrics.log_every == 0 or is_last or record:
             loss_value = float(all_reduce_mean(loss))
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
@@ -304,12 +332,15 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_tok * tokens_per_s / (peak * island.world) if peak else None,
                 **record,
+                **sync.log_fields(),
             })
             window_start, window_tokens = time.perf_counter(), 0
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end):
             save_start = time.perf_counter()
             log.info(f"checkpoint saved: {checkpointer.save(state.step, stateful)}")
-            window_start += time.perf_counter() - save_start
+            paused = time.perf_counter() - save_start
+            window_start += paused
+            sync.pause(paused)
     log.info(f"atoll: done: {state.step} steps, loss {loss_value:.4f}"
              + (f", val_loss {val_loss:.4f}" if val_loss is not None else "") + f"; run dir {run_dir}")
     log.close()

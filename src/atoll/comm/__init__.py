@@ -1,0 +1,1 @@
+"""Communication across islands: the global all-reduce and what it put on the wire."""

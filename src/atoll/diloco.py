@@ -1,0 +1,146 @@
+"""DiLoCo: islands train alone for H inner steps, then average pseudo-gradients and take an
+outer Nesterov step (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of
+Language Models", arXiv:2311.08105; INTELLECT-1 used H=100, outer lr 0.7, momentum 0.9).
+
+The outer weights and the outer momentum live in fp32 CPU memory as flat buffers over this
+process's local shard, so DiLoCo costs no accelerator memory. The pseudo-gradient is
+outer − inner; it is averaged across islands in per-layer buckets over this local rank's global
+group; `torch.optim.SGD(nesterov=True)` steps the flat outer buffer; the result overwrites the
+inner weights. The inner optimizer's state is kept across outer steps.
+
+Also here: `average_gradients`, the data-parallel baseline that averages every step's gradients
+across islands over the same groups.
+
+Failure semantics: a failed collective raises out of `outer_step` before the outer weights or
+the model change, so no island applies an update that the others did not. Every outer step ends
+with a digest check: islands whose outer weights differ stop the run with a RuntimeError.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from atoll.comm.allreduce import WireStats, all_reduce_mean_
+from atoll.digest import tensor_digest
+
+_LAYER = re.compile(r"^(layers\.\d+)\.")
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter (the DTensor's local shard under FSDP2, else itself)."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def layer_buckets(names: list[str], sizes: list[int]) -> list[slice]:
+    """Slices of the flat buffer, one per transformer block (and one per other top-level module).
+
+    `names` and `sizes` are in buffer order; parameters of one block are contiguous in it.
+    """
+    buckets: list[slice] = []
+    start, key = 0, None
+    offset = 0
+    for name, size in zip(names, sizes):
+        match = _LAYER.match(name)
+        this_key = match.group(1) if match else name.split(".")[0]
+        if key is not None and this_key != key:
+            buckets.append(slice(start, offset))
+            start = offset
+        key = this_key
+        offset += size
+    if offset > start:
+        buckets.append(slice(start, offset))
+    return buckets
+
+
+@dataclass
+class OuterStats:
+    """What one outer step cost, for the metrics."""
+
+    sync_s: float
+    digest: str
+
+
+class DiLoCo(Stateful):
+    """Outer weights, outer optimizer and the outer step for one local rank of one island."""
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float, nesterov: bool) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shards = [local_shard(p) for _, p in named]
+        self.sizes = [s.numel() for s in self.shards]
+        self.buckets = layer_buckets(self.names, self.sizes)
+        self.outer = self._gather_inner()
+        self.pseudo_grad = torch.zeros_like(self.outer)
+        self.outer.grad = self.pseudo_grad
+        self.optimizer = torch.optim.SGD(
+            [self.outer], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
+        )
+
+    @torch.no_grad()
+    def _gather_inner(self) -> torch.Tensor:
+        """The inner weights' local shards as one flat fp32 CPU tensor."""
+        return torch.cat([s.detach().reshape(-1).to("cpu", torch.float32) for s in self.shards])
+
+    @torch.no_grad()
+    def _scatter_outer(self) -> None:
+        """Overwrite the inner weights with the outer weights."""
+        for shard, chunk in zip(self.shards, self.outer.split(self.sizes)):
+            shard.copy_(chunk.view_as(shard))
+
+    @torch.no_grad()
+    def outer_step(self, group: dist.ProcessGroup, wire: WireStats) -> OuterStats:
+        """Average pseudo-gradients over `group` and apply the outer Nesterov step.
+
+        Raises (from the collective) before anything is modified if a peer fails; raises
+        RuntimeError after the step if the islands' outer weights differ.
+        """
+        start = time.perf_counter()
+        torch.sub(self.outer, self._gather_inner(), out=self.pseudo_grad)
+        for bucket in self.buckets:
+            all_reduce_mean_(self.pseudo_grad[bucket], group, wire)
+        self.optimizer.step()
+        self._scatter_outer()
+        digest = tensor_digest([("outer", self.outer)])
+        check_same_across(digest, group)
+        return OuterStats(sync_s=time.perf_counter() - start, digest=digest)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"outer": self.outer.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.outer.copy_(state_dict["outer"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+def check_same_across(digest: str, group: dist.ProcessGroup) -> None:
+    """Raise RuntimeError unless every member of `group` computed the same hex digest."""
+    world = group.size()
+    if world == 1:
+        return
+    mine = torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    group.allgather([everyone], [mine]).wait()
+    digests = {bytes(t.tolist()).hex() for t in everyone}
+    if len(digests) != 1:
+        raise RuntimeError(f"outer weights differ across islands (digests {sorted(d[:12] for d in digests)})")
+
+
+@torch.no_grad()
+def average_gradients(model: nn.Module, group: dist.ProcessGroup, wire: WireStats) -> None:
+    """Data-parallel baseline: replace every local gradient shard by its mean across islands."""
+    grads = [local_shard(p.grad) for p in model.parameters() if p.grad is not None]
+    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1).to("cpu", torch.float32) for g in grads])
+    for bucket in layer_buckets(names, [g.numel() for g in grads]):
+        all_reduce_mean_(flat[bucket], group, wire)
+    for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(chunk.view_as(grad))

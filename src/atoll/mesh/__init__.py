@@ -1,0 +1,1 @@
+"""The mesh of islands: the coordinator, membership epochs and the global process groups."""
