@@ -103,7 +103,9 @@ def summarize(run_dir: Path) -> str:
         ddp_bytes = last["step"] * ring_bytes(params, 4, islands)
         val = [r["val_loss"] for r in records if "val_loss" in r]
         line = (
-            f"{island_dir.name}: loss {last['loss']:.4f}, val_loss {val[-1]:.4f}; "
+            f"{island_dir.name}: loss {last['loss']:.4f}"
+            + (f", val_loss {val[-1]:.4f}" if val else "")
+            + "; "
             f"sent {last['bytes_sent'] / 1e6:.1f} MB vs {ddp_bytes / 1e6:.1f} MB for data-parallel "
             f"({ddp_bytes / max(last['bytes_sent'], 1):.0f}x fewer)"
         )

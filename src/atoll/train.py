@@ -203,6 +203,14 @@ def evaluate(model: nn.Module, val_tokens: np.ndarray, seq_len: int, cfg: JobCon
     return float(all_reduce_mean(torch.stack(losses).mean()))
 
 
+def data_shard(island_index: int, islands: int, local_rank: int, local_ranks: int) -> tuple[int, int]:
+    """(rank, world) in the run's one sample stream: island i's local rank r reads slice i*L + r.
+
+    Every island and every local rank thus reads a disjoint slice of each run-wide global batch.
+    """
+    return island_index * local_ranks + local_rank, islands * local_ranks
+
+
 def island_id(cfg: JobConfig, island: Island) -> str:
     """The configured island id, or hostname-<random> chosen by local rank 0 for every local rank."""
     chosen = cfg.mesh.island_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -247,12 +255,11 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     seq_len = cfg.train.seq_len or get_size(cfg.model.name).max_seq_len
     accum = accumulation_steps(cfg, island)
     member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world) if cfg.mesh.coordinator else None
-    # Islands read disjoint slices of one sample stream: island i's local rank r is data rank i*L + r.
     islands, island_index = (member.world, member.index) if member else (1, 0)
+    data_rank, data_world = data_shard(island_index, islands, island.rank, island.world)
     try:
         loader = PackedLoader(
-            train_tokens, seq_len, islands * cfg.train.global_batch,
-            island_index * island.world + island.rank, islands * island.world, cfg.train.seed,
+            train_tokens, seq_len, islands * cfg.train.global_batch, data_rank, data_world, cfg.train.seed
         )
         if cfg.eval.every:  # checks now that the validation split holds a global batch, not at the first eval
             iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)

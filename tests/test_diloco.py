@@ -1,0 +1,156 @@
+"""DiLoCo's outer step: buckets, exact Nesterov SGD, and averaging across real processes (gloo)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from atoll.comm.allreduce import WireStats, ring_bytes
+from atoll.diloco import DiLoCo, layer_buckets
+from atoll.model import Llama, get_size
+from atoll.train import data_shard
+
+PROCESS_TIMEOUT_S = 90
+
+
+def debug_model() -> Llama:
+    torch.manual_seed(0)
+    return Llama(get_size("debug"))
+
+
+def perturb(model: torch.nn.Module, rank: int, outer_step: int) -> None:
+    """Stand-in for an inner phase: a deterministic, rank- and step-specific change of every weight."""
+    gen = torch.Generator().manual_seed(1000 * outer_step + rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01 * (rank + 1))
+
+
+def reference_outer_weights(world: int, outer_steps: int, lr: float, momentum: float) -> list[torch.Tensor]:
+    """What every island must hold: torch.optim.SGD (Nesterov) on one process, fed the mean pseudo-gradient."""
+    outer = [p.detach().clone() for p in debug_model().parameters()]
+    params = [torch.nn.Parameter(t) for t in outer]
+    sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    for step in range(outer_steps):
+        inners = []
+        for rank in range(world):
+            model = debug_model()
+            with torch.no_grad():
+                for p, o in zip(model.parameters(), params):
+                    p.copy_(o)
+            perturb(model, rank, step)
+            inners.append([p.detach() for p in model.parameters()])
+        for i, p in enumerate(params):
+            p.grad = torch.stack([p.detach() - inner[i] for inner in inners]).mean(0)
+        sgd.step()
+    return [p.detach() for p in params]
+
+
+def test_buckets_are_one_per_block_and_cover_the_buffer():
+    model = debug_model()
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    buckets = layer_buckets(names, sizes)
+    # tok_embeddings, one per block, norm, output
+    assert len(buckets) == 1 + get_size("debug").n_layers + 2
+    assert buckets[0].start == 0 and buckets[-1].stop == sum(sizes)
+    assert all(a.stop == b.start for a, b in zip(buckets, buckets[1:]))
+    block0 = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.0."))
+    assert buckets[1].stop - buckets[1].start == block0
+
+
+def test_outer_step_on_one_island_is_exactly_nesterov_sgd():
+    group = dist.ProcessGroupGloo(dist.HashStore(), 0, 1, timedelta(seconds=10))
+    model = debug_model()
+    diloco = DiLoCo(model, lr=0.7, momentum=0.9, nesterov=True)
+    wire = WireStats()
+    for step in range(3):
+        perturb(model, 0, step)
+        diloco.outer_step(group, wire)
+    expected = reference_outer_weights(1, 3, 0.7, 0.9)
+    for got, want in zip(model.parameters(), expected):
+        assert torch.equal(got.detach(), want)
+    assert wire.bytes_sent == 0  # one island sends nothing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _island(rank: int, world: int, port: int, outer_steps: int, lr: float, momentum: float, results) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=30))
+    group = dist.ProcessGroupGloo(dist.PrefixStore("test/", store), rank, world, timedelta(seconds=30))
+    model = debug_model()
+    diloco = DiLoCo(model, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    wire = WireStats()
+    digests = []
+    for step in range(outer_steps):
+        perturb(model, rank, step)
+        digests.append(diloco.outer_step(group, wire).digest)
+    expected = reference_outer_weights(world, outer_steps, lr, momentum)
+    max_err = max((got.detach() - want).abs().max().item() for got, want in zip(model.parameters(), expected))
+    results.put((rank, digests, max_err, wire.bytes_sent, diloco.outer.numel()))
+
+
+def run_islands(world: int, outer_steps: int, lr: float, momentum: float) -> list[tuple]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_island, args=(r, world, port, outer_steps, lr, momentum, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=PROCESS_TIMEOUT_S) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return sorted(out)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_outer_lr_one_without_momentum_averages_the_islands_weights(world):
+    out = run_islands(world, outer_steps=1, lr=1.0, momentum=0.0)
+    for _, _, max_err, _, _ in out:
+        assert max_err < 1e-6
+    assert len({tuple(d) for _, d, _, _, _ in out}) == 1
+
+
+def test_nesterov_outer_steps_across_islands_match_sgd_on_the_mean_pseudo_gradient():
+    out = run_islands(3, outer_steps=3, lr=0.7, momentum=0.9)
+    digests = {tuple(d) for _, d, _, _, _ in out}
+    assert len(digests) == 1  # bit-identical outer weights on every island after every outer step
+    numel = out[0][4]
+    for _, _, max_err, sent, _ in out:
+        assert max_err < 1e-6
+        # per-layer buckets: each moves 2(n-1)/n of its bytes
+        assert abs(sent - 3 * ring_bytes(numel, 4, 3)) <= 3 * 16
+
+
+def test_islands_and_local_ranks_read_disjoint_data():
+    from atoll.data import PackedLoader
+
+    tokens = torch.arange(10_000).numpy().astype("uint32")
+    islands, local_ranks, per_island_batch = 3, 2, 4
+    seen = []
+    for i in range(islands):
+        for r in range(local_ranks):
+            rank, world = data_shard(i, islands, r, local_ranks)
+            loader = PackedLoader(tokens, 16, islands * per_island_batch, rank, world, seed=0)
+            for _ in range(5):
+                inputs, _ = loader.next_batch()
+                assert inputs.shape == (per_island_batch // local_ranks, 16)
+                seen.extend(int(row[0]) for row in inputs)
+    assert len(seen) == len(set(seen)) == islands * per_island_batch * 5
