@@ -40,6 +40,8 @@ def _relay(stream: IO[str], prefix: str) -> None:
 
 def simulate(config: str | None, overrides: list[str], islands: int, procs: int, run_dir: Path) -> int:
     """Run `islands` islands of `procs` local ranks to completion; returns 0 if all succeeded."""
+    # SIGTERM must unwind through the finally below, or the islands (own sessions) outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     coordinator = Coordinator(LOOPBACK, 0, islands).start()
     threads_per_rank = max(1, (os.cpu_count() or 1) // (islands * procs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank), "PYTHONUNBUFFERED": "1"}

@@ -8,6 +8,7 @@ coordinator; an epoch that the coordinator refused to form raises with its reaso
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,11 +25,30 @@ POLL_INTERVAL_S = 0.05
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); a malformed address is a UserError."""
+    """'host:port' or '[ipv6]:port' -> (host, port); a malformed address is a UserError."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"coordinator address {address!r} is not host:port (e.g. 127.0.0.1:29400)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise UserError(f"coordinator address {address!r} is not host:port (e.g. 127.0.0.1:29400 or [::1]:29400)")
     return host, int(port)
+
+
+def wait_until_reachable(host: str, port: int, timeout: float) -> None:
+    """Retry a plain TCP connect until it succeeds or `timeout` passes (then raise OSError).
+
+    Checked before creating the TCPStore client, whose own retries print C++ stack traces.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(remaining, 0.1)):
+                return
+        except OSError:
+            if remaining <= 0:
+                raise
+            time.sleep(min(0.2, max(remaining, 0)))
 
 
 class MeshClient:
@@ -39,10 +59,11 @@ class MeshClient:
         self.address = address
         self.island_id = island_id
         try:
+            wait_until_reachable(host, port, connect_timeout)
             self.store = dist.TCPStore(
                 host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=connect_timeout)
             )
-        except (RuntimeError, TimeoutError) as err:
+        except (RuntimeError, OSError) as err:
             raise UserError(
                 f"cannot reach the coordinator at {address} ({str(err).splitlines()[0]}): "
                 f"start `atoll coordinator --port {port}` there, or fix --coordinator"
