@@ -111,3 +111,29 @@ def test_half_written_checkpoint_is_never_resumed_from(tmp_path, cache_dir):
     assert [rec["step"] for rec in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert "resumed at step 4" in r.stdout
     assert not partial.exists()  # the next save clears leftovers of crashed saves
+
+
+def test_trained_bpe_tokenizer_drives_a_run_on_a_directory_corpus(tmp_path, cache_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, path in enumerate(sorted(Path(json.__file__).parent.glob("*.py"))):
+        (corpus / f"doc{i}.py").write_text(path.read_text() * 4)
+    tokenizer = tmp_path / "tok.json"
+    r = run_atoll(["tokenizer", "train", "--vocab-size", "400", "--source", str(corpus), "--out", str(tokenizer)], TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert tokenizer.is_file() and "--data.tokenizer" in r.stdout
+
+    run_dir = tmp_path / "run"
+    r = run_atoll([*debug_args(run_dir, cache_dir, 4, "--eval.every", "0"), "--data.source", str(corpus),
+                   "--data.tokenizer", str(tokenizer), "--data.val_fraction", "0.3"], TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    first = read_metrics(run_dir)[0]["loss"]
+    assert abs(first - math.log(512)) < 1.0  # ~uniform over the debug model's 512 ids, not the byte vocabulary's
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_a_one_line_error(tmp_path, cache_dir):
+    tokenizer = tmp_path / "tok.json"
+    assert run_atoll(["tokenizer", "train", "--vocab-size", "600", "--out", str(tokenizer)], TIMEOUT).returncode == 0
+    r = run_atoll([*debug_args(tmp_path / "run", cache_dir, 4), "--data.tokenizer", str(tokenizer)], TIMEOUT)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--model.vocab_size 600" in r.stderr
