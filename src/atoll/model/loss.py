@@ -25,6 +25,8 @@ def lm_loss(logits: Tensor, targets: Tensor, z_loss_weight: float = 0.0,
     n_tokens = keep.sum().clamp(min=1)
     ce = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / n_tokens
     # where(), not boolean indexing: no data-dependent shape, so no host sync on GPU.
-    max_sq = logits.max(dim=-1).values.square()
-    z = torch.where(keep, max_sq, 0.0).sum() / n_tokens
-    return ce + z_loss_weight * z, ce, z
+    # With weight 0, z is only reported: keep it out of the graph (its backward costs a logits-sized pass).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and z_loss_weight > 0):
+        max_sq = logits.max(dim=-1).values.square()
+        z = torch.where(keep, max_sq, 0.0).sum() / n_tokens
+    return (ce + z_loss_weight * z if z_loss_weight > 0 else ce), ce, z
