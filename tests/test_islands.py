@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
 from conftest import read_metrics, run_atoll
 
 TIMEOUT = 300

@@ -197,17 +197,22 @@ def test_unreachable_coordinator_is_a_user_error_naming_the_address():
     assert "\n" not in message
 
 
+def join_two_islands(address: str) -> Epoch:
+    """Islands "a" and "b" register with a serving coordinator; both must see the same epoch 0."""
+    a = MeshClient(address, "a", connect_timeout=CONNECT_TIMEOUT_S)
+    b = MeshClient(address, "b", connect_timeout=CONNECT_TIMEOUT_S)
+    a.register(1)
+    b.register(1)
+    epoch = a.wait_for_epoch(0, timeout=10)
+    assert epoch == b.wait_for_epoch(0, timeout=10) and sorted(epoch.members) == ["a", "b"]
+    return epoch
+
+
 def test_serving_coordinator_forms_epoch_zero_by_itself_and_stops_promptly():
     coord = Coordinator(LOOPBACK, 0, 2).start()
     try:
         assert len(coordinator_threads()) == 1
-        a = MeshClient(coord.address, "a", connect_timeout=CONNECT_TIMEOUT_S)
-        b = MeshClient(coord.address, "b", connect_timeout=CONNECT_TIMEOUT_S)
-        a.register(1)
-        b.register(1)
-
-        epoch = a.wait_for_epoch(0, timeout=10)
-        assert epoch == b.wait_for_epoch(0, timeout=10) and sorted(epoch.members) == ["a", "b"]
+        join_two_islands(coord.address)
     finally:
         coord.stop()
     assert coordinator_threads() == []
@@ -220,13 +225,7 @@ def test_garbage_and_idle_connections_do_not_stop_the_coordinator(serving_coordi
             junk.sendall(random.Random(seed).randbytes(4096))
     idle = socket.create_connection((LOOPBACK, port), timeout=5)  # connects, says nothing, stays
     try:
-        a = MeshClient(serving_coordinator.address, "a", connect_timeout=CONNECT_TIMEOUT_S)
-        b = MeshClient(serving_coordinator.address, "b", connect_timeout=CONNECT_TIMEOUT_S)
-        a.register(1)
-        b.register(1)
-
-        epoch = a.wait_for_epoch(0, timeout=10)
-        assert epoch == b.wait_for_epoch(0, timeout=10) and sorted(epoch.members) == ["a", "b"]
+        join_two_islands(serving_coordinator.address)
         assert coordinator_threads() != []  # still serving
     finally:
         idle.close()

@@ -8,6 +8,16 @@ from collections.abc import Iterable
 import torch
 
 
+def digest_to_tensor(digest: str) -> torch.Tensor:
+    """A hex digest as a uint8 tensor, for exchanging digests over a process group."""
+    return torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8)
+
+
+def tensor_to_digest(tensor: torch.Tensor) -> str:
+    """The inverse of digest_to_tensor."""
+    return bytes(tensor.cpu().tolist()).hex()
+
+
 def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """sha256 over (name, dtype, shape, raw bytes) of each tensor, in the order given."""
     h = hashlib.sha256()

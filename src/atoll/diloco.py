@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.comm.allreduce import WireStats, all_reduce_mean_
-from atoll.digest import tensor_digest
+from atoll.digest import digest_to_tensor, tensor_digest, tensor_to_digest
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
 
@@ -126,10 +126,10 @@ def check_same_across(digest: str, group: dist.ProcessGroup) -> None:
     world = group.size()
     if world == 1:
         return
-    mine = torch.frombuffer(bytearray.fromhex(digest), dtype=torch.uint8)
+    mine = digest_to_tensor(digest)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     group.allgather([everyone], [mine]).wait()
-    digests = {bytes(t.tolist()).hex() for t in everyone}
+    digests = {tensor_to_digest(t) for t in everyone}
     if len(digests) != 1:
         raise RuntimeError(f"outer weights differ across islands (digests {sorted(d[:12] for d in digests)})")
 
@@ -137,10 +137,11 @@ def check_same_across(digest: str, group: dist.ProcessGroup) -> None:
 @torch.no_grad()
 def average_gradients(model: nn.Module, group: dist.ProcessGroup, wire: WireStats) -> None:
     """Data-parallel baseline: replace every local gradient shard by its mean across islands."""
-    grads = [local_shard(p.grad) for p in model.parameters() if p.grad is not None]
-    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    named = [(n, local_shard(p.grad)) for n, p in model.named_parameters() if p.grad is not None]
+    grads = [g for _, g in named]
+    sizes = [g.numel() for g in grads]
     flat = torch.cat([g.reshape(-1).to("cpu", torch.float32) for g in grads])
-    for bucket in layer_buckets(names, [g.numel() for g in grads]):
+    for bucket in layer_buckets([n for n, _ in named], sizes):
         all_reduce_mean_(flat[bucket], group, wire)
-    for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+    for grad, chunk in zip(grads, flat.split(sizes)):
         grad.copy_(chunk.view_as(grad))

@@ -17,7 +17,7 @@ from torch import nn
 
 from atoll.comm.allreduce import WireStats
 from atoll.config import JobConfig
-from atoll.digest import tensor_digest
+from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.diloco import DiLoCo, average_gradients
 from atoll.island import Island
 from atoll.mesh.client import MeshMember
@@ -87,7 +87,7 @@ class IslandSync:
         """Digest of the whole island's outer weights: over every local rank's shard digest."""
         if self.island.world == 1:
             return shard_digest
-        mine = torch.frombuffer(bytearray.fromhex(shard_digest), dtype=torch.uint8).to(self.island.device)
+        mine = digest_to_tensor(shard_digest).to(self.island.device)
         everyone = [torch.empty_like(mine) for _ in range(self.island.world)]
         torch.distributed.all_gather(everyone, mine)
         return tensor_digest((str(rank), t) for rank, t in enumerate(everyone))

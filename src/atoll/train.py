@@ -109,8 +109,7 @@ def model_args(cfg: JobConfig, tokenizer_vocab: int) -> ModelArgs:
         changes["vocab_size"] = cfg.model.vocab_size
     if cfg.model.rope_theta is not None:
         changes["rope_theta"] = cfg.model.rope_theta
-    seq_len = cfg.train.seq_len or args.max_seq_len
-    changes["max_seq_len"] = max(seq_len, args.max_seq_len)
+    changes["max_seq_len"] = max(sequence_length(cfg), args.max_seq_len)
     args = dataclasses.replace(args, **changes)
     if tokenizer_vocab > args.vocab_size:
         raise UserError(
@@ -118,6 +117,11 @@ def model_args(cfg: JobConfig, tokenizer_vocab: int) -> ModelArgs:
             f"set --model.vocab_size {tokenizer_vocab} or more"
         )
     return args
+
+
+def sequence_length(cfg: JobConfig) -> int:
+    """Tokens per training sequence: train.seq_len, or the model size's max_seq_len."""
+    return cfg.train.seq_len or get_size(cfg.model.name).max_seq_len
 
 
 def accumulation_steps(cfg: JobConfig, island: Island) -> int:
@@ -252,7 +256,7 @@ def load_data(cfg: JobConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
 def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) -> TrainResult:
     tokenizer, train_tokens, val_tokens = load_data(cfg)
     args = model_args(cfg, tokenizer.vocab_size)
-    seq_len = cfg.train.seq_len or get_size(cfg.model.name).max_seq_len
+    seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
     member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world) if cfg.mesh.coordinator else None
     islands, island_index = (member.world, member.index) if member else (1, 0)
@@ -281,11 +285,10 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     if resume is not None:
         checkpointer.load(checkpointer.resolve(resume), stateful)
 
+    params = count_params(args)
     if island.is_leader:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.toml")
-    params = count_params(args)
-    if island.is_leader:
         write_run_info(run_dir / "run.json", {
             "init_digest": init_digest,
             "params": params,
