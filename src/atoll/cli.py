@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atoll.config import describe_fields, load_config, parse_overrides
 from atoll.errors import UserError
+
+if TYPE_CHECKING:
+    from atoll.wan.network import EmulatedWan
 
 EXIT_USER_ERROR = 2
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
@@ -65,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--islands", type=int, default=2, help="number of islands (default 2)")
         sim.add_argument("--procs-per-island", type=int, default=1, help="local ranks per island (default 1)")
         sim.add_argument("--run-dir", type=Path, help="run directory (default runs/<train.run_name>-<timestamp>)")
+        sim.add_argument(
+            "--wan-rate", metavar="RATE",
+            help="emulate a WAN (needs root): each island in its own network namespace, its link shaped to RATE (e.g. 100mbit, 1gbit)",
+        )
+        sim.add_argument(
+            "--wan-delay", metavar="DELAY",
+            help="emulate a WAN (needs root): one-way delay per direction between islands (e.g. 20ms gives a 40 ms round trip)",
+        )
         sim.set_defaults(handler=cmd_simulate, demo=name == "demo")
 
     info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
@@ -136,13 +148,28 @@ def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
         config, rest = split_config_arg(rest)
     if args.islands < 1 or args.procs_per_island < 1:
         raise UserError("--islands and --procs-per-island must be at least 1")
+    wan = emulated_wan(args)
     cfg = load_config(config, parse_overrides(rest))
     run_dir = args.run_dir or default_run_dir(cfg.train.run_name)
-    code = simulate(config, rest, args.islands, args.procs_per_island, run_dir)
+    code = simulate(config, rest, args.islands, args.procs_per_island, run_dir, wan)
     if code == 0:
         print(f"atoll: all {args.islands} islands finished; run dir {run_dir}")
         print(summarize(run_dir))
     return code
+
+
+def emulated_wan(args: argparse.Namespace) -> EmulatedWan | None:
+    """The emulated WAN that --wan-rate/--wan-delay ask for (not started), or None without them."""
+    if args.wan_rate is None and args.wan_delay is None:
+        return None
+    from atoll.wan.namespaces import require_privileges
+    from atoll.wan.network import EmulatedWan
+    from atoll.wan.units import parse_delay, parse_rate
+
+    rate = parse_rate(args.wan_rate) if args.wan_rate is not None else None
+    delay = parse_delay(args.wan_delay) if args.wan_delay is not None else 0.0
+    require_privileges()
+    return EmulatedWan(args.islands, rate, delay)
 
 
 def split_config_arg(rest: list[str]) -> tuple[str | None, list[str]]:

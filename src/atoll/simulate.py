@@ -3,6 +3,11 @@
 Starts a coordinator in a thread and N islands as child processes (each an `atoll train
 --coordinator ...`, itself torchrun for L > 1 local ranks), prefixes their output with the island
 id, and stops everything if any island fails. Each island writes RUN_DIR/island-<i>/.
+
+With an emulated WAN (`--wan-rate`/`--wan-delay`, see `atoll.wan`) each island runs in its own
+network namespace, its gloo bound to the emulated link, and the coordinator listens in a namespace
+of its own on the emulated network; the namespaces are deleted when the run ends, however it ends.
+If the delay line itself dies, the islands fail at their store or collective timeouts.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import IO
 
 from atoll.comm.allreduce import ring_bytes
 from atoll.mesh.coordinator import Coordinator
+from atoll.wan.namespaces import run_in_namespace
+from atoll.wan.network import EmulatedWan
 
 LOOPBACK = "127.0.0.1"
 
@@ -38,20 +45,31 @@ def _relay(stream: IO[str], prefix: str) -> None:
         sys.stdout.flush()
 
 
-def simulate(config: str | None, overrides: list[str], islands: int, procs: int, run_dir: Path) -> int:
-    """Run `islands` islands of `procs` local ranks to completion; returns 0 if all succeeded."""
+def simulate(
+    config: str | None, overrides: list[str], islands: int, procs: int, run_dir: Path, wan: EmulatedWan | None = None,
+) -> int:
+    """Run `islands` islands of `procs` local ranks to completion; returns 0 if all succeeded.
+
+    `wan`, when given (not yet started), is started here and closed before returning.
+    """
     # SIGTERM must unwind through the finally below, or the islands (own sessions) outlive us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    coordinator = Coordinator(LOOPBACK, 0, islands).start()
     threads_per_rank = max(1, (os.cpu_count() or 1) // (islands * procs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank), "PYTHONUNBUFFERED": "1"}
     children: dict[str, subprocess.Popen] = {}
     relays = []
+    coordinator = None
     try:
+        if wan is not None:
+            wan.start()
+        coordinator = _start_coordinator(islands, wan)
         for i in range(islands):
             name = f"island-{i}"
             cmd = island_command(config, overrides, coordinator.address, name, run_dir, procs)
-            child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            child_env = env
+            if wan is not None:
+                cmd, child_env = wan.island_command(i, cmd), {**env, **wan.island_env()}
+            child = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             children[name] = child
             relay = threading.Thread(target=_relay, args=(child.stdout, name), daemon=True)
             relay.start()
@@ -64,11 +82,21 @@ def simulate(config: str | None, overrides: list[str], islands: int, procs: int,
                 child.wait()
         for relay in relays:
             relay.join(timeout=5)
-        coordinator.stop()
+        if coordinator is not None:
+            coordinator.stop()
+        if wan is not None:
+            wan.close()
     if failed:
         print(f"atoll: {', '.join(failed)} failed; run dir {run_dir}", file=sys.stderr)
         return 1
     return 0
+
+
+def _start_coordinator(islands: int, wan: EmulatedWan | None) -> Coordinator:
+    """On loopback; or, with a WAN, listening inside its own namespace on the emulated network."""
+    if wan is None:
+        return Coordinator(LOOPBACK, 0, islands).start()
+    return run_in_namespace(wan.coordinator_namespace, lambda: Coordinator(wan.coordinator_host, 0, islands)).start()
 
 
 def _wait_all(children: dict[str, subprocess.Popen]) -> list[str]:
