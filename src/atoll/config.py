@@ -148,6 +148,18 @@ class DilocoConfig(Section):
     """Use Nesterov momentum in the outer step (DiLoCo's choice)."""
 
 
+class CommConfig(Section):
+    codec: Literal["fp32", "bf16", "fp16", "int8", "codebook8"] = "int8"
+    """Wire format of everything averaged across islands: fp32 (exact), bf16, fp16, int8 (blockwise
+    absmax, 8 bits per value plus one scale per block) or codebook8 (PRIME's 256-entry codebook)."""
+    streams: int = Field(default=1, ge=1, le=16)
+    """Independent rings per local rank (one process group each, every bucket split between them);
+    more than 1 lets one process fill a long fat link, as parallel TCP connections do."""
+    chunk_mb: float = Field(default=4.0, gt=0)
+    """Pipelining unit of the ring, in MB of fp32 values: one chunk is encoded while the previous
+    one is on the wire."""
+
+
 class JobConfig(Section):
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -159,6 +171,7 @@ class JobConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     mesh: MeshConfig = MeshConfig()
     diloco: DilocoConfig = DilocoConfig()
+    comm: CommConfig = CommConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> JobConfig:
