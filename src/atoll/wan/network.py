@@ -20,7 +20,9 @@ Link settings, and why:
 Failure semantics: `start` raises UserError without root or /dev/net/tun (nothing is created),
 removes namespaces left by dead earlier runs, and on any failure tears down what it made before
 re-raising. `close` (also on exceptions, SIGTERM unwinding, Ctrl-C) stops the delay line, kills
-processes left in the namespaces and deletes them; it is safe to call twice.
+processes left in the namespaces and deletes them; a namespace that cannot be deleted is reported
+in one line on stderr and the others are still deleted (the next run removes it as stale). It is
+safe to call twice.
 """
 
 from __future__ import annotations
@@ -153,7 +155,10 @@ class EmulatedWan:
                 self.delay_line.kill()
                 self.delay_line.wait()
         for name in self._created:
-            namespaces.delete_namespace(name)
+            try:
+                namespaces.delete_namespace(name)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep deleting the others
+                print(f"atoll: could not delete network namespace {name}: {err}", file=sys.stderr)
         self._created = []
 
     def __enter__(self) -> EmulatedWan:
