@@ -239,17 +239,18 @@ def _island_allreduce(address: str, island_id: str, value: float, results: multi
     try:
         import torch
 
-        from atoll.comm.allreduce import WireStats, all_reduce_mean_
-        from atoll.mesh.groups import global_group
+        from atoll.comm.allreduce import GlobalMean
+        from atoll.comm.codecs import get_codec
+        from atoll.mesh.groups import global_groups
 
         client = MeshClient(address, island_id, connect_timeout=CONNECT_TIMEOUT_S)
         client.register(1)
         epoch = client.wait_for_epoch(0, timeout=30)
-        group = global_group(client.store, epoch, island_id, 0, timedelta(seconds=20))
+        groups = global_groups(client.store, epoch, island_id, 0, 1, timedelta(seconds=20))
         tensor = torch.full((1000,), value)
-        stats = WireStats()
-        all_reduce_mean_(tensor, group, stats)
-        results.put((island_id, tensor.tolist(), stats.bytes_sent, stats.bytes_recv, group.size()))
+        mean = GlobalMean(groups, get_codec("fp32"), deadline_s=20.0, chunk_bytes=1 << 20)
+        mean.mean_(tensor)
+        results.put((island_id, tensor.tolist(), mean.wire.bytes_sent, mean.wire.bytes_recv, groups[0].size()))
     except BaseException:
         results.put((island_id, "error", traceback.format_exc(), 0, 0))
         raise

@@ -151,7 +151,9 @@ class DilocoConfig(Section):
 class CommConfig(Section):
     codec: Literal["fp32", "bf16", "fp16", "int8", "codebook8"] = "int8"
     """Wire format of everything averaged across islands: fp32 (exact), bf16, fp16, int8 (blockwise
-    absmax, 8 bits per value plus one scale per block) or codebook8 (PRIME's 256-entry codebook)."""
+    absmax: 64 values share one bf16 scale, 3.9x fewer bytes than fp32) or codebook8 (PRIME's
+    256-entry codebook). int8 is the default: it beat codebook8 on Gaussian and heavy-tailed
+    values (0.6% vs 1.6% relative error on Gaussian; see comm/codecs.py)."""
     streams: int = Field(default=1, ge=1, le=16)
     """Independent rings per local rank (one process group each, every bucket split between them);
     more than 1 lets one process fill a long fat link, as parallel TCP connections do."""

@@ -4,9 +4,10 @@ Language Models", arXiv:2311.08105; INTELLECT-1 used H=100, outer lr 0.7, moment
 
 The outer weights and the outer momentum live in fp32 CPU memory as flat buffers over this
 process's local shard, so DiLoCo costs no accelerator memory. The pseudo-gradient is
-outer − inner; it is averaged across islands in per-layer buckets over this local rank's global
-group; `torch.optim.SGD(nesterov=True)` steps the flat outer buffer; the result overwrites the
-inner weights. The inner optimizer's state is kept across outer steps.
+outer − inner; it is averaged across islands in per-layer buckets by `GlobalMean` (the encoded
+ring over this local rank's global groups, bit-identical on every island);
+`torch.optim.SGD(nesterov=True)` steps the flat outer buffer; the result overwrites the inner
+weights. The inner optimizer's state is kept across outer steps.
 
 Also here: `average_gradients`, the data-parallel baseline that averages every step's gradients
 across islands over the same groups.
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from atoll.comm.allreduce import WireStats, all_reduce_mean_
+from atoll.comm.allreduce import GlobalMean
 from atoll.digest import digest_to_tensor, tensor_digest, tensor_to_digest
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
@@ -96,8 +97,8 @@ class DiLoCo(Stateful):
             shard.copy_(chunk.view_as(shard))
 
     @torch.no_grad()
-    def outer_step(self, group: dist.ProcessGroup, wire: WireStats) -> OuterStats:
-        """Average pseudo-gradients over `group` and apply the outer Nesterov step.
+    def outer_step(self, mean: GlobalMean) -> OuterStats:
+        """Average pseudo-gradients across islands with `mean` and apply the outer Nesterov step.
 
         Raises (from the collective) before anything is modified if a peer fails; raises
         RuntimeError after the step if the islands' outer weights differ.
@@ -105,11 +106,11 @@ class DiLoCo(Stateful):
         start = time.perf_counter()
         torch.sub(self.outer, self._gather_inner(), out=self.pseudo_grad)
         for bucket in self.buckets:
-            all_reduce_mean_(self.pseudo_grad[bucket], group, wire)
+            mean.mean_(self.pseudo_grad[bucket])
         self.optimizer.step()
         self._scatter_outer()
         digest = tensor_digest([("outer", self.outer)])
-        check_same_across(digest, group)
+        check_same_across(digest, mean.control_group)
         return OuterStats(sync_s=time.perf_counter() - start, digest=digest)
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,13 +136,13 @@ def check_same_across(digest: str, group: dist.ProcessGroup) -> None:
 
 
 @torch.no_grad()
-def average_gradients(model: nn.Module, group: dist.ProcessGroup, wire: WireStats) -> None:
+def average_gradients(model: nn.Module, mean: GlobalMean) -> None:
     """Data-parallel baseline: replace every local gradient shard by its mean across islands."""
     named = [(n, local_shard(p.grad)) for n, p in model.named_parameters() if p.grad is not None]
     grads = [g for _, g in named]
     sizes = [g.numel() for g in grads]
     flat = torch.cat([g.reshape(-1).to("cpu", torch.float32) for g in grads])
     for bucket in layer_buckets([n for n, _ in named], sizes):
-        all_reduce_mean_(flat[bucket], group, wire)
+        mean.mean_(flat[bucket])
     for grad, chunk in zip(grads, flat.split(sizes)):
         grad.copy_(chunk.view_as(grad))

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from atoll.comm.allreduce import WireStats
+from atoll.comm.allreduce import GlobalMean
+from atoll.comm.codecs import get_codec
 from atoll.config import JobConfig
 from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.diloco import DiLoCo, average_gradients
@@ -31,7 +32,10 @@ class IslandSync:
         self.island = island
         self.mode = cfg.mesh.mode if member is not None else "alone"
         self.inner_steps = cfg.diloco.inner_steps
-        self.wire = WireStats()
+        self.mean = (
+            GlobalMean(member.groups, get_codec(cfg.comm.codec), cfg.mesh.collective_timeout_s, int(cfg.comm.chunk_mb * 1e6))
+            if member is not None else None
+        )
         self.model = model
         self.diloco = (
             DiLoCo(model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov)
@@ -49,7 +53,7 @@ class IslandSync:
         """ddp: average this step's gradients across islands before the optimizer step."""
         if self.mode == "ddp":
             start = time.perf_counter()
-            average_gradients(self.model, self.member.group, self.wire)
+            average_gradients(self.model, self.mean)
             self._sync_s += time.perf_counter() - start
 
     def after_step(self, step: int, is_last: bool) -> dict[str, Any]:
@@ -57,7 +61,7 @@ class IslandSync:
         if self.diloco is None or (step % self.inner_steps and not is_last):
             return {}
         compute_s = time.perf_counter() - self._phase_start
-        stats = self.diloco.outer_step(self.member.group, self.wire)
+        stats = self.diloco.outer_step(self.mean)
         self.outer_steps += 1
         self._phase_start = time.perf_counter()
         return {
@@ -73,8 +77,8 @@ class IslandSync:
         if self.member is None:
             return {}
         record: dict[str, Any] = {
-            "bytes_sent": self.wire.bytes_sent,
-            "bytes_recv": self.wire.bytes_recv,
+            "bytes_sent": self.mean.wire.bytes_sent,
+            "bytes_recv": self.mean.wire.bytes_recv,
             "world_size": self.member.world,
         }
         if self.mode == "ddp":

@@ -258,7 +258,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     args = model_args(cfg, tokenizer.vocab_size)
     seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
-    member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world) if cfg.mesh.coordinator else None
+    member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world, cfg.comm.streams) if cfg.mesh.coordinator else None
     islands, island_index = (member.world, member.index) if member else (1, 0)
     data_rank, data_world = data_shard(island_index, islands, island.rank, island.world)
     try:

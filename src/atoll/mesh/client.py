@@ -1,6 +1,6 @@
 """An island process's side of the mesh: reach the coordinator, register, learn the epoch.
 
-Every local rank of an island connects (each needs the store for its global group); only local
+Every local rank of an island connects (each needs the store for its global groups); only local
 rank 0 registers the island. Failure semantics: an unreachable coordinator is a UserError after
 `connect_timeout`; an epoch that does not form within `join_timeout` is a UserError naming the
 coordinator; an epoch that the coordinator refused to form raises with its reason.
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from atoll.config import MeshConfig
 from atoll.errors import UserError
 from atoll.mesh import protocol
-from atoll.mesh.groups import global_group
+from atoll.mesh.groups import global_groups
 from atoll.mesh.membership import Epoch, Registration
 
 POLL_INTERVAL_S = 0.05
@@ -96,8 +96,8 @@ class MeshMember:
 
     island_id: str
     epoch: Epoch
-    group: dist.ProcessGroup
-    """The global group of this process's local rank."""
+    groups: list[dist.ProcessGroup]
+    """The global groups of this process's local rank, one per comm stream (at least one)."""
     client: MeshClient
 
     @property
@@ -111,8 +111,8 @@ class MeshMember:
         return self.epoch.world
 
 
-def join_mesh(cfg: MeshConfig, island_id: str, local_rank: int, local_ranks: int) -> MeshMember:
-    """Connect, register (local rank 0), wait for epoch 0 and build this local rank's global group."""
+def join_mesh(cfg: MeshConfig, island_id: str, local_rank: int, local_ranks: int, streams: int = 1) -> MeshMember:
+    """Connect, register (local rank 0), wait for epoch 0 and build this local rank's `streams` global groups."""
     client = MeshClient(cfg.coordinator, island_id, cfg.connect_timeout_s)
     if local_rank == 0:
         client.register(local_ranks)
@@ -121,5 +121,5 @@ def join_mesh(cfg: MeshConfig, island_id: str, local_rank: int, local_ranks: int
         raise UserError(f"island {island_id!r} is not in the run's first epoch {list(epoch.members)}: use a new --island-id")
     if epoch.local_ranks != local_ranks:
         raise UserError(f"this island runs {local_ranks} local ranks but the run's islands run {epoch.local_ranks}: use --nproc {epoch.local_ranks}")
-    group = global_group(client.store, epoch, island_id, local_rank, timedelta(seconds=cfg.collective_timeout_s))
-    return MeshMember(island_id, epoch, group, client)
+    groups = global_groups(client.store, epoch, island_id, local_rank, streams, timedelta(seconds=cfg.collective_timeout_s))
+    return MeshMember(island_id, epoch, groups, client)

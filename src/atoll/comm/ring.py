@@ -1,0 +1,174 @@
+"""Pipelined ring all-reduce (mean) with compressed transfers and bit-identical results.
+
+The tensor is split into `world` near-equal segments (any length; empty ones when numel < world)
+and every segment into the same number of chunks of about `chunk_bytes` of fp32. The ring runs
+2(world-1) steps over point-to-point sends to the right neighbour and receives from the left:
+
+- reduce-scatter (steps 0..world-2): receive a chunk of a partial sum, decode it, add the local
+  chunk in fp32, encode, send it on. After the last step each island owns one fully summed
+  segment, divides it by world, encodes it ONCE and replaces its own copy by the decoded bytes.
+- all-gather (steps world-1..2world-3): receive an owner's encoded chunk, decode it in place
+  and forward the very same bytes. Every island therefore decodes the same bytes for every
+  segment: the result is bit-identical everywhere (PRIME re-quantised at every hop instead).
+
+Pipelining: receives are posted one step ahead into two buffers per chunk, and each chunk is
+sent as soon as it is ready, so while chunk c is on the wire chunk c+1 is being decoded, summed
+and encoded. Encoded chunk sizes depend only on numel, world, chunk_bytes and the codec, so the
+receiver preallocates its buffers. Tags encode (call sequence, step, chunk), so successive calls
+on a group never match each other's messages; different groups have their own connections.
+
+Failure semantics: `deadline_s` bounds every single wait for a transfer (a progress deadline, not
+one for the whole call, which may take longer while data keeps flowing). A dead peer (closed
+socket) makes the ring raise `RingError` at once; a silent one after `deadline_s`. gloo then
+closes the group's connections, so the other members fail promptly too. After a RingError the
+tensor's contents are undefined and the group is unusable: the caller ends the epoch.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from atoll.comm.codecs import Codec
+
+FP32_BYTES = 4
+MESSAGE_TAG_BITS = 20
+"""Tags are (call sequence << 20) | message: a call may send 2^20 messages (steps x chunks)."""
+SEQUENCE_TAG_PERIOD = 2 ** (31 - MESSAGE_TAG_BITS)
+"""gloo tags are non-negative int32; call sequences wrap after this many calls, long after any
+older call's messages are gone (calls on a group are sequential)."""
+
+
+class RingError(RuntimeError):
+    """A transfer of the ring failed or missed its deadline; the group cannot be used again."""
+
+
+def ring_all_reduce_mean_(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup,
+    codec: Codec,
+    deadline_s: float,
+    chunk_bytes: int,
+    sequence: int = 0,
+) -> tuple[int, int]:
+    """Replace a contiguous 1-D CPU fp32 tensor by its mean over `group`, in place.
+
+    Every member must call with the same numel, codec, chunk_bytes and `sequence` (the index of
+    this call on this group; it picks the tags). Returns (bytes sent, bytes received): encoded
+    payload bytes this member put on and took off the wire. World 1 is a no-op returning (0, 0).
+    Raises RingError on a dead peer at once and on a silent one after `deadline_s` without
+    progress; `tensor` is then undefined.
+    """
+    if tensor.dtype != torch.float32 or tensor.dim() != 1 or not tensor.is_contiguous() or tensor.is_cuda:
+        raise ValueError(f"the ring averages contiguous 1-D CPU fp32 tensors, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    if chunk_bytes < FP32_BYTES:
+        raise ValueError(f"chunk_bytes must hold at least one fp32 value, got {chunk_bytes}")
+    world = group.size()
+    if world == 1:
+        return 0, 0
+    ring = _Ring(tensor, group, codec, timedelta(seconds=deadline_s), chunk_bytes, sequence)
+    try:
+        return ring.run()
+    except RuntimeError as error:  # gloo raises RuntimeError (DistBackendError) for IO errors and timeouts
+        raise RingError(f"ring all-reduce failed at {ring.where} (rank {group.rank()} of {world}): {error}") from error
+
+
+class _Ring:
+    """One call's schedule and in-flight transfers."""
+
+    def __init__(
+        self, tensor: torch.Tensor, group: dist.ProcessGroup, codec: Codec, deadline: timedelta, chunk_bytes: int, sequence: int
+    ) -> None:
+        self.group, self.codec, self.deadline = group, codec, deadline
+        self.world, self.rank = group.size(), group.rank()
+        self.left, self.right = (self.rank - 1) % self.world, (self.rank + 1) % self.world
+        segments = tensor.tensor_split(self.world)
+        per_chunk = max(1, chunk_bytes // FP32_BYTES)
+        self.num_chunks = max(1, -(-segments[0].numel() // per_chunk))  # segment 0 is the longest
+        self.chunks = [segment.tensor_split(self.num_chunks) for segment in segments]
+        self.steps = 2 * (self.world - 1)
+        if self.steps * self.num_chunks > 2**MESSAGE_TAG_BITS:
+            raise ValueError(f"{self.steps * self.num_chunks} ring messages exceed {2**MESSAGE_TAG_BITS}: raise chunk_bytes")
+        self.tag_base = (sequence % SEQUENCE_TAG_PERIOD) << MESSAGE_TAG_BITS
+        # two receive buffers per chunk index (steps alternate), sized for the longest chunk
+        longest = [max(self.chunks[s][c].numel() for s in range(self.world)) for c in range(self.num_chunks)]
+        self.buffers = [[torch.empty(codec.encoded_size(n), dtype=torch.uint8) for _ in range(2)] for n in longest]
+        self.receiving: dict[int, tuple[dist.Work, torch.Tensor]] = {}
+        self.sending: dict[int, list[tuple[int, dist.Work, torch.Tensor]]] = {c: [] for c in range(self.num_chunks)}
+        self.sent = self.received = 0
+        self.where = "start"
+
+    def send_segment(self, step: int) -> int:
+        """The segment this member sends at `step` (it receives the one before it)."""
+        if step < self.world - 1:
+            return (self.rank - step) % self.world
+        return (self.rank + 1 - (step - self.world + 1)) % self.world
+
+    def recv_segment(self, step: int) -> int:
+        return (self.send_segment(step) - 1) % self.world
+
+    def tag(self, step: int, chunk: int) -> int:
+        return self.tag_base + step * self.num_chunks + chunk
+
+    def post_recv(self, step: int, chunk: int) -> None:
+        numel = self.chunks[self.recv_segment(step)][chunk].numel()
+        if numel:
+            buffer = self.buffers[chunk][step % 2][: self.codec.encoded_size(numel)]
+            self.receiving[chunk] = (self.group.recv([buffer], self.left, self.tag(step, chunk)), buffer)
+
+    def post_send(self, step: int, chunk: int, payload: torch.Tensor) -> None:
+        work = self.group.send([payload], self.right, self.tag(step, chunk))
+        self.sending[chunk].append((step, work, payload))
+        self.sent += payload.numel()
+
+    def wait(self, work: dist.Work, what: str) -> None:
+        self.where = what
+        work.wait(self.deadline)
+
+    def wait_sends(self, chunk: int, before_step: int) -> None:
+        """Wait for this chunk's sends of steps < before_step (freeing their buffers)."""
+        pending = self.sending[chunk]
+        while pending and pending[0][0] < before_step:
+            step, work, _ = pending.pop(0)
+            self.wait(work, f"send of step {step} chunk {chunk} to rank {self.right}")
+
+    def run(self) -> tuple[int, int]:
+        for c in range(self.num_chunks):
+            self.post_recv(0, c)
+            values = self.chunks[self.send_segment(0)][c]
+            if values.numel():
+                self.post_send(0, c, self.codec.encode(values))
+        for step in range(self.steps):
+            segment = self.chunks[self.recv_segment(step)]
+            for c in range(self.num_chunks):
+                values = segment[c]
+                if values.numel():  # empty chunks (numel < world x chunks) are skipped by both ends
+                    work, buffer = self.receiving.pop(c)
+                    self.wait(work, f"receive of step {step} chunk {c} from rank {self.left}")
+                    self.received += buffer.numel()
+                    payload = self.combine(step, values, buffer)
+                    if step + 1 < self.steps:
+                        self.post_send(step + 1, c, payload)
+                if step + 1 < self.steps:
+                    # the other buffer of this chunk was forwarded at this step: free it, then refill it
+                    self.wait_sends(c, step + 1)
+                    self.post_recv(step + 1, c)
+        for c in range(self.num_chunks):
+            self.wait_sends(c, self.steps)
+        return self.sent, self.received
+
+    def combine(self, step: int, values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        """Fold a received chunk into `values`; return what to send at the next step."""
+        decoded = self.codec.decode(buffer, values.numel())
+        if step > self.world - 2:  # all-gather: keep the owner's values, forward its bytes
+            values.copy_(decoded)
+            return buffer
+        values.add_(decoded)
+        if step < self.world - 2:
+            return self.codec.encode(values)
+        values.div_(self.world)  # this member now owns the segment's sum: the one and only division
+        owned = self.codec.encode(values)
+        values.copy_(self.codec.decode(owned, values.numel()))
+        return owned
