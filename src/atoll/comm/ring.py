@@ -26,6 +26,8 @@ tensor's contents are undefined and the group is unusable: the caller ends the e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -68,11 +70,7 @@ def ring_all_reduce_mean_(
     world = group.size()
     if world == 1:
         return 0, 0
-    ring = _Ring(tensor, group, codec, timedelta(seconds=deadline_s), chunk_bytes, sequence)
-    try:
-        return ring.run()
-    except RuntimeError as error:  # gloo raises RuntimeError (DistBackendError) for IO errors and timeouts
-        raise RingError(f"ring all-reduce failed at {ring.where} (rank {group.rank()} of {world}): {error}") from error
+    return _Ring(tensor, group, codec, timedelta(seconds=deadline_s), chunk_bytes, sequence).run()
 
 
 class _Ring:
@@ -85,8 +83,7 @@ class _Ring:
         self.world, self.rank = group.size(), group.rank()
         self.left, self.right = (self.rank - 1) % self.world, (self.rank + 1) % self.world
         segments = tensor.tensor_split(self.world)
-        per_chunk = max(1, chunk_bytes // FP32_BYTES)
-        self.num_chunks = max(1, -(-segments[0].numel() // per_chunk))  # segment 0 is the longest
+        self.num_chunks = max(1, -(-segments[0].numel() // (chunk_bytes // FP32_BYTES)))  # segment 0 is the longest
         self.chunks = [segment.tensor_split(self.num_chunks) for segment in segments]
         self.steps = 2 * (self.world - 1)
         if self.steps * self.num_chunks > 2**MESSAGE_TAG_BITS:
@@ -98,7 +95,6 @@ class _Ring:
         self.receiving: dict[int, tuple[dist.Work, torch.Tensor]] = {}
         self.sending: dict[int, list[tuple[int, dist.Work, torch.Tensor]]] = {c: [] for c in range(self.num_chunks)}
         self.sent = self.received = 0
-        self.where = "start"
 
     def send_segment(self, step: int) -> int:
         """The segment this member sends at `step` (it receives the one before it)."""
@@ -116,16 +112,26 @@ class _Ring:
         numel = self.chunks[self.recv_segment(step)][chunk].numel()
         if numel:
             buffer = self.buffers[chunk][step % 2][: self.codec.encoded_size(numel)]
-            self.receiving[chunk] = (self.group.recv([buffer], self.left, self.tag(step, chunk)), buffer)
+            with self.failing_as(f"posting the receive of step {step} chunk {chunk} from rank {self.left}"):
+                self.receiving[chunk] = (self.group.recv([buffer], self.left, self.tag(step, chunk)), buffer)
 
     def post_send(self, step: int, chunk: int, payload: torch.Tensor) -> None:
-        work = self.group.send([payload], self.right, self.tag(step, chunk))
+        with self.failing_as(f"posting the send of step {step} chunk {chunk} to rank {self.right}"):
+            work = self.group.send([payload], self.right, self.tag(step, chunk))
         self.sending[chunk].append((step, work, payload))
         self.sent += payload.numel()
 
     def wait(self, work: dist.Work, what: str) -> None:
-        self.where = what
-        work.wait(self.deadline)
+        with self.failing_as(f"waiting for the {what}"):
+            work.wait(self.deadline)
+
+    @contextmanager
+    def failing_as(self, what: str) -> Iterator[None]:
+        """Turn gloo's errors (RuntimeError: closed socket, timeout) into a RingError saying where."""
+        try:
+            yield
+        except RuntimeError as error:
+            raise RingError(f"ring all-reduce failed while {what} (rank {self.rank} of {self.world}): {error}") from error
 
     def wait_sends(self, chunk: int, before_step: int) -> None:
         """Wait for this chunk's sends of steps < before_step (freeing their buffers)."""
