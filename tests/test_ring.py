@@ -128,13 +128,16 @@ def _average_every_case(rank: int, world: int, store_path: str, results) -> None
         cases = [(n, SMALL_CHUNK_BYTES, list(CODECS)) for n in sorted({*CASE_LENGTHS, w - 1})]
         if w == 2:
             cases.append((LARGE_NUMEL, LARGE_CHUNK_BYTES, ["fp32", "int8"]))
-        for sequence, (numel, chunk_bytes, name) in enumerate((n, c, name) for n, c, names in cases for name in names):
+        sequence = 0
+        for numel, chunk_bytes, names in cases:
             inputs = [island_values(r, numel) for r in range(w)]
-            values = inputs[rank].clone()
-            sent, recv = ring_all_reduce_mean_(values, group, get_codec(name), DEADLINE_S, chunk_bytes, sequence)
-            exact = torch.stack(inputs).double().mean(0)
-            rows.append((w, numel, name, digest(values), torch.equal(values, ring_order_mean(inputs)),
-                         relative_error(values, exact), sent, recv))
+            ordered, exact = ring_order_mean(inputs), torch.stack(inputs).double().mean(0)
+            for name in names:
+                values = inputs[rank].clone()
+                sent, recv = ring_all_reduce_mean_(values, group, get_codec(name), DEADLINE_S, chunk_bytes, sequence)
+                sequence += 1
+                rows.append((w, numel, name, digest(values), torch.equal(values, ordered), relative_error(values, exact), sent, recv))
+            del inputs, ordered, exact
         if w == 2:
             rows.extend((w, *row) for row in _two_streams(store, rank, w))
     results.put((rank, rows))
