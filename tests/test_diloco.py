@@ -14,7 +14,7 @@ from atoll.comm.allreduce import GlobalMean, ring_bytes
 from atoll.comm.codecs import get_codec
 from atoll.diloco import DiLoCo, layer_buckets
 from atoll.model import Llama, get_size
-from atoll.train import data_shard
+from atoll.sync import island_first_sample
 
 PROCESS_TIMEOUT_S = 90
 
@@ -144,18 +144,18 @@ def test_nesterov_outer_steps_across_islands_match_sgd_on_the_mean_pseudo_gradie
         assert abs(sent - 3 * ring_bytes(numel, 4, 3)) <= 3 * buckets * 3 * 4
 
 
-def test_islands_and_local_ranks_read_disjoint_data():
+def test_islands_and_local_ranks_read_disjoint_data_while_membership_changes():
     from atoll.data import PackedLoader
 
-    tokens = torch.arange(10_000).numpy().astype("uint32")
-    islands, local_ranks, per_island_batch = 3, 2, 4
-    seen = []
-    for i in range(islands):
-        for r in range(local_ranks):
-            rank, world = data_shard(i, islands, r, local_ranks)
-            loader = PackedLoader(tokens, 16, islands * per_island_batch, rank, world, seed=0)
-            for _ in range(5):
-                inputs, _ = loader.next_batch()
+    tokens = torch.arange(100_000).numpy().astype("uint32")
+    local_ranks, per_island_batch = 2, 4
+    loaders = [PackedLoader(tokens, 16, per_island_batch, r, local_ranks, seed=0) for r in range(local_ranks)]
+    seen, cursor = [], 0
+    for islands in (3, 3, 2, 4, 1, 4):  # the epoch's world size at each inner step
+        for i in range(islands):
+            for loader in loaders:
+                inputs, _ = loader.batch_at(island_first_sample(cursor, i, per_island_batch))
                 assert inputs.shape == (per_island_batch // local_ranks, 16)
                 seen.extend(int(row[0]) for row in inputs)
-    assert len(seen) == len(set(seen)) == islands * per_island_batch * 5
+        cursor += islands * per_island_batch
+    assert len(seen) == len(set(seen)) == per_island_batch * 17

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
     coord.add_argument("--port", type=int, default=29400, help="port to listen on (default 29400)")
     coord.add_argument("--islands", type=int, required=True, help="islands that must arrive before training starts")
+    coord.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without a heartbeat before an island is dropped (default 10)")
+    coord.add_argument("--report-grace", type=float, default=0.5, help="seconds to wait for survivors' reports after a failed collective (default 0.5)")
+    coord.add_argument("--events", type=Path, help="append the membership event log (JSONL) to this file")
     coord.set_defaults(handler=cmd_coordinator)
 
     for name, text in (("simulate", "run several islands and a coordinator on this machine"),
@@ -77,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--wan-delay", metavar="DELAY",
             help="emulate a WAN (needs root): one-way delay per direction between islands (e.g. 20ms gives a 40 ms round trip)",
         )
+        sim.add_argument("--scenario", type=Path, metavar="FILE", help="a TOML scenario of faults and late starts (see atoll.simulate.Scenario)")
+        sim.add_argument(
+            "--fault", action="append", default=[], metavar="ISLAND=ACTION@POINT:N",
+            help="inject a fault: ACTION kill|stop|term at POINT inner:N (after inner step N) or allreduce:S (as outer step S averages), e.g. island-1=kill@allreduce:2",
+        )
+        sim.add_argument("--start", action="append", default=[], metavar="ISLAND@OUTER", help="start an island (new or returning) once outer step OUTER is logged, e.g. island-3@2")
         sim.set_defaults(handler=cmd_simulate, demo=name == "demo")
 
     info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
@@ -127,8 +136,10 @@ def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
 
     if args.islands < 1:
         raise UserError(f"--islands must be at least 1, got {args.islands}")
+    if args.heartbeat_timeout <= 0 or args.report_grace <= 0:
+        raise UserError("--heartbeat-timeout and --report-grace must be positive")
     try:
-        coordinator = Coordinator(args.host, args.port, args.islands)
+        coordinator = Coordinator(args.host, args.port, args.islands, args.heartbeat_timeout, args.report_grace, args.events)
     except RuntimeError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({str(err).splitlines()[0]}): choose another --port") from None
     print(f"atoll: coordinator listening on {coordinator.address}, waiting for {args.islands} island(s); Ctrl-C stops it", flush=True)
@@ -138,7 +149,7 @@ def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
     from atoll.launch import default_run_dir
-    from atoll.simulate import simulate, summarize
+    from atoll.simulate import Scenario, simulate, summarize
 
     if args.demo:
         config = str(DEMO_CONFIG)
@@ -148,12 +159,14 @@ def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
         config, rest = split_config_arg(rest)
     if args.islands < 1 or args.procs_per_island < 1:
         raise UserError("--islands and --procs-per-island must be at least 1")
+    scenario = Scenario.parse(args.scenario, args.fault, args.start)
     wan = emulated_wan(args)
     cfg = load_config(config, parse_overrides(rest))
     run_dir = args.run_dir or default_run_dir(cfg.train.run_name)
-    code = simulate(config, rest, args.islands, args.procs_per_island, run_dir, wan)
+    code = simulate(config, rest, args.islands, args.procs_per_island, run_dir, wan, cfg.mesh, scenario)
     if code == 0:
-        print(f"atoll: all {args.islands} islands finished; run dir {run_dir}")
+        who = "the surviving islands" if scenario.faults or scenario.starts else f"all {args.islands} islands"
+        print(f"atoll: {who} finished; run dir {run_dir}")
         print(summarize(run_dir))
     return code
 

@@ -134,7 +134,22 @@ class MeshConfig(Section):
     join_timeout_s: float = Field(default=600.0, gt=0)
     """Seconds to wait for the run's first epoch (for all islands to arrive)."""
     collective_timeout_s: float = Field(default=300.0, gt=0)
-    """Deadline of every collective on the global groups; a peer silent this long fails the step."""
+    """Deadline of every collective on the global groups; a peer silent this long fails the step.
+    A peer that hangs in the middle of an all-reduce is noticed after this long (a hang anywhere
+    else after mesh.heartbeat_timeout_s), so keep it above the slowest expected transfer."""
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    """Seconds between the heartbeats an island's leader sends the coordinator (INTELLECT-1: 2 s)."""
+    heartbeat_timeout_s: float = Field(default=10.0, gt=0)
+    """The coordinator drops an island whose heartbeat has not changed for this long, on its own
+    clock (a hung island, e.g. SIGSTOP); islands waiting for it at an outer step go on then.
+    Read by the coordinator: set it for `atoll coordinator` and `atoll simulate`."""
+    report_grace_s: float = Field(default=0.5, gt=0)
+    """After the first report of a failed collective, the coordinator waits this long for the other
+    members to report (a kill -9 makes every survivor's ring fail within ~0.3 s); the silent ones
+    are left out of the next epoch. Read by the coordinator."""
+    outer_attempts: int = Field(default=3, ge=1)
+    """Attempts at averaging one outer step (each among the survivors of the last); when all fail,
+    every island skips the outer step identically (metrics say skipped) and training goes on."""
 
 
 class DilocoConfig(Section):

@@ -12,9 +12,15 @@ weights. The inner optimizer's state is kept across outer steps.
 Also here: `average_gradients`, the data-parallel baseline that averages every step's gradients
 across islands over the same groups.
 
-Failure semantics: a failed collective raises out of `outer_step` before the outer weights or
-the model change, so no island applies an update that the others did not. Every outer step ends
-with a digest check: islands whose outer weights differ stop the run with a RuntimeError.
+The outer step comes in three parts so that the caller (`atoll.sync`) can make it elastic:
+`average` (pseudo-gradient, recomputed from scratch on every attempt, then averaged),
+`agreement_digest` (what the islands compare before anyone applies) and `apply` (the Nesterov
+step and the copy into the inner weights). `outer_step` chains them on a fixed group.
+
+Failure semantics: a failed collective raises out of `average` before the outer weights or the
+model change; the pseudo-gradient buffer is then undefined, and the next `average` recomputes
+it (the inner weights have not changed), so an attempt can be redone among the survivors.
+Nothing is applied before the caller knows every island averaged the same values.
 """
 
 from __future__ import annotations
@@ -97,21 +103,63 @@ class DiLoCo(Stateful):
             shard.copy_(chunk.view_as(shard))
 
     @torch.no_grad()
+    def average(self, mean: GlobalMean) -> None:
+        """Recompute the pseudo-gradient (outer − inner) and average it across islands in per-layer buckets.
+
+        Raises the collective's error (RingError) on a dead or silent peer; the buffer's contents
+        are then undefined and nothing else changed.
+        """
+        torch.sub(self.outer, self._gather_inner(), out=self.pseudo_grad)
+        for bucket in self.buckets:
+            mean.mean_(self.pseudo_grad[bucket])
+
+    def agreement_digest(self) -> str:
+        """Digest of the outer weights and the averaged pseudo-gradient: equal on all islands iff
+        applying the step leaves every island with the same outer weights."""
+        return tensor_digest([("outer", self.outer), ("pseudo_grad", self.pseudo_grad)])
+
+    @torch.no_grad()
+    def apply(self) -> str:
+        """The outer Nesterov step on the averaged pseudo-gradient, then outer -> inner weights.
+
+        Returns the digest of the new outer weights (this rank's shard).
+        """
+        self.optimizer.step()
+        self._scatter_outer()
+        return tensor_digest([("outer", self.outer)])
+
     def outer_step(self, mean: GlobalMean) -> OuterStats:
-        """Average pseudo-gradients across islands with `mean` and apply the outer Nesterov step.
+        """The whole outer step on a fixed group: average, apply, then check the islands agree.
 
         Raises (from the collective) before anything is modified if a peer fails; raises
         RuntimeError after the step if the islands' outer weights differ.
         """
         start = time.perf_counter()
-        torch.sub(self.outer, self._gather_inner(), out=self.pseudo_grad)
-        for bucket in self.buckets:
-            mean.mean_(self.pseudo_grad[bucket])
-        self.optimizer.step()
-        self._scatter_outer()
-        digest = tensor_digest([("outer", self.outer)])
+        self.average(mean)
+        digest = self.apply()
         check_same_across(digest, mean.control_group)
         return OuterStats(sync_s=time.perf_counter() - start, digest=digest)
+
+    @torch.no_grad()
+    def broadcast_state(self, group: dist.ProcessGroup, source: int) -> None:
+        """Every member of `group` takes member `source`'s outer weights and momentum, and copies
+        them into its inner weights (how a joiner catches up). Raw fp32 tensors only.
+
+        Raises RuntimeError (gloo) on a dead or silent peer; this rank's state is then undefined
+        until a later broadcast succeeds.
+        """
+        state = self.optimizer.state[self.outer]
+        has_momentum = torch.tensor([int("momentum_buffer" in state)], dtype=torch.int64)
+        group.broadcast(has_momentum, source).wait()
+        tensors = [self.outer]
+        if has_momentum.item():
+            state.setdefault("momentum_buffer", torch.zeros_like(self.outer))
+            tensors.append(state["momentum_buffer"])
+        else:
+            state.pop("momentum_buffer", None)
+        for tensor in tensors:
+            group.broadcast(tensor, source).wait()
+        self._scatter_outer()
 
     def state_dict(self) -> dict[str, Any]:
         return {"outer": self.outer.detach().clone(), "optimizer": self.optimizer.state_dict()}

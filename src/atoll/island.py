@@ -115,3 +115,21 @@ def check_same_on_all_ranks(text: str, island: Island, what: str) -> None:
     leader = broadcast_text(text, island)
     if leader != text:
         raise RuntimeError(f"{what} differs across local ranks: rank {island.rank} has {text}, rank 0 has {leader}")
+
+
+def broadcast_ints(values: list[int], island: Island) -> list[int]:
+    """Local rank 0's integers, on every rank (how the island leader shares what it saw in the store)."""
+    if island.world == 1:
+        return values
+    payload = torch.tensor(values, dtype=torch.int64, device=island.device)
+    dist.broadcast(payload, src=0)
+    return [int(v) for v in payload.cpu().tolist()]
+
+
+def all_ranks_ok(ok: bool, island: Island) -> bool:
+    """True only if every local rank says ok (so the island acts as one)."""
+    if island.world == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=island.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

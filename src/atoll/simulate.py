@@ -8,6 +8,14 @@ With an emulated WAN (`--wan-rate`/`--wan-delay`, see `atoll.wan`) each island r
 network namespace, its gloo bound to the emulated link, and the coordinator listens in a namespace
 of its own on the emulated network; the namespaces are deleted when the run ends, however it ends.
 If the delay line itself dies, the islands fail at their store or collective timeouts.
+
+Rehearsing failures: a `Scenario` (a TOML file, `--scenario`, and/or `--fault`/`--start` flags)
+kills (-9), stops (SIGSTOP) or terminates islands at given inner steps or as a given outer step's
+all-reduce starts (each island fires its own faults, see `atoll.faults`), and starts new or
+returning islands once the run has logged a given outer step. Islands with faults are expendable:
+their death or hang is not a run failure, and the run succeeds when every other island finishes;
+islands still stopped then are killed. The coordinator writes the membership event log to
+RUN_DIR/membership.jsonl.
 """
 
 from __future__ import annotations
@@ -19,15 +27,80 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from atoll.comm.allreduce import ring_bytes
+from atoll.config import MeshConfig
+from atoll.errors import UserError
+from atoll.faults import FAULTS_ENV, Fault, parse_faults
 from atoll.mesh.coordinator import Coordinator
 from atoll.wan.namespaces import run_in_namespace
 from atoll.wan.network import EmulatedWan
 
 LOOPBACK = "127.0.0.1"
+EVENTS_FILE = "membership.jsonl"
+WAIT_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Start:
+    """Start island `island` (new, or one that left) once any island has logged outer step `after_outer`."""
+
+    island: str
+    after_outer: int
+
+
+@dataclass
+class Scenario:
+    """Scripted faults and starts for `atoll simulate`.
+
+    TOML form:
+
+        [[fault]]
+        island = "island-1"
+        action = "kill"          # kill (-9), stop (SIGSTOP) or term (SIGTERM: a clean leave)
+        at = "allreduce:2"       # or "inner:N": after inner step N
+
+        [[start]]
+        island = "island-3"      # a new id, or an id that left earlier (it comes back)
+        after_outer = 2
+    """
+
+    faults: dict[str, list[Fault]] = field(default_factory=dict)
+    starts: list[Start] = field(default_factory=list)
+
+    def add_fault(self, island: str, spec: str) -> None:
+        self.faults.setdefault(island, []).extend(parse_faults(spec))
+
+    @staticmethod
+    def parse(path: Path | None, fault_flags: list[str], start_flags: list[str]) -> Scenario:
+        """A scenario file plus `--fault ISLAND=ACTION@POINT:N` and `--start ISLAND@OUTER` flags; bad input is a UserError."""
+        scenario = Scenario()
+        if path is not None:
+            try:
+                raw = tomllib.loads(path.read_text())
+                for fault in raw.get("fault", []):
+                    scenario.add_fault(str(fault["island"]), f"{fault['action']}@{fault['at']}")
+                for start in raw.get("start", []):
+                    scenario.starts.append(Start(str(start["island"]), int(start["after_outer"])))
+            except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
+                raise UserError(f"scenario {path}: {type(err).__name__}: {err}") from None
+        for flag in fault_flags:
+            island, sep, spec = flag.partition("=")
+            if not sep:
+                raise UserError(f"--fault {flag!r} is not ISLAND=ACTION@POINT:N (e.g. island-1=kill@inner:5)")
+            scenario.add_fault(island, spec)
+        for flag in start_flags:
+            island, sep, outer = flag.partition("@")
+            if not sep or not outer.isdigit():
+                raise UserError(f"--start {flag!r} is not ISLAND@OUTER_STEP (e.g. island-3@2)")
+            scenario.starts.append(Start(island, int(outer)))
+        return scenario
 
 
 def island_command(config: str | None, overrides: list[str], address: str, island: str, run_dir: Path, procs: int) -> list[str]:
@@ -47,36 +120,66 @@ def _relay(stream: IO[str], prefix: str) -> None:
 
 def simulate(
     config: str | None, overrides: list[str], islands: int, procs: int, run_dir: Path, wan: EmulatedWan | None = None,
+    mesh: MeshConfig | None = None, scenario: Scenario | None = None,
 ) -> int:
     """Run `islands` islands of `procs` local ranks to completion; returns 0 if all succeeded.
 
-    `wan`, when given (not yet started), is started here and closed before returning.
+    `wan`, when given (not yet started), is started here and closed before returning. `mesh`
+    gives the coordinator its heartbeat timeout and report grace; `scenario` scripts faults and
+    late starts (islands with faults may die or hang without failing the run).
     """
     # SIGTERM must unwind through the finally below, or the islands (own sessions) outlive us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    mesh = mesh or MeshConfig()
+    scenario = scenario or Scenario()
+    if wan is not None and scenario.starts:
+        raise UserError("scripted starts cannot run on an emulated WAN (it has one namespace per initial island): drop --start or the --wan options")
     threads_per_rank = max(1, (os.cpu_count() or 1) // (islands * procs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank), "PYTHONUNBUFFERED": "1"}
+    env.pop(FAULTS_ENV, None)
     children: dict[str, subprocess.Popen] = {}
+    retired: list[subprocess.Popen] = []
     relays = []
     coordinator = None
+    expendable = set(scenario.faults)
+    failed: list[str] = []
+
+    def launch(index: int, name: str) -> None:
+        """Start island `name`; a returning island's new life runs without the scripted faults."""
+        cmd = island_command(config, overrides, coordinator.address, name, run_dir, procs)
+        returning = name in children
+        faults = [] if returning else scenario.faults.get(name, [])
+        child_env = {**env, FAULTS_ENV: ",".join(f.to_text() for f in faults)}
+        if wan is not None:
+            cmd, child_env = wan.island_command(index, cmd), {**child_env, **wan.island_env()}
+        if returning:
+            retired.append(children.pop(name))
+            expendable.discard(name)
+        child = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        children[name] = child
+        relay = threading.Thread(target=_relay, args=(child.stdout, name), daemon=True)
+        relay.start()
+        relays.append(relay)
+
+    pending = sorted(scenario.starts, key=lambda s: s.after_outer)
+
+    def start_due() -> None:
+        reached = _outer_steps_logged(run_dir)
+        while pending and pending[0].after_outer <= reached:
+            previous = children.get(pending[0].island)
+            if previous is not None and previous.poll() is None:
+                return  # its earlier life is still leaving: start it on a later tick
+            launch(islands, pending.pop(0).island)
+
     try:
         if wan is not None:
             wan.start()
-        coordinator = _start_coordinator(islands, wan)
+        coordinator = _start_coordinator(islands, wan, mesh, run_dir / EVENTS_FILE)
         for i in range(islands):
-            name = f"island-{i}"
-            cmd = island_command(config, overrides, coordinator.address, name, run_dir, procs)
-            child_env = env
-            if wan is not None:
-                cmd, child_env = wan.island_command(i, cmd), {**env, **wan.island_env()}
-            child = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            children[name] = child
-            relay = threading.Thread(target=_relay, args=(child.stdout, name), daemon=True)
-            relay.start()
-            relays.append(relay)
-        failed = _wait_all(children)
+            launch(i, f"island-{i}")
+        failed = _wait_all(children, expendable, start_due, lambda: bool(pending))
     finally:
-        for child in children.values():
+        for child in [*children.values(), *retired]:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
@@ -92,28 +195,53 @@ def simulate(
     return 0
 
 
-def _start_coordinator(islands: int, wan: EmulatedWan | None) -> Coordinator:
+def _outer_steps_logged(run_dir: Path) -> int:
+    """The highest outer step any island has logged so far (0 before the first)."""
+    best = 0
+    for path in run_dir.glob("island-*/metrics.jsonl"):
+        for line in path.read_text().splitlines():
+            if '"outer_step"' in line:
+                try:
+                    best = max(best, json.loads(line)["outer_step"])
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line being written
+    return best
+
+
+def _start_coordinator(islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path) -> Coordinator:
     """On loopback; or, with a WAN, listening inside its own namespace on the emulated network."""
+    def make(host: str) -> Coordinator:
+        return Coordinator(host, 0, islands, mesh.heartbeat_timeout_s, mesh.report_grace_s, events)
+
     if wan is None:
-        return Coordinator(LOOPBACK, 0, islands).start()
-    return run_in_namespace(wan.coordinator_namespace, lambda: Coordinator(wan.coordinator_host, 0, islands)).start()
+        return make(LOOPBACK).start()
+    return run_in_namespace(wan.coordinator_namespace, lambda: make(wan.coordinator_host)).start()
 
 
-def _wait_all(children: dict[str, subprocess.Popen]) -> list[str]:
-    """Wait for every island; on the first failure stop the others. Returns the failed ids."""
-    pending = dict(children)
-    while pending:
-        for name, child in list(pending.items()):
-            try:
-                code = child.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                continue
-            del pending[name]
-            if code != 0:
-                for other in pending.values():
-                    os.killpg(other.pid, signal.SIGTERM)
+def _wait_all(
+    children: dict[str, subprocess.Popen],
+    expendable: set[str] = frozenset(),
+    tick: Callable[[], None] = lambda: None,
+    more_to_start: Callable[[], bool] = lambda: False,
+) -> list[str]:
+    """Wait until every island that is not expendable has exited (and nothing is left to start);
+    on the first failure of one of them stop all the others. Returns the failed ids.
+
+    `children` may gain islands while waiting (`tick` starts the scripted ones).
+    """
+    while True:
+        tick()
+        required = {name: child for name, child in children.items() if name not in expendable}
+        for name, child in required.items():
+            code = child.poll()
+            if code not in (None, 0):
+                for other in children.values():
+                    if other.poll() is None:
+                        os.killpg(other.pid, signal.SIGTERM)
                 return [name]
-    return []
+        if all(child.poll() is not None for child in required.values()) and not more_to_start():
+            return []
+        time.sleep(WAIT_INTERVAL_S)
 
 
 def read_records(island_dir: Path) -> list[dict]:
@@ -124,7 +252,8 @@ def summarize(run_dir: Path) -> str:
     """Final losses, bytes per island against data-parallel, sync time and utilization."""
     lines = []
     for island_dir in sorted(run_dir.glob("island-*")):
-        records = read_records(island_dir)
+        if not (island_dir / "run.json").is_file() or not (records := read_records(island_dir)):
+            continue  # an island killed before it logged anything
         info = json.loads((island_dir / "run.json").read_text())
         last = records[-1]
         outer = [r for r in records if "outer_step" in r]

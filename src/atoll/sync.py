@@ -1,49 +1,117 @@
 """How an island keeps in step with the others, as the training loop sees it.
 
 Three modes: alone (no coordinator: nothing to do), `diloco` (an outer step every H inner steps
-and at the end) and `ddp` (gradients averaged across islands every step, the baseline). This
-module also keeps the clocks and byte counters that the outer-step metrics report:
-compute_s (inner phase wall time), sync_s (wall time blocked in cross-island communication) and
+and at the end, elastic: islands may die, hang and join) and `ddp` (gradients averaged across
+islands every step, the baseline; fixed membership: a failure ends the run). This module also
+keeps the clocks and byte counters that the outer-step metrics report: compute_s (inner phase
+wall time), sync_s (wall time blocked in cross-island communication) and
 utilization = compute_s / (compute_s + sync_s).
+
+The elastic outer step s, as every island runs it (local rank 0 talks to the coordinator and
+tells its other local ranks what it saw, so the whole island moves as one):
+
+1. Boundary barrier "outer-s" of the current epoch. Waiting is unbounded while the peers are
+   alive; a dead or hung peer is dropped by the coordinator (deathrattle at once, heartbeat
+   timeout otherwise), which dissolves the epoch; the waiters then enter the next one.
+2. Average: recompute the pseudo-gradient (the inner weights have not changed) and run the ring.
+   A RingError (dead peer at once, silent peer at the ring deadline) is reported to the
+   coordinator. Either way the island posts its result: ok with a digest of (outer weights,
+   averaged pseudo-gradient), or fail.
+3. Outcome, decided once per step and epoch: "commit" when every member posted ok with the same
+   digest; "abort" when the epoch was dissolved first. Only a commit applies the outer step, so
+   no island ever applies an update the others did not (and equal digests before the step mean
+   equal outer weights after it). "diverged" stops the run with a RuntimeError.
+4. Abort: enter the next epoch (its members are the survivors, see `membership.decide`) and
+   redo from 1; the ring then divides by the new world size. After `mesh.outer_attempts` aborted
+   attempts every island skips the step: all survivors saw the same aborts, so all skip it.
+5. A commit may name a new epoch that admits joiners: everyone enters it right away.
+
+Entering an epoch: barrier "enter", build its global groups (new store prefix; the old ones are
+dropped), then every member says whether it holds the run's state; if one does not (a joiner),
+the first member that does broadcasts the outer weights, the outer momentum and the progress
+(inner step, outer step, run-wide sample cursor) over the new global group, raw tensors only.
+The joiner's inner weights become the outer weights, and its AdamW starts fresh: the inner
+optimizer's state is each island's own in DiLoCo (islands' AdamW states differ anyway), and
+sending it would triple the transfer. A failure while entering is reported like a failed step.
+
+Data stays disjoint however membership changes: all members agree on a run-wide sample cursor
+(inner steps advance it by world x train.global_batch), island i of the epoch reads the
+global_batch samples from cursor + i x global_batch, and a joiner receives the cursor.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from atoll.comm.allreduce import GlobalMean
+from atoll.comm.allreduce import GlobalMean, WireStats
 from atoll.comm.codecs import get_codec
 from atoll.config import JobConfig
+from atoll.data import PackedLoader
 from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.diloco import DiLoCo, average_gradients
-from atoll.island import Island
+from atoll.faults import FaultInjector
+from atoll.island import Island, all_ranks_ok, broadcast_ints
 from atoll.mesh.client import MeshMember
+from atoll.mesh.groups import global_groups
+from atoll.mesh.membership import Epoch, StepResult
+
+if TYPE_CHECKING:
+    from atoll.train import TrainState
+
+ABORT, COMMIT, DIVERGED = 0, 1, 2
+"""Outcomes as local rank 0 broadcasts them to the island's other ranks."""
+OUTCOMES = {"abort": ABORT, "commit": COMMIT, "diverged": DIVERGED}
+
+
+def island_first_sample(run_samples: int, island_index: int, global_batch: int) -> int:
+    """The first run-wide sample island `island_index` reads in the inner step at `run_samples`."""
+    return run_samples + island_index * global_batch
 
 
 class IslandSync:
-    """Cross-island synchronisation for one local rank; inert when `member` is None."""
+    """Cross-island synchronisation for one local rank; inert when `member` is None.
 
-    def __init__(self, cfg: JobConfig, model: nn.Module, member: MeshMember | None, island: Island) -> None:
+    Construction enters the member's epoch (a joiner receives the run's state there).
+    """
+
+    def __init__(
+        self, cfg: JobConfig, model: nn.Module, member: MeshMember | None, island: Island, state: TrainState, faults: FaultInjector,
+    ) -> None:
+        self.cfg = cfg
         self.member = member
         self.island = island
+        self.state = state
+        self.faults = faults
         self.mode = cfg.mesh.mode if member is not None else "alone"
         self.inner_steps = cfg.diloco.inner_steps
-        self.mean = (
-            GlobalMean(member.groups, get_codec(cfg.comm.codec), cfg.mesh.collective_timeout_s, int(cfg.comm.chunk_mb * 1e6))
-            if member is not None else None
-        )
+        self.wire = WireStats()
+        self.mean: GlobalMean | None = None
         self.model = model
         self.diloco = (
             DiLoCo(model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov)
             if self.mode == "diloco" else None
         )
         self.outer_steps = 0
+        self.notes: list[str] = []
         self._phase_start = time.perf_counter()
         self._sync_s = 0.0
+        if member is not None:
+            self.has_state = member.epoch.number == 0
+            self._enter(member.epoch.number)
+
+    # --- the training loop's side ----------------------------------------------------------------
+
+    def next_batch(self, loader: PackedLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's batch of the next inner step; advances the run-wide sample cursor."""
+        index, world = (self.member.index, self.member.world) if self.member is not None else (0, 1)
+        first = island_first_sample(self.state.samples, index, loader.global_batch)
+        self.state.samples += world * loader.global_batch
+        return loader.batch_at(first)
 
     def pause(self, seconds: float) -> None:
         """Exclude time spent outside training (evaluation, checkpoints) from compute_s."""
@@ -58,34 +126,49 @@ class IslandSync:
 
     def after_step(self, step: int, is_last: bool) -> dict[str, Any]:
         """diloco: the outer step, when due (every H steps and at the end); returns its metrics."""
+        self.faults.at("inner", step)
         if self.diloco is None or (step % self.inner_steps and not is_last):
             return {}
         compute_s = time.perf_counter() - self._phase_start
-        stats = self.diloco.outer_step(self.mean)
-        self.outer_steps += 1
+        start = time.perf_counter()
+        outer_step = self.outer_steps + 1
+        skipped, digest, attempts, epoch = self._outer_step(outer_step)
+        sync_s = time.perf_counter() - start
         self._phase_start = time.perf_counter()
+        if skipped:
+            self.notes.append(f"outer step {outer_step} skipped after {attempts} failed attempts")
         return {
-            "outer_step": self.outer_steps,
+            "outer_step": outer_step,
             "compute_s": compute_s,
-            "sync_s": stats.sync_s,
-            "utilization": compute_s / (compute_s + stats.sync_s),
-            "outer_digest": self.island_digest(stats.digest),
+            "sync_s": sync_s,
+            "utilization": compute_s / (compute_s + sync_s),
+            "outer_digest": digest,
+            "epoch": epoch.number,
+            "world_size": epoch.world,
+            "attempts": attempts,
+            "skipped": skipped,
         }
 
     def log_fields(self) -> dict[str, Any]:
-        """Cumulative wire bytes and world size for every logged record; ddp adds its timings since the last log."""
+        """Cumulative wire bytes, world size and epoch for every logged record; ddp adds its timings since the last log."""
         if self.member is None:
             return {}
         record: dict[str, Any] = {
-            "bytes_sent": self.mean.wire.bytes_sent,
-            "bytes_recv": self.mean.wire.bytes_recv,
+            "bytes_sent": self.wire.bytes_sent,
+            "bytes_recv": self.wire.bytes_recv,
             "world_size": self.member.world,
+            "epoch": self.member.epoch.number,
         }
         if self.mode == "ddp":
             compute_s = time.perf_counter() - self._phase_start - self._sync_s
             record.update(compute_s=compute_s, sync_s=self._sync_s, utilization=compute_s / (compute_s + self._sync_s))
             self._phase_start, self._sync_s = time.perf_counter(), 0.0
         return record
+
+    def drain_notes(self) -> list[str]:
+        """Membership news since the last call, for the log."""
+        notes, self.notes = self.notes, []
+        return notes
 
     def island_digest(self, shard_digest: str) -> str:
         """Digest of the whole island's outer weights: over every local rank's shard digest."""
@@ -99,3 +182,128 @@ class IslandSync:
     def stateful(self) -> dict[str, Any]:
         """What must go into this rank's checkpoint (the outer weights and momentum)."""
         return {f"diloco.rank{self.island.rank}": self.diloco} if self.diloco is not None else {}
+
+    # --- the elastic outer step ------------------------------------------------------------------
+
+    def _outer_step(self, outer_step: int) -> tuple[bool, str, int, Epoch]:
+        """Average and apply outer step `outer_step` among whoever is alive.
+
+        Returns (skipped, outer digest, attempts, the epoch of the last attempt).
+        """
+        attempts = 0
+        while True:
+            if not self._barrier(f"outer-{outer_step}"):
+                self._enter(self._next_epoch())
+                continue
+            if self.island.is_leader:
+                self.faults.at("allreduce", outer_step)
+            error = ""
+            try:
+                self.diloco.average(self.mean)
+            except RuntimeError as err:  # RingError, or gloo's own error on a broken group
+                error = str(err).splitlines()[0]
+            ok = all_ranks_ok(not error, self.island)
+            check = self.island_digest(self.diloco.agreement_digest()) if ok else ""
+            outcome, next_epoch = self._outcome(outer_step, ok, check, error)
+            attempts += 1
+            epoch = self.member.epoch
+            if outcome == COMMIT:
+                digest = self.island_digest(self.diloco.apply())
+                self.outer_steps = outer_step  # before entering: a joiner receives it
+                if next_epoch != self.member.epoch.number:
+                    self._enter(next_epoch)
+                return False, digest, attempts, epoch
+            if outcome == DIVERGED:
+                raise RuntimeError(f"outer weights would differ across islands at outer step {outer_step} (epoch {self.member.epoch.number})")
+            self.notes.append(f"outer step {outer_step} attempt {attempts} aborted in epoch {self.member.epoch.number}" + (f": {error}" if error else ""))
+            if attempts >= self.cfg.mesh.outer_attempts:
+                self.outer_steps = outer_step
+            self._enter(self._next_epoch())
+            if attempts >= self.cfg.mesh.outer_attempts:
+                return True, self.island_digest(tensor_digest([("outer", self.diloco.outer)])), attempts, epoch
+
+    def _leader(self, value: int) -> int:
+        """Local rank 0's `value` on every local rank."""
+        return broadcast_ints([value], self.island)[0]
+
+    def _barrier(self, name: str) -> bool:
+        """True when every member of the epoch reached barrier `name`; False if the epoch was dissolved."""
+        passed = -1
+        if self.island.is_leader:
+            passed = int(self.member.client.wait_at_barrier(self.member.epoch.number, name, self.member.world))
+        return bool(self._leader(passed))
+
+    def _next_epoch(self) -> int:
+        """Wait until the current epoch is dissolved; the newest epoch's number."""
+        number = -1
+        if self.island.is_leader:
+            number = self.member.client.wait_for_next_epoch(self.member.epoch.number)
+        return self._leader(number)
+
+    def _outcome(self, outer_step: int, ok: bool, check: str, error: str) -> tuple[int, int]:
+        """Post this island's result, wait for the step's outcome: (ABORT|COMMIT|DIVERGED, next epoch)."""
+        code, number = -1, -1
+        if self.island.is_leader:
+            client, epoch = self.member.client, self.member.epoch.number
+            if not ok:
+                client.report_failure(epoch, error or "a local rank's collective failed")
+            client.post_result(epoch, StepResult(outer_step, ok, check))
+            kind, *rest = client.wait_for_outcome(epoch, outer_step).split()
+            code, number = OUTCOMES[kind], int(rest[0]) if rest else epoch
+        code, number = broadcast_ints([code, number], self.island)
+        return code, number
+
+    def _enter(self, number: int) -> None:
+        """Move to epoch `number` (or a newer one, if it fails too): barrier, groups, state.
+
+        Raises RuntimeError if this island is not a member (the coordinator dropped it, e.g.
+        after it hung past the heartbeat timeout): it must be restarted to join again.
+        """
+        while True:
+            epoch = self.member.client.epoch(number)
+            if self.member.island_id not in epoch.members:
+                raise RuntimeError(
+                    f"island {self.member.island_id!r} was dropped from the run in epoch {number} ({epoch.reason}); "
+                    "restart it to join again"
+                )
+            previous, self.member.epoch = self.member.epoch, epoch
+            if previous.number != number:
+                self.notes.append(f"epoch {number}: {epoch.world} islands {list(epoch.members)} ({epoch.reason})")
+            if not self._barrier("enter"):
+                number = self._next_epoch()
+                continue
+            error = ""
+            try:
+                timeout = self.cfg.mesh.collective_timeout_s
+                groups = global_groups(self.member.client.store, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
+                self.mean = GlobalMean(groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire)
+                self._share_state()
+            except RuntimeError as err:
+                error = str(err).splitlines()[0]
+            if all_ranks_ok(not error, self.island):
+                return
+            if self.island.is_leader:
+                self.member.client.report_failure(number, error or "a local rank could not enter the epoch")
+            number = self._next_epoch()
+
+    def _share_state(self) -> None:
+        """If a member lacks the run's state, the first member holding it broadcasts it (raw tensors)."""
+        group = self.mean.control_group
+        mine = torch.tensor([int(self.has_state)], dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(group.size())]
+        group.allgather([everyone], [mine]).wait()
+        holders = [i for i, flag in enumerate(everyone) if flag.item()]
+        if len(holders) == group.size():
+            return
+        if not holders:  # only newcomers are left: they all start from the seeded initial weights
+            self.has_state = True
+            return
+        if self.diloco is None:
+            raise RuntimeError("ddp mode has a fixed membership and cannot admit joiners")
+        progress = torch.tensor([self.state.step, self.outer_steps, self.state.samples], dtype=torch.int64)
+        group.broadcast(progress, holders[0]).wait()
+        self.diloco.broadcast_state(group, holders[0])
+        if not self.has_state:
+            self.state.step, self.outer_steps, self.state.samples = (int(v) for v in progress.tolist())
+            self.notes.append(f"joined at inner step {self.state.step}, outer step {self.outer_steps}: state received from island {holders[0]} of the epoch")
+        self.has_state = True

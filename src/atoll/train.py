@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -34,9 +36,11 @@ from atoll.data import (
 )
 from atoll.digest import tensor_digest
 from atoll.errors import UserError
+from atoll.faults import FaultInjector
 from atoll.island import (
     Island,
     all_reduce_mean,
+    broadcast_ints,
     broadcast_text,
     check_same_on_all_ranks,
     shard_model,
@@ -44,7 +48,7 @@ from atoll.island import (
     stop_island,
 )
 from atoll.launch import default_run_dir
-from atoll.mesh.client import join_mesh
+from atoll.mesh.client import MeshMember, join_mesh
 from atoll.metrics import MetricsLog, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss
 from atoll.model.llama import apply_activation_checkpointing
@@ -58,6 +62,9 @@ class TrainState(Stateful):
 
     step: int = 0
     tokens: int = 0
+    """Tokens this island trained on (a joiner counts from when it joined)."""
+    samples: int = 0
+    """The run-wide sample cursor: samples all islands together consumed before the next step."""
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,6 +72,7 @@ class TrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
         self.tokens = int(state_dict["tokens"])
+        self.samples = int(state_dict["samples"])
 
 
 class RankState(Stateful):
@@ -207,14 +215,6 @@ def evaluate(model: nn.Module, val_tokens: np.ndarray, seq_len: int, cfg: JobCon
     return float(all_reduce_mean(torch.stack(losses).mean()))
 
 
-def data_shard(island_index: int, islands: int, local_rank: int, local_ranks: int) -> tuple[int, int]:
-    """(rank, world) in the run's one sample stream: island i's local rank r reads slice i*L + r.
-
-    Every island and every local rank thus reads a disjoint slice of each run-wide global batch.
-    """
-    return island_index * local_ranks + local_rank, islands * local_ranks
-
-
 def island_id(cfg: JobConfig, island: Island) -> str:
     """The configured island id, or hostname-<random> chosen by local rank 0 for every local rank."""
     chosen = cfg.mesh.island_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -226,17 +226,39 @@ def write_run_info(path: Path, info: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(info, indent=2).encode()))
 
 
+class Deathrattle:
+    """Tells the coordinator why this island leaves, however it leaves (once it has joined)."""
+
+    def __init__(self) -> None:
+        self.member: MeshMember | None = None
+
+    def __call__(self, reason: str) -> None:
+        if self.member is not None:
+            self.member.leave(reason)
+
+
 def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None) -> TrainResult:
     """Train one island as configured, writing config, metrics and checkpoints into run_dir.
 
     run_dir None means runs/<train.run_name>-<timestamp>, with local rank 0's timestamp.
+    An island in a mesh leaves with a deathrattle when it finishes, raises or gets SIGTERM
+    (turned into SystemExit here), so the coordinator drops it at once; only SIGKILL, a hang or a
+    lost machine go unannounced (the peers' broken collectives or the heartbeat timeout tell).
     """
     island = start_island(cfg.train.device)
+    deathrattle = Deathrattle()
+    if cfg.mesh.coordinator:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         run_dir = Path(broadcast_text(str(run_dir or default_run_dir(cfg.train.run_name)), island))
-        return _train(cfg, run_dir, resume, island)
+        result = _train(cfg, run_dir, resume, island, deathrattle)
+    except BaseException as err:
+        deathrattle(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": "))
+        raise
     finally:
         stop_island()
+    deathrattle("finished")
+    return result
 
 
 def load_data(cfg: JobConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
@@ -253,18 +275,17 @@ def load_data(cfg: JobConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
     return tokenizer, *splits
 
 
-def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) -> TrainResult:
+def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, deathrattle: Deathrattle) -> TrainResult:
     tokenizer, train_tokens, val_tokens = load_data(cfg)
     args = model_args(cfg, tokenizer.vocab_size)
     seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
-    member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world, cfg.comm.streams) if cfg.mesh.coordinator else None
-    islands, island_index = (member.world, member.index) if member else (1, 0)
-    data_rank, data_world = data_shard(island_index, islands, island.rank, island.world)
+    member = None
+    if cfg.mesh.coordinator:
+        member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world, lambda n: broadcast_ints([n], island)[0])
+        deathrattle.member = member
     try:
-        loader = PackedLoader(
-            train_tokens, seq_len, islands * cfg.train.global_batch, data_rank, data_world, cfg.train.seed
-        )
+        loader = PackedLoader(train_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)
         if cfg.eval.every:  # checks now that the validation split holds a global batch, not at the first eval
             iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)
     except ValueError as err:
@@ -273,8 +294,8 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     model, init_digest = build_model(args, cfg, island)
     check_same_on_all_ranks(init_digest, island, "initial weights digest")
     optimizer = build_optimizer(model, cfg.optim)
-    sync = IslandSync(cfg, model, member, island)
     state = TrainState()
+    sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader))
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader)
     stateful = {
         "model_optimizer": ModelOptimizerState(model, optimizer),
@@ -306,7 +327,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
         f"atoll: {cfg.model.name} model ({params['total'] / 1e6:.2f}M params, init sha256 {init_digest[:12]}) "
         f"on {island.world} local rank(s), {island.device.type}; batch {cfg.train.global_batch}x{seq_len} tokens "
         f"({accum} accumulation step(s)); run dir {run_dir}"
-        + (f"; resumed at step {state.step}" if state.step else "")
+        + (f"; resumed at step {state.step}" if resume is not None else "")
     )
 
     loss_value = float("nan")
@@ -315,7 +336,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
     while state.step < cfg.train.steps:
         lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
         set_lr(optimizer, lr)
-        inputs, targets = loader.next_batch()
+        inputs, targets = sync.next_batch(loader)
         loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward)
         state.step += 1
         state.tokens += cfg.train.global_batch * seq_len
@@ -323,6 +344,8 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
 
         is_last = state.step == cfg.train.steps
         record = sync.after_step(state.step, is_last)
+        for note in sync.drain_notes():
+            log.info(f"atoll: {note}")
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
             eval_start = time.perf_counter()
             val_loss = evaluate(model, val_tokens, seq_len, cfg, island)
@@ -341,8 +364,8 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island) ->
                 "tokens": state.tokens,
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_tok * tokens_per_s / (peak * island.world) if peak else None,
-                **record,
                 **sync.log_fields(),
+                **record,  # an outer step's own epoch and world size win over the current ones
             })
             window_start, window_tokens = time.perf_counter(), 0
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end):

@@ -43,14 +43,17 @@ def ring_bytes(numel: int, element_size: int, world: int) -> int:
 class GlobalMean:
     """Averages buffers over this local rank's global groups (one ring per group, K = comm.streams)."""
 
-    def __init__(self, groups: list[dist.ProcessGroup], codec: Codec, deadline_s: float, chunk_bytes: int) -> None:
+    def __init__(
+        self, groups: list[dist.ProcessGroup], codec: Codec, deadline_s: float, chunk_bytes: int, wire: WireStats | None = None,
+    ) -> None:
         if not groups:
             raise ValueError("GlobalMean needs at least one process group")
         self.groups = groups
         self.codec = codec
         self.deadline_s = deadline_s
         self.chunk_bytes = chunk_bytes
-        self.wire = WireStats()
+        self.wire = wire if wire is not None else WireStats()
+        """Shared by the GlobalMeans of successive epochs, so the counts stay cumulative."""
         self.calls = 0  # equal on every island: it keeps each call's ring tags apart
 
     @property

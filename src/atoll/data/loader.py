@@ -129,6 +129,16 @@ class PackedLoader:
         self.batches += 1
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
+    def batch_at(self, first_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global batch that starts at global sample ``first_sample``.
+
+        For callers that keep their own position (elastic islands agree on a run-wide sample
+        cursor); the loader's own position is untouched.
+        """
+        starts = self._windows_of(first_sample + self.rank * self.per_rank, self.per_rank) * self.seq_len
+        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
     @property
     def samples_consumed(self) -> int:
         """Global samples (over all ranks) served so far."""

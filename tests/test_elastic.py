@@ -1,0 +1,259 @@
+"""The elastic mesh: membership decisions (pure), scenarios, and real runs with injected faults.
+
+The fault tests run `atoll simulate` with 3 islands of the debug model (4 where stated), a 0.5 s
+heartbeat and a 3 s heartbeat timeout, and check states, not exit codes alone: the survivors
+finish, every live island's outer digest agrees at every outer step, the world size in the
+metrics follows the scenario, and no island process is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import read_metrics, run_atoll
+
+from atoll.errors import UserError
+from atoll.faults import Fault, parse_faults
+from atoll.mesh.membership import Epoch, IslandView, Registration, StepResult, decide
+from atoll.simulate import Scenario, Start
+
+TIMEOUT_S = 150
+HEARTBEAT_TIMEOUT_S = 3.0
+GRACE_S = 0.5
+JOIN_OUTER_STEPS = 40
+"""Long enough (in outer steps of 4 inner steps) for a late island to start up and be admitted."""
+
+
+# --- membership.decide: the coordinator's rules, without processes ---------------------------------
+
+
+def views(*ids: str, heard_at: float = 100.0) -> dict[str, IslandView]:
+    return {i: IslandView(Registration(i, 1), heard_at=heard_at) for i in ids}
+
+
+EPOCH = Epoch(4, ("a", "b", "c"), 1)
+
+
+def decide_at(v: dict[str, IslandView], now: float = 101.0, decided: int = 0):
+    return decide(EPOCH, v, decided, now, HEARTBEAT_TIMEOUT_S, GRACE_S)
+
+
+def test_nothing_is_decided_while_every_member_is_alive_and_training():
+    assert decide_at(views("a", "b", "c")).epoch is None
+    assert decide_at(views("a", "b", "c")).outcome is None
+
+
+def test_a_step_commits_when_every_member_posted_ok_with_the_same_digest():
+    v = views("a", "b", "c")
+    for island in "ab":
+        v[island].result = StepResult(7, True, "d1")
+    assert decide_at(v).outcome is None  # c has not posted yet
+    v["c"].result = StepResult(7, True, "d1")
+    decision = decide_at(v)
+    assert (decision.outcome, decision.step, decision.epoch) == ("commit", 7, None)
+    assert decide_at(v, decided=7).outcome is None  # decided once
+
+
+def test_different_digests_are_diverged_not_committed():
+    v = views("a", "b", "c")
+    for island, digest in zip("abc", ["d1", "d1", "d2"]):
+        v[island].result = StepResult(3, True, digest)
+    assert decide_at(v).outcome == "diverged"
+
+
+def test_joiners_are_admitted_at_the_commit_after_the_members():
+    v = {**views("a", "b", "c"), **views("new")}
+    assert decide_at(v).epoch is None  # not between outer steps
+    for island in "abc":
+        v[island].result = StepResult(2, True, "d")
+    decision = decide_at(v)
+    assert decision.outcome == "commit"
+    assert decision.epoch.members == ("a", "b", "c", "new") and decision.epoch.number == 5
+    assert decision.joined == ("new",)
+
+
+def test_after_a_failure_report_the_silent_are_dropped_once_the_grace_has_passed():
+    v = views("a", "b", "c")
+    v["a"].failed_at = 100.0
+    v["b"].result = StepResult(2, True, "d")  # its ring finished: alive
+    assert decide_at(v, now=100.2).epoch is None  # c may still report
+    decision = decide_at(v, now=100.0 + GRACE_S + 0.01)
+    assert decision.epoch.members == ("a", "b")
+    assert decision.left == {"c": "silent after a failed collective"}
+
+
+def test_a_failure_is_decided_at_once_when_every_member_is_accounted_for():
+    v = views("a", "b", "c")
+    for island in "abc":
+        v[island].failed_at = 100.0
+    decision = decide_at(v, now=100.01)
+    assert decision.epoch.members == ("a", "b", "c") and decision.left == {}
+
+
+def test_a_deathrattle_drops_an_island_at_once_and_a_stale_heartbeat_at_the_timeout():
+    v = views("a", "b", "c")
+    v["b"].leaving = "SystemExit: 143"
+    decision = decide_at(v)
+    assert decision.epoch.members == ("a", "c") and decision.left == {"b": "left (SystemExit: 143)"}
+
+    v = views("a", "b", "c")
+    v["c"].heard_at = 100.0 - HEARTBEAT_TIMEOUT_S + 0.5
+    assert decide_at(v, now=100.0).epoch is None
+    decision = decide_at(v, now=100.6)
+    assert decision.epoch.members == ("a", "b") and "no heartbeat" in decision.left["c"]
+
+
+def test_a_run_whose_members_all_left_has_ended_even_with_joiners_waiting():
+    v = {**views("a", "b", "c"), **views("new")}
+    for island in "abc":
+        v[island].leaving = "finished"
+    decision = decide_at(v)
+    assert decision.epoch is None and decision.ended and decision.joined == ()
+
+
+def test_step_results_survive_their_text_form():
+    for result in (StepResult(12, True, "ab" * 32), StepResult(3, False)):
+        assert StepResult.from_text(result.to_text().encode()) == result
+
+
+# --- scenarios ---------------------------------------------------------------------------------------
+
+
+def test_scenario_from_file_and_flags(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[[fault]]\nisland = "island-1"\naction = "stop"\nat = "inner:5"\n\n[[start]]\nisland = "island-3"\nafter_outer = 2\n')
+    scenario = Scenario.parse(path, ["island-2=kill@allreduce:3"], ["island-1@4"])
+    assert scenario.faults == {"island-1": [Fault("stop", "inner", 5)], "island-2": [Fault("kill", "allreduce", 3)]}
+    assert scenario.starts == [Start("island-3", 2), Start("island-1", 4)]
+
+
+@pytest.mark.parametrize("faults,starts", [(["island-1"], []), (["island-1=explode@inner:3"], []), ([], ["island-3"])])
+def test_malformed_scenario_flags_are_user_errors(faults, starts):
+    with pytest.raises(UserError):
+        Scenario.parse(None, faults, starts)
+
+
+def test_fault_text_round_trips():
+    assert parse_faults("kill@inner:7, stop@allreduce:3") == [Fault("kill", "inner", 7), Fault("stop", "allreduce", 3)]
+    assert ",".join(f.to_text() for f in parse_faults("term@inner:1")) == "term@inner:1"
+
+
+# --- real runs with injected faults ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+def simulate(run_dir: Path, cache_dir: str, islands: int, steps: int, faults: list[str] = (), starts: list[str] = ()) -> dict[str, list[dict]]:
+    """Run a scenario; returns each island's outer-step records (both lives of a returning island)."""
+    args = [
+        "simulate", "--islands", str(islands), "--run-dir", str(run_dir), "configs/debug.toml",
+        "--train.steps", str(steps), "--diloco.inner_steps", "4", "--schedule.warmup_steps", "2",
+        "--eval.every", "0", "--checkpoint.at_end", "false", "--metrics.log_every", "4", "--data.cache_dir", cache_dir,
+        "--mesh.heartbeat_interval_s", "0.5", "--mesh.heartbeat_timeout_s", str(HEARTBEAT_TIMEOUT_S),
+        "--mesh.collective_timeout_s", "30",
+        *[a for f in faults for a in ("--fault", f)], *[a for s in starts for a in ("--start", s)],
+    ]
+    try:
+        result = run_atoll(args, TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finally:
+        left = leftover_processes(run_dir)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert left == []
+    return {d.name: [r for r in read_metrics(d) if "outer_step" in r] for d in sorted(run_dir.glob("island-*"))}
+
+
+def leftover_processes(run_dir: Path) -> list[int]:
+    """Processes whose command line names this run's directory (every island's does)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(run_dir).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_live_islands_agree(outer: dict[str, list[dict]]) -> dict[int, dict]:
+    """Every island that logged outer step s has the same digest, epoch and world size; returns one record per step."""
+    by_step: dict[int, dict] = {}
+    for island, records in outer.items():
+        for r in records:
+            first = by_step.setdefault(r["outer_step"], r)
+            assert (r["outer_digest"], r["epoch"], r["world_size"], r["step"]) == (
+                first["outer_digest"], first["epoch"], first["world_size"], first["step"]
+            ), (island, r["outer_step"])
+            assert not r["skipped"]
+    return by_step
+
+
+def membership(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "membership.jsonl").read_text().splitlines()]
+
+
+def test_survivors_agree_after_kill_during_the_inner_phase(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=kill@inner:6"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [r["outer_step"] for r in outer["island-0"]] == [1, 2, 3, 4] == [r["outer_step"] for r in outer["island-2"]]
+    assert [r["outer_step"] for r in outer["island-1"]] == [1]
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
+    events = membership(tmp_path / "run")
+    assert "no heartbeat" in events[1]["left"]["island-1"] and events[1]["members"] == ["island-2", "island-0"]
+
+
+def test_survivors_agree_after_kill_during_the_allreduce(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=kill@allreduce:2"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
+    assert steps[2]["attempts"] == 2 and steps[2]["epoch"] == 1
+    assert membership(tmp_path / "run")[1]["left"] == {"island-1": "silent after a failed collective"}
+
+
+def test_survivors_go_on_without_an_island_stopped_forever(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=stop@inner:6"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
+    assert "no heartbeat" in membership(tmp_path / "run")[1]["left"]["island-1"]
+
+
+def test_two_failures_in_one_epoch_leave_the_other_two_in_step(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 4, 16, faults=["island-1=kill@allreduce:2", "island-2=kill@allreduce:2"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [4, 2, 2, 2]
+    assert set(membership(tmp_path / "run")[1]["left"]) == {"island-1", "island-2"}
+
+
+def test_a_fourth_island_joins_mid_run_and_matches_the_others(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, starts=["island-3@1"])
+
+    steps = assert_live_islands_agree(outer)
+    joined = outer["island-3"][0]["outer_step"]
+    end = JOIN_OUTER_STEPS + 1
+    assert 1 < joined < end and [r["outer_step"] for r in outer["island-3"]] == list(range(joined, end))
+    assert [steps[s]["world_size"] for s in range(1, end)] == [3] * (joined - 1) + [4] * (end - joined)
+    assert membership(tmp_path / "run")[1]["joined"] == ["island-3"]
+
+
+def test_an_island_that_left_rejoins_with_the_same_id(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, faults=["island-1=term@inner:6"], starts=["island-1@1"])
+
+    steps = assert_live_islands_agree(outer)
+    lives = [r["outer_step"] for r in outer["island-1"]]
+    back, end = lives[1], JOIN_OUTER_STEPS + 1
+    assert lives == [1, *range(back, end)] and back > 2
+    assert [steps[s]["world_size"] for s in range(1, end)] == [3] + [2] * (back - 2) + [3] * (end - back)
+    events = membership(tmp_path / "run")
+    assert events[1]["left"]["island-1"].startswith("left (SystemExit") and events[2]["joined"] == ["island-1"]
