@@ -161,6 +161,13 @@ class DilocoConfig(Section):
     """Momentum of the outer SGD step; 0 makes it plain SGD."""
     nesterov: bool = True
     """Use Nesterov momentum in the outer step (DiLoCo's choice)."""
+    anneal_with_schedule: bool = True
+    """Anneal the outer step with the inner LR schedule: once warmup is over, with w the schedule's
+    LR multiplier, the outer lr is 1 - (1 - outer_lr) * w and the momentum outer_momentum * w. A
+    constant schedule (w = 1) keeps plain DiLoCo; in a WSD or cosine decay the outer step turns
+    into a plain average of the islands' annealed weights, instead of momentum carrying large
+    stale pseudo-gradients through the decay (measured by benchmarks/convergence.py: +12.5%
+    validation loss against data-parallel without it, -0.02% with it)."""
 
 
 class CommConfig(Section):

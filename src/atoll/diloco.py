@@ -87,9 +87,20 @@ class DiLoCo(Stateful):
         self.outer = self._gather_inner()
         self.pseudo_grad = torch.zeros_like(self.outer)
         self.outer.grad = self.pseudo_grad
+        self.lr, self.momentum = lr, momentum
         self.optimizer = torch.optim.SGD(
             [self.outer], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
         )
+
+    def anneal(self, weight: float) -> None:
+        """Scale the outer step towards a plain average: lr 1 - (1 - lr) * weight, momentum * weight.
+
+        weight 1 is the configured Nesterov step; weight 0 replaces the outer weights by the mean
+        of the islands' inner weights (lr 1, no momentum). The momentum buffer is kept.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1.0 - (1.0 - self.lr) * weight
+            group["momentum"] = self.momentum * weight
 
     @torch.no_grad()
     def _gather_inner(self) -> torch.Tensor:

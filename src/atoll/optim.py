@@ -52,6 +52,15 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     return floor + (1 - floor) * shape
 
 
+def outer_anneal_weight(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    """How much of DiLoCo's outer lr and momentum to keep after inner step `step` (0-based).
+
+    1 through warmup (the islands are still speeding up, not annealing), then the schedule's LR
+    multiplier, so the outer step anneals exactly when and as fast as the inner LR does.
+    """
+    return 1.0 if step < cfg.warmup_steps else lr_factor(step, total_steps, cfg)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:

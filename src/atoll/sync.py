@@ -124,11 +124,17 @@ class IslandSync:
             average_gradients(self.model, self.mean)
             self._sync_s += time.perf_counter() - start
 
-    def after_step(self, step: int, is_last: bool) -> dict[str, Any]:
-        """diloco: the outer step, when due (every H steps and at the end); returns its metrics."""
+    def after_step(self, step: int, is_last: bool, anneal_weight: float = 1.0) -> dict[str, Any]:
+        """diloco: the outer step, when due (every H steps and at the end); returns its metrics.
+
+        `anneal_weight` (optim.outer_anneal_weight) scales the outer step when
+        diloco.anneal_with_schedule is on.
+        """
         self.faults.at("inner", step)
         if self.diloco is None or (step % self.inner_steps and not is_last):
             return {}
+        if self.cfg.diloco.anneal_with_schedule:
+            self.diloco.anneal(anneal_weight)
         compute_s = time.perf_counter() - self._phase_start
         start = time.perf_counter()
         outer_step = self.outer_steps + 1

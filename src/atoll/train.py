@@ -52,7 +52,7 @@ from atoll.mesh.client import MeshMember, join_mesh
 from atoll.metrics import MetricsLog, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss
 from atoll.model.llama import apply_activation_checkpointing
-from atoll.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
+from atoll.optim import build_optimizer, clip_grad_norm, lr_factor, outer_anneal_weight, set_lr
 from atoll.sync import IslandSync
 
 
@@ -343,7 +343,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
         window_tokens += cfg.train.global_batch * seq_len
 
         is_last = state.step == cfg.train.steps
-        record = sync.after_step(state.step, is_last)
+        record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
         for note in sync.drain_notes():
             log.info(f"atoll: {note}")
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
