@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from atoll.errors import UserError
@@ -61,6 +62,8 @@ class FaultInjector:
         for fault in list(self.faults):
             if fault.point == point and fault.at == n:
                 self.faults.remove(fault)
+                # the wall time lets benchmarks/recovery.py measure from the fault itself
+                print(f"atoll: injecting {fault.to_text()} at {time.time():.3f}", flush=True)
                 if fault.action == "term":
                     os.kill(os.getpid(), signal.SIGTERM)
                 else:
