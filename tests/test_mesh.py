@@ -309,3 +309,55 @@ def test_global_group_averages_a_tensor_across_two_island_processes(serving_coor
 )
 def test_ring_bytes_is_two_n_minus_one_over_n_times_the_payload(numel, element_size, world, expected):
     assert ring_bytes(numel, element_size, world) == expected
+
+
+# --- the run token ---------------------------------------------------------------------------------
+
+TOKEN = "s3cret-run-token"
+
+
+def test_an_island_with_the_wrong_run_token_is_refused_in_one_line_and_the_right_one_gets_a_signed_epoch():
+    coord = Coordinator(LOOPBACK, 0, 1, token=TOKEN).start()
+    try:
+        stranger = MeshClient(coord.address, "stranger", connect_timeout=CONNECT_TIMEOUT_S, token="guess")
+        stranger.register(1)
+        with pytest.raises(UserError) as err:
+            stranger.wait_for_epoch(0, timeout=10)
+        assert str(err.value).startswith("wrong run token") and "\n" not in str(err.value)
+
+        friend = MeshClient(coord.address, "friend", connect_timeout=CONNECT_TIMEOUT_S, token=TOKEN)
+        friend.register(1)
+        epoch = friend.wait_for_epoch(0, timeout=10)
+        assert epoch.members == ("friend",) and epoch.mac
+    finally:
+        coord.stop()
+
+
+def test_an_epoch_forged_without_the_token_is_rejected():
+    coord = Coordinator(LOOPBACK, 0, 1, token=TOKEN).start()
+    try:
+        island = MeshClient(coord.address, "a", connect_timeout=CONNECT_TIMEOUT_S, token=TOKEN)
+        island.register(1)
+        island.wait_for_epoch(0, timeout=10)
+        coord.stop()  # the forger writes after the coordinator's last word
+        forged = Epoch(0, ("a", "mallory"), 1, "start", 1.0, mac="00" * 32)
+        island.store.set("atoll/epoch/0", forged.to_json())
+        with pytest.raises(UserError, match="wrong run token"):
+            island.epoch(0)
+    finally:
+        coord.stop()
+
+
+def test_atoll_train_with_the_wrong_token_exits_2_with_one_line(monkeypatch, tmp_path):
+    from conftest import run_atoll
+
+    coord = Coordinator(LOOPBACK, 0, 1, token=TOKEN).start()
+    try:
+        monkeypatch.setenv("ATOLL_RUN_TOKEN", "not-the-token")
+        result = run_atoll(["train", "configs/debug.toml", "--coordinator", coord.address, "--run-dir", str(tmp_path / "r"),
+                            "--mesh.join_timeout_s", "20"], timeout=90)
+    finally:
+        coord.stop()
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("atoll: error: wrong run token"), result.stderr

@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mode", choices=["diloco", "ddp"], help="cross-island sync (mesh.mode; default diloco)")
     train.set_defaults(handler=cmd_train)
 
-    coord = commands.add_parser("coordinator", help="run a coordinator: the rendezvous and membership service of a run")
+    coord = commands.add_parser(
+        "coordinator", help="run a coordinator: the rendezvous and membership service of a run",
+        description="Run a coordinator. With ATOLL_RUN_TOKEN set, only islands holding the same token may join.",
+    )
     coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
     coord.add_argument("--port", type=int, default=29400, help="port to listen on (default 29400)")
     coord.add_argument("--islands", type=int, required=True, help="islands that must arrive before training starts")
@@ -132,6 +135,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.mesh.auth import run_token
     from atoll.mesh.coordinator import Coordinator
 
     if args.islands < 1:
@@ -139,7 +143,7 @@ def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
     if args.heartbeat_timeout <= 0 or args.report_grace <= 0:
         raise UserError("--heartbeat-timeout and --report-grace must be positive")
     try:
-        coordinator = Coordinator(args.host, args.port, args.islands, args.heartbeat_timeout, args.report_grace, args.events)
+        coordinator = Coordinator(args.host, args.port, args.islands, args.heartbeat_timeout, args.report_grace, args.events, run_token(None))
     except RuntimeError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({str(err).splitlines()[0]}): choose another --port") from None
     print(f"atoll: coordinator listening on {coordinator.address}, waiting for {args.islands} island(s); Ctrl-C stops it", flush=True)

@@ -147,6 +147,9 @@ class MeshConfig(Section):
     """After the first report of a failed collective, the coordinator waits this long for the other
     members to report (a kill -9 makes every survivor's ring fail within ~0.3 s); the silent ones
     are left out of the next epoch. Read by the coordinator."""
+    token: str | None = None
+    """The run's shared secret (see atoll.mesh.auth); None uses ATOLL_RUN_TOKEN, else the run is open.
+    Prefer the environment variable: config values are written to the run directory."""
     outer_attempts: int = Field(default=3, ge=1)
     """Attempts at averaging one outer step (each among the survivors of the last); when all fail,
     every island skips the outer step identically (metrics say skipped) and training goes on."""

@@ -38,6 +38,7 @@ from atoll.comm.allreduce import ring_bytes
 from atoll.config import MeshConfig
 from atoll.errors import UserError
 from atoll.faults import FAULTS_ENV, Fault, parse_faults
+from atoll.mesh.auth import run_token
 from atoll.mesh.coordinator import Coordinator
 from atoll.wan.namespaces import run_in_namespace
 from atoll.wan.network import EmulatedWan
@@ -211,7 +212,7 @@ def _outer_steps_logged(run_dir: Path) -> int:
 def _start_coordinator(islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path) -> Coordinator:
     """On loopback; or, with a WAN, listening inside its own namespace on the emulated network."""
     def make(host: str) -> Coordinator:
-        return Coordinator(host, 0, islands, mesh.heartbeat_timeout_s, mesh.report_grace_s, events)
+        return Coordinator(host, 0, islands, mesh.heartbeat_timeout_s, mesh.report_grace_s, events, run_token(mesh.token))
 
     if wan is None:
         return make(LOOPBACK).start()

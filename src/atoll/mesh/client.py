@@ -28,6 +28,7 @@ import torch.distributed as dist
 from atoll.config import MeshConfig
 from atoll.errors import UserError
 from atoll.mesh import protocol
+from atoll.mesh.auth import run_token, sign, verify
 from atoll.mesh.membership import Epoch, Registration, StepResult
 
 POLL_INTERVAL_S = 0.02
@@ -63,10 +64,11 @@ def wait_until_reachable(host: str, port: int, timeout: float) -> None:
 class MeshClient:
     """A connection to the coordinator's store, for one process of one island."""
 
-    def __init__(self, address: str, island_id: str, connect_timeout: float) -> None:
+    def __init__(self, address: str, island_id: str, connect_timeout: float, token: str | None = None) -> None:
         host, port = parse_address(address)
         self.address = address
         self.island_id = island_id
+        self.token = token
         try:
             wait_until_reachable(host, port, connect_timeout)
             self.store = dist.TCPStore(
@@ -81,7 +83,7 @@ class MeshClient:
     def register(self, local_ranks: int) -> None:
         """Announce this island, first clearing a deathrattle of an earlier life (local rank 0 only)."""
         self.store.delete_key(protocol.leaving_key(self.island_id))
-        self.store.set(protocol.island_key(self.island_id), Registration(self.island_id, local_ranks).to_json())
+        self.store.set(protocol.island_key(self.island_id), Registration(self.island_id, local_ranks, sign(self.token, self.island_id)).to_json())
         self.store.append(protocol.REGISTRATIONS, f"{self.island_id},")
 
     def leave(self, reason: str) -> None:
@@ -113,10 +115,20 @@ class MeshClient:
     def _check_refused(self) -> None:
         key = protocol.refused_key(self.island_id)
         if self.store.check([key]):
-            raise UserError(f"the coordinator at {self.address} refused island {self.island_id!r}: {self.store.get(key).decode()}")
+            why = self.store.get(key).decode()
+            if why.startswith("wrong run token"):
+                raise UserError(f"{why}; the coordinator at {self.address} refused island {self.island_id!r}")
+            raise UserError(f"the coordinator at {self.address} refused island {self.island_id!r}: {why}")
 
     def epoch(self, number: int) -> Epoch:
-        return Epoch.from_json(self.store.get(protocol.epoch_key(number)))
+        """Epoch `number`, checked against the run token: a forged one is a UserError."""
+        epoch = Epoch.from_json(self.store.get(protocol.epoch_key(number)))
+        if not verify(self.token, epoch.signed_text(), epoch.mac):
+            raise UserError(
+                f"wrong run token: epoch {number} from the coordinator at {self.address} is not signed with this "
+                "island's token (ATOLL_RUN_TOKEN or mesh.token), or was forged"
+            )
+        return epoch
 
     def newest_after(self, number: int) -> int:
         """Follow the chain of `next` keys from epoch `number` to the newest epoch (no waiting)."""
@@ -251,7 +263,7 @@ def join_mesh(cfg: MeshConfig, island_id: str, local_rank: int, local_ranks: int
     A run that has not started yet waits for epoch 0; a running one admits this island at its
     next outer-step boundary. `share` hands local rank 0's epoch number to every local rank.
     """
-    client = MeshClient(cfg.coordinator, island_id, cfg.connect_timeout_s)
+    client = MeshClient(cfg.coordinator, island_id, cfg.connect_timeout_s, run_token(cfg.token))
     heartbeat = None
     number = -1
     if local_rank == 0:

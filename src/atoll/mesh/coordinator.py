@@ -17,12 +17,14 @@ Failure semantics: the coordinator keeps its decisions in memory and its facts i
 client that connects and sends garbage or nothing changes nothing (the store serves it, or drops
 it). If epoch 0 cannot form (islands disagree on their shape), the reason is published under the
 epoch's error key and the waiting islands stop with that message. An island registering with a
-different number of local ranks than the run's is refused (its refused key says why). If the
+different number of local ranks than the run's, or without the run token's proof, is refused
+(its refused key says why; see `atoll.mesh.auth` for what the token does and does not protect). If the
 coordinator itself dies, islands fail at their next store operation: the run cannot outlive it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -32,12 +34,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 from atoll.mesh import protocol
+from atoll.mesh.auth import sign, verify
 from atoll.mesh.membership import Decision, Epoch, IslandView, Registration, StepResult, decide, first_epoch
 
 POLL_INTERVAL_S = 0.05
 STORE_TIMEOUT = timedelta(seconds=60)
 DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
 DEFAULT_REPORT_GRACE_S = 0.5
+WRONG_TOKEN = "wrong run token: set the run's token in ATOLL_RUN_TOKEN (or mesh.token)"
 
 
 class Coordinator:
@@ -52,6 +56,7 @@ class Coordinator:
         heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
         report_grace_s: float = DEFAULT_REPORT_GRACE_S,
         events_path: Path | None = None,
+        token: str | None = None,
     ) -> None:
         if min_islands < 1:
             raise ValueError(f"min_islands must be at least 1, got {min_islands}")
@@ -59,6 +64,7 @@ class Coordinator:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.report_grace_s = report_grace_s
         self.events_path = events_path
+        self.token = token
         self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
         self.host = host
         self.epoch: Epoch | None = None
@@ -92,6 +98,9 @@ class Coordinator:
         for island in ids[self._entries_seen:]:
             registration = Registration.from_json(self.store.get(protocol.island_key(island)))
             self._entries_seen += 1
+            if not verify(self.token, island, registration.proof):
+                self.store.set(protocol.refused_key(island), WRONG_TOKEN)
+                continue
             if self.epoch is not None and registration.local_ranks != self.epoch.local_ranks:
                 self.store.set(protocol.refused_key(island), (
                     f"this island runs {registration.local_ranks} local ranks but the run's islands run "
@@ -162,6 +171,7 @@ class Coordinator:
 
     def _start_epoch(self, epoch: Epoch, left: dict[str, str], joined: tuple[str, ...]) -> None:
         epoch = Epoch(epoch.number, epoch.members, epoch.local_ranks, epoch.reason, time.time())
+        epoch = dataclasses.replace(epoch, mac=sign(self.token, epoch.signed_text()))
         self.store.set(protocol.epoch_key(epoch.number), epoch.to_json())
         self.store.set(protocol.LATEST_EPOCH, str(epoch.number))
         for island in left:

@@ -24,6 +24,8 @@ class Epoch:
     """Why this epoch began (for the event log)."""
     started_at: float = field(default=0.0, compare=False)
     """Coordinator's clock when it formed the epoch (islands do not share a clock)."""
+    mac: str = field(default="", compare=False)
+    """The coordinator's HMAC of `signed_text()` under the run token (empty in an open run)."""
 
     @property
     def world(self) -> int:
@@ -33,13 +35,17 @@ class Epoch:
         """This island's rank in the global groups; ValueError if it is not a member."""
         return self.members.index(island_id)
 
+    def signed_text(self) -> str:
+        """What the epoch's mac covers: every field but the mac."""
+        return json.dumps([self.number, list(self.members), self.local_ranks, self.reason, self.started_at])
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @staticmethod
     def from_json(text: str | bytes) -> Epoch:
         raw = json.loads(text)
-        return Epoch(raw["number"], tuple(raw["members"]), raw["local_ranks"], raw["reason"], raw["started_at"])
+        return Epoch(raw["number"], tuple(raw["members"]), raw["local_ranks"], raw["reason"], raw["started_at"], raw.get("mac", ""))
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Registration:
 
     island_id: str
     local_ranks: int
+    proof: str = ""
+    """HMAC of the island id under the run token (empty in an open run)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -55,7 +63,7 @@ class Registration:
     @staticmethod
     def from_json(text: str | bytes) -> Registration:
         raw = json.loads(text)
-        return Registration(raw["island_id"], raw["local_ranks"])
+        return Registration(raw["island_id"], raw["local_ranks"], raw.get("proof", ""))
 
 
 def first_epoch(registered: list[Registration], min_islands: int, now: float) -> Epoch | None:
