@@ -150,7 +150,9 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("token-cache"))
 
 
-def simulate(run_dir: Path, cache_dir: str, islands: int, steps: int, faults: list[str] = (), starts: list[str] = ()) -> dict[str, list[dict]]:
+def simulate(
+    run_dir: Path, cache_dir: str, islands: int, steps: int, faults: list[str] = (), starts: list[str] = (), extra: list[str] = (),
+) -> dict[str, list[dict]]:
     """Run a scenario; returns each island's outer-step records (both lives of a returning island)."""
     args = [
         "simulate", "--islands", str(islands), "--run-dir", str(run_dir), "configs/debug.toml",
@@ -158,7 +160,7 @@ def simulate(run_dir: Path, cache_dir: str, islands: int, steps: int, faults: li
         "--eval.every", "0", "--checkpoint.at_end", "false", "--metrics.log_every", "4", "--data.cache_dir", cache_dir,
         "--mesh.heartbeat_interval_s", "0.5", "--mesh.heartbeat_timeout_s", str(HEARTBEAT_TIMEOUT_S),
         "--mesh.collective_timeout_s", "30",
-        *[a for f in faults for a in ("--fault", f)], *[a for s in starts for a in ("--start", s)],
+        *[a for f in faults for a in ("--fault", f)], *[a for s in starts for a in ("--start", s)], *extra,
     ]
     try:
         result = run_atoll(args, TIMEOUT_S)
@@ -183,8 +185,9 @@ def leftover_processes(run_dir: Path) -> list[int]:
     return found
 
 
-def assert_live_islands_agree(outer: dict[str, list[dict]]) -> dict[int, dict]:
-    """Every island that logged outer step s has the same digest, epoch and world size; returns one record per step."""
+def assert_live_islands_agree(outer: dict[str, list[dict]], skipped: set[int] = frozenset()) -> dict[int, dict]:
+    """Every island that logged outer step s has the same digest, epoch and world size, and only
+    the `skipped` steps were skipped; returns one record per step."""
     by_step: dict[int, dict] = {}
     for island, records in outer.items():
         for r in records:
@@ -192,7 +195,7 @@ def assert_live_islands_agree(outer: dict[str, list[dict]]) -> dict[int, dict]:
             assert (r["outer_digest"], r["epoch"], r["world_size"], r["step"]) == (
                 first["outer_digest"], first["epoch"], first["world_size"], first["step"]
             ), (island, r["outer_step"])
-            assert not r["skipped"]
+            assert r["skipped"] == (r["outer_step"] in skipped), (island, r["outer_step"])
     return by_step
 
 
@@ -218,6 +221,14 @@ def test_survivors_agree_after_kill_during_the_allreduce(tmp_path, cache_dir):
     assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
     assert steps[2]["attempts"] == 2 and steps[2]["epoch"] == 1
     assert membership(tmp_path / "run")[1]["left"] == {"island-1": "silent after a failed collective"}
+
+
+def test_an_outer_step_out_of_attempts_is_skipped_by_every_survivor_alike(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=kill@allreduce:2"], extra=["--mesh.outer_attempts", "1"])
+
+    steps = assert_live_islands_agree(outer, skipped={2})
+    assert steps[2]["outer_digest"] == steps[1]["outer_digest"]  # nothing applied
+    assert steps[2]["attempts"] == 1 and [steps[s]["world_size"] for s in (3, 4)] == [2, 2]
 
 
 def test_survivors_go_on_without_an_island_stopped_forever(tmp_path, cache_dir):

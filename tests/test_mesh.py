@@ -361,3 +361,17 @@ def test_atoll_train_with_the_wrong_token_exits_2_with_one_line(monkeypatch, tmp
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("atoll: error: wrong run token"), result.stderr
+
+
+def test_a_joiner_with_a_different_number_of_local_ranks_is_refused():
+    coord = Coordinator(LOOPBACK, 0, 1).start()
+    try:
+        first = MeshClient(coord.address, "a", connect_timeout=CONNECT_TIMEOUT_S)
+        first.register(2)
+        first.wait_for_epoch(0, timeout=10)
+        late = MeshClient(coord.address, "b", connect_timeout=CONNECT_TIMEOUT_S)
+        late.register(1)
+        with pytest.raises(UserError, match="--nproc 2"):
+            late.wait_for_admission(timeout=10)
+    finally:
+        coord.stop()
