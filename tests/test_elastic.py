@@ -19,7 +19,7 @@ from conftest import read_metrics, run_atoll
 from atoll.errors import UserError
 from atoll.faults import Fault, parse_faults
 from atoll.mesh.membership import Epoch, IslandView, Registration, StepResult, decide
-from atoll.simulate import Scenario, Start
+from atoll.simulate import Scenario, Signal, Start
 
 TIMEOUT_S = 150
 HEARTBEAT_TIMEOUT_S = 3.0
@@ -125,16 +125,23 @@ def test_step_results_survive_their_text_form():
 
 def test_scenario_from_file_and_flags(tmp_path):
     path = tmp_path / "s.toml"
-    path.write_text('[[fault]]\nisland = "island-1"\naction = "stop"\nat = "inner:5"\n\n[[start]]\nisland = "island-3"\nafter_outer = 2\n')
-    scenario = Scenario.parse(path, ["island-2=kill@allreduce:3"], ["island-1@4"])
+    path.write_text(
+        '[[fault]]\nisland = "island-1"\naction = "stop"\nat = "inner:5"\n\n[[start]]\nisland = "island-3"\nafter_outer = 2\n'
+        '\n[[signal]]\nisland = "island-1"\naction = "cont"\nafter_outer = 3\n'
+    )
+    scenario = Scenario.parse(path, ["island-2=kill@allreduce:3"], ["island-1@4"], ["island-2=stop@5"])
     assert scenario.faults == {"island-1": [Fault("stop", "inner", 5)], "island-2": [Fault("kill", "allreduce", 3)]}
     assert scenario.starts == [Start("island-3", 2), Start("island-1", 4)]
+    assert scenario.signals == [Signal("island-1", "cont", 3), Signal("island-2", "stop", 5)]
 
 
-@pytest.mark.parametrize("faults,starts", [(["island-1"], []), (["island-1=explode@inner:3"], []), ([], ["island-3"])])
-def test_malformed_scenario_flags_are_user_errors(faults, starts):
+@pytest.mark.parametrize("faults,starts,signals", [
+    (["island-1"], [], []), (["island-1=explode@inner:3"], [], []), ([], ["island-3"], []),
+    ([], [], ["island-1=cont"]), ([], [], ["island-1=hup@2"]),
+])
+def test_malformed_scenario_flags_are_user_errors(faults, starts, signals):
     with pytest.raises(UserError):
-        Scenario.parse(None, faults, starts)
+        Scenario.parse(None, faults, starts, signals)
 
 
 def test_fault_text_round_trips():
@@ -237,6 +244,14 @@ def test_survivors_go_on_without_an_island_stopped_forever(tmp_path, cache_dir):
     steps = assert_live_islands_agree(outer)
     assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
     assert "no heartbeat" in membership(tmp_path / "run")[1]["left"]["island-1"]
+
+
+def test_a_stopped_island_woken_after_it_was_dropped_exits_and_the_others_finish(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 24, faults=["island-1=stop@inner:6"], extra=["--signal", "island-1=cont@3"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["world_size"] for s in range(1, 7)] == [3, 2, 2, 2, 2, 2]
+    assert [r["outer_step"] for r in outer["island-1"]] == [1]  # woken, it found itself dropped and left
 
 
 def test_two_failures_in_one_epoch_leave_the_other_two_in_step(tmp_path, cache_dir):

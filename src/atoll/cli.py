@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="inject a fault: ACTION kill|stop|term at POINT inner:N (after inner step N) or allreduce:S (as outer step S averages), e.g. island-1=kill@allreduce:2",
         )
         sim.add_argument("--start", action="append", default=[], metavar="ISLAND@OUTER", help="start an island (new or returning) once outer step OUTER is logged, e.g. island-3@2")
+        sim.add_argument(
+            "--signal", action="append", default=[], metavar="ISLAND=ACTION@OUTER",
+            help="send kill|stop|cont to an island's processes once outer step OUTER is logged, e.g. island-1=cont@4",
+        )
         sim.set_defaults(handler=cmd_simulate, demo=name == "demo")
 
     info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
@@ -163,13 +167,13 @@ def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
         config, rest = split_config_arg(rest)
     if args.islands < 1 or args.procs_per_island < 1:
         raise UserError("--islands and --procs-per-island must be at least 1")
-    scenario = Scenario.parse(args.scenario, args.fault, args.start)
+    scenario = Scenario.parse(args.scenario, args.fault, args.start, args.signal)
     wan = emulated_wan(args)
     cfg = load_config(config, parse_overrides(rest))
     run_dir = args.run_dir or default_run_dir(cfg.train.run_name)
     code = simulate(config, rest, args.islands, args.procs_per_island, run_dir, wan, cfg.mesh, scenario)
     if code == 0:
-        who = "the surviving islands" if scenario.faults or scenario.starts else f"all {args.islands} islands"
+        who = "the surviving islands" if scenario.faults or scenario.starts or scenario.signals else f"all {args.islands} islands"
         print(f"atoll: {who} finished; run dir {run_dir}")
         print(summarize(run_dir))
     return code

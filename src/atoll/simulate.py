@@ -12,7 +12,9 @@ If the delay line itself dies, the islands fail at their store or collective tim
 Rehearsing failures: a `Scenario` (a TOML file, `--scenario`, and/or `--fault`/`--start` flags)
 kills (-9), stops (SIGSTOP) or terminates islands at given inner steps or as a given outer step's
 all-reduce starts (each island fires its own faults, see `atoll.faults`), and starts new or
-returning islands once the run has logged a given outer step. Islands with faults are expendable:
+returning islands, or signals them from outside (`cont` wakes a stopped island; one the run has
+dropped meanwhile exits, saying so), once the run has logged a given outer step. Islands with
+faults or signals are expendable:
 their death or hang is not a run failure, and the run succeeds when every other island finishes;
 islands still stopped then are killed. The coordinator writes the membership event log to
 RUN_DIR/membership.jsonl.
@@ -56,6 +58,18 @@ class Start:
     after_outer: int
 
 
+SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Send `action` (kill, stop or cont) to island `island`'s processes once any island has logged outer step `after_outer`."""
+
+    island: str
+    action: str
+    after_outer: int
+
+
 @dataclass
 class Scenario:
     """Scripted faults and starts for `atoll simulate`.
@@ -70,17 +84,29 @@ class Scenario:
         [[start]]
         island = "island-3"      # a new id, or an id that left earlier (it comes back)
         after_outer = 2
+
+        [[signal]]
+        island = "island-1"
+        action = "cont"          # kill, stop or cont, sent by the launcher
+        after_outer = 4
     """
 
     faults: dict[str, list[Fault]] = field(default_factory=dict)
     starts: list[Start] = field(default_factory=list)
+    signals: list[Signal] = field(default_factory=list)
+
+    def add_signal(self, island: str, action: str, after_outer: int) -> None:
+        if action not in SIGNALS:
+            raise UserError(f"signal {action!r} for {island}: choose from {sorted(SIGNALS)}")
+        self.signals.append(Signal(island, action, after_outer))
 
     def add_fault(self, island: str, spec: str) -> None:
         self.faults.setdefault(island, []).extend(parse_faults(spec))
 
     @staticmethod
-    def parse(path: Path | None, fault_flags: list[str], start_flags: list[str]) -> Scenario:
-        """A scenario file plus `--fault ISLAND=ACTION@POINT:N` and `--start ISLAND@OUTER` flags; bad input is a UserError."""
+    def parse(path: Path | None, fault_flags: list[str], start_flags: list[str], signal_flags: list[str] = ()) -> Scenario:
+        """A scenario file plus `--fault ISLAND=ACTION@POINT:N`, `--start ISLAND@OUTER` and
+        `--signal ISLAND=ACTION@OUTER` flags; bad input is a UserError."""
         scenario = Scenario()
         if path is not None:
             try:
@@ -89,6 +115,8 @@ class Scenario:
                     scenario.add_fault(str(fault["island"]), f"{fault['action']}@{fault['at']}")
                 for start in raw.get("start", []):
                     scenario.starts.append(Start(str(start["island"]), int(start["after_outer"])))
+                for sent in raw.get("signal", []):
+                    scenario.add_signal(str(sent["island"]), str(sent["action"]), int(sent["after_outer"]))
             except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
                 raise UserError(f"scenario {path}: {type(err).__name__}: {err}") from None
         for flag in fault_flags:
@@ -101,6 +129,12 @@ class Scenario:
             if not sep or not outer.isdigit():
                 raise UserError(f"--start {flag!r} is not ISLAND@OUTER_STEP (e.g. island-3@2)")
             scenario.starts.append(Start(island, int(outer)))
+        for flag in signal_flags:
+            island, sep, rest = flag.partition("=")
+            action, at, outer = rest.partition("@")
+            if not sep or not at or not outer.isdigit():
+                raise UserError(f"--signal {flag!r} is not ISLAND=ACTION@OUTER_STEP (e.g. island-1=cont@4)")
+            scenario.add_signal(island, action, int(outer))
         return scenario
 
 
@@ -142,7 +176,7 @@ def simulate(
     retired: list[subprocess.Popen] = []
     relays = []
     coordinator = None
-    expendable = set(scenario.faults)
+    expendable = set(scenario.faults) | {s.island for s in scenario.signals}
     failed: list[str] = []
 
     def launch(index: int, name: str) -> None:
@@ -163,9 +197,16 @@ def simulate(
         relays.append(relay)
 
     pending = sorted(scenario.starts, key=lambda s: s.after_outer)
+    signals = sorted(scenario.signals, key=lambda s: s.after_outer)
 
     def start_due() -> None:
         reached = _outer_steps_logged(run_dir)
+        while signals and signals[0].after_outer <= reached:
+            sent = signals.pop(0)
+            child = children.get(sent.island)
+            if child is not None and child.poll() is None:
+                print(f"atoll: sending {sent.action} to {sent.island}", flush=True)
+                os.killpg(child.pid, SIGNALS[sent.action])
         while pending and pending[0].after_outer <= reached:
             previous = children.get(pending[0].island)
             if previous is not None and previous.poll() is None:
