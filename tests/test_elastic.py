@@ -218,7 +218,7 @@ def test_survivors_agree_after_kill_during_the_inner_phase(tmp_path, cache_dir):
     assert [r["outer_step"] for r in outer["island-1"]] == [1]
     assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
     events = membership(tmp_path / "run")
-    assert "no heartbeat" in events[1]["left"]["island-1"] and events[1]["members"] == ["island-2", "island-0"]
+    assert "no heartbeat" in events[1]["left"]["island-1"] and sorted(events[1]["members"]) == ["island-0", "island-2"]  # epoch 0 lists islands in arrival order
 
 
 def test_survivors_agree_after_kill_during_the_allreduce(tmp_path, cache_dir):
