@@ -246,6 +246,18 @@ def test_survivors_go_on_without_an_island_stopped_forever(tmp_path, cache_dir):
     assert "no heartbeat" in membership(tmp_path / "run")[1]["left"]["island-1"]
 
 
+def test_a_peer_hung_inside_the_all_reduce_is_left_at_the_heartbeat_timeout_not_the_ring_deadline(tmp_path, cache_dir):
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=stop@allreduce:2"],
+                     extra=["--mesh.collective_timeout_s", "100"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
+    assert steps[2]["attempts"] == 2  # the stalled ring was abandoned and the step redone by the two
+    # gloo waits cannot be interrupted: without abandoning, the survivors would sit out the 100 s
+    # ring deadline; the coordinator drops the hung island after the 3 s heartbeat timeout
+    assert max(r["sync_s"] for name in ("island-0", "island-2") for r in outer[name] if r["outer_step"] == 2) < 50
+
+
 def test_a_stopped_island_woken_after_it_was_dropped_exits_and_the_others_finish(tmp_path, cache_dir):
     outer = simulate(tmp_path / "run", cache_dir, 3, 24, faults=["island-1=stop@inner:6"], extra=["--signal", "island-1=cont@3"])
 

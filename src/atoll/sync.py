@@ -282,7 +282,10 @@ class IslandSync:
             try:
                 timeout = self.cfg.mesh.collective_timeout_s
                 groups = global_groups(self.member.client.store, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
-                self.mean = GlobalMean(groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire)
+                self.mean = GlobalMean(
+                    groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire,
+                    abandoned=lambda number=epoch.number: self.member.client.dissolved(number),
+                )
                 self._share_state()
             except RuntimeError as err:
                 error = str(err).splitlines()[0]
