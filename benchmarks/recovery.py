@@ -11,8 +11,11 @@ island gets a fault at outer step 2 (see `atoll.faults`):
   redo the averaging among themselves. Target: <= 1 s.
 - SIGSTOP at the outer-step boundary (`stop@inner:8`, right before outer step 2's barrier): the
   survivors wait at the barrier until the coordinator drops the silent island at the heartbeat
-  timeout. Target: <= heartbeat timeout + 1 s. (A hang in the middle of the ring is noticed at
-  the ring's progress deadline, `mesh.collective_timeout_s`, instead.)
+  timeout. Target: <= heartbeat timeout + 1 s.
+- SIGSTOP during the all-reduce (`stop@allreduce:2`): the survivors' rings stall (a gloo wait
+  cannot be interrupted); when the coordinator drops the silent island at the heartbeat timeout
+  they abandon those rings and redo the averaging, long before the ring's 60 s deadline
+  (`mesh.collective_timeout_s`). Target: <= heartbeat timeout + 1 s.
 
 Recovery = wall time at which the first survivor logs outer step 2 (its record's `time`, written
 right after the step is applied) minus the wall time the faulty island printed just before it
@@ -37,6 +40,7 @@ FAULT_STEP = 2
 SCENARIOS = {
     "kill -9 during the all-reduce": f"kill@allreduce:{FAULT_STEP}",
     "SIGSTOP at the outer-step boundary": "stop@inner:8",
+    "SIGSTOP during the all-reduce": f"stop@allreduce:{FAULT_STEP}",
 }
 
 
@@ -68,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"3 islands, debug model, H=4, heartbeat every 0.5 s, heartbeat timeout {args.heartbeat_timeout:g} s, report grace 0.5 s")
     print(f"{'fault':<38}{'recovery s (median)':>20}  {'runs':<28}{'world after':>12}{'attempts':>10}  target")
-    targets = {"kill -9 during the all-reduce": "<= 1 s", "SIGSTOP at the outer-step boundary": f"<= {args.heartbeat_timeout + 1:g} s"}
+    hang = f"<= {args.heartbeat_timeout + 1:g} s"
+    targets = {"kill -9 during the all-reduce": "<= 1 s", "SIGSTOP at the outer-step boundary": hang, "SIGSTOP during the all-reduce": hang}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, fault) in enumerate(SCENARIOS.items()):
             results = [run(fault, args.heartbeat_timeout, Path(tmp) / f"{i}-{r}") for r in range(args.repeats)]
