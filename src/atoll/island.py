@@ -24,6 +24,10 @@ WORLD_SIZE_ENV = "WORLD_SIZE"
 LOCAL_RANK_ENV = "LOCAL_RANK"
 
 LOCAL_GROUP_TIMEOUT = timedelta(minutes=10)
+CONTROL_GROUP_TIMEOUT = timedelta(hours=24)
+"""How long local ranks wait for their leader's word from the mesh. The leader may wait at an
+outer-step barrier for as long as the slowest island's inner phase, far longer than any local
+collective should take; a leader that dies ends the whole island through torchrun at once."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class Island:
     """Local ranks in the island."""
     device: torch.device
     """Where this rank computes."""
+    control: dist.ProcessGroup | None = None
+    """gloo over the local ranks with CONTROL_GROUP_TIMEOUT: how the leader shares what it learnt
+    from the coordinator (None on a 1-rank island)."""
 
     @property
     def is_leader(self) -> bool:
@@ -65,7 +72,8 @@ def start_island(device_pref: str) -> Island:
             dist.init_process_group(backend, timeout=LOCAL_GROUP_TIMEOUT, device_id=device if use_cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=LOCAL_GROUP_TIMEOUT)
-    return Island(rank=rank, world=world, device=device)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_GROUP_TIMEOUT) if world > 1 else None
+    return Island(rank=rank, world=world, device=device, control=control)
 
 
 def stop_island() -> None:
@@ -118,18 +126,21 @@ def check_same_on_all_ranks(text: str, island: Island, what: str) -> None:
 
 
 def broadcast_ints(values: list[int], island: Island) -> list[int]:
-    """Local rank 0's integers, on every rank (how the island leader shares what it saw in the store)."""
+    """Local rank 0's integers, on every rank (how the island leader shares what it saw in the store).
+
+    Over the control group: the other ranks wait here as long as the leader waits on the mesh.
+    """
     if island.world == 1:
         return values
-    payload = torch.tensor(values, dtype=torch.int64, device=island.device)
-    dist.broadcast(payload, src=0)
-    return [int(v) for v in payload.cpu().tolist()]
+    payload = torch.tensor(values, dtype=torch.int64)
+    dist.broadcast(payload, src=0, group=island.control)
+    return [int(v) for v in payload.tolist()]
 
 
 def all_ranks_ok(ok: bool, island: Island) -> bool:
     """True only if every local rank says ok (so the island acts as one)."""
     if island.world == 1:
         return ok
-    flag = torch.tensor([int(ok)], dtype=torch.int64, device=island.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    flag = torch.tensor([int(ok)], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=island.control)
     return bool(flag.item())
