@@ -200,6 +200,8 @@ def simulate(
     signals = sorted(scenario.signals, key=lambda s: s.after_outer)
 
     def start_due() -> None:
+        if not signals and not pending:
+            return  # nothing scripted: do not re-read every island's metrics on each tick
         reached = _outer_steps_logged(run_dir)
         while signals and signals[0].after_outer <= reached:
             sent = signals.pop(0)
