@@ -37,3 +37,12 @@ def run_atoll(args: list[str], timeout: float, cwd: Path | None = None) -> subpr
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl, in order."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def outer_step(diloco, mean) -> str:
+    """One outer step on a fixed group: average, then apply; returns the new outer digest.
+
+    (`atoll.sync` wraps the same two calls in the elastic agreement between islands.)
+    """
+    diloco.average(mean)
+    return diloco.apply()

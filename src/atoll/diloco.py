@@ -15,7 +15,7 @@ across islands over the same groups.
 The outer step comes in three parts so that the caller (`atoll.sync`) can make it elastic:
 `average` (pseudo-gradient, recomputed from scratch on every attempt, then averaged),
 `agreement_digest` (what the islands compare before anyone applies) and `apply` (the Nesterov
-step and the copy into the inner weights). `outer_step` chains them on a fixed group.
+step and the copy into the inner weights).
 
 Failure semantics: a failed collective raises out of `average` before the outer weights or the
 model change; the pseudo-gradient buffer is then undefined, and the next `average` recomputes
@@ -26,8 +26,6 @@ Nothing is applied before the caller knows every island averaged the same values
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.comm.allreduce import GlobalMean
-from atoll.digest import digest_to_tensor, tensor_digest, tensor_to_digest
+from atoll.digest import tensor_digest
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
 
@@ -65,14 +63,6 @@ def layer_buckets(names: list[str], sizes: list[int]) -> list[slice]:
     if offset > start:
         buckets.append(slice(start, offset))
     return buckets
-
-
-@dataclass
-class OuterStats:
-    """What one outer step cost, for the metrics."""
-
-    sync_s: float
-    digest: str
 
 
 class DiLoCo(Stateful):
@@ -139,18 +129,6 @@ class DiLoCo(Stateful):
         self._scatter_outer()
         return tensor_digest([("outer", self.outer)])
 
-    def outer_step(self, mean: GlobalMean) -> OuterStats:
-        """The whole outer step on a fixed group: average, apply, then check the islands agree.
-
-        Raises (from the collective) before anything is modified if a peer fails; raises
-        RuntimeError after the step if the islands' outer weights differ.
-        """
-        start = time.perf_counter()
-        self.average(mean)
-        digest = self.apply()
-        check_same_across(digest, mean.control_group)
-        return OuterStats(sync_s=time.perf_counter() - start, digest=digest)
-
     @torch.no_grad()
     def broadcast_state(self, group: dist.ProcessGroup, source: int) -> None:
         """Every member of `group` takes member `source`'s outer weights and momentum, and copies
@@ -179,19 +157,6 @@ class DiLoCo(Stateful):
         with torch.no_grad():
             self.outer.copy_(state_dict["outer"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
-
-
-def check_same_across(digest: str, group: dist.ProcessGroup) -> None:
-    """Raise RuntimeError unless every member of `group` computed the same hex digest."""
-    world = group.size()
-    if world == 1:
-        return
-    mine = digest_to_tensor(digest)
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    group.allgather([everyone], [mine]).wait()
-    digests = {tensor_to_digest(t) for t in everyone}
-    if len(digests) != 1:
-        raise RuntimeError(f"outer weights differ across islands (digests {sorted(d[:12] for d in digests)})")
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ tells its other local ranks what it saw, so the whole island moves as one):
    alive; a dead or hung peer is dropped by the coordinator (deathrattle at once, heartbeat
    timeout otherwise), which dissolves the epoch; the waiters then enter the next one.
 2. Average: recompute the pseudo-gradient (the inner weights have not changed) and run the ring.
-   A RingError (dead peer at once, silent peer at the ring deadline) is reported to the
-   coordinator. Either way the island posts its result: ok with a digest of (outer weights,
+   A RingError (dead peer at once; silent peer once the coordinator dissolves the epoch at the
+   heartbeat timeout, or at the ring deadline) is reported to the coordinator. Either way the island posts its result: ok with a digest of (outer weights,
    averaged pseudo-gradient), or fail.
 3. Outcome, decided once per step and epoch: "commit" when every member posted ok with the same
    digest; "abort" when the epoch was dissolved first. Only a commit applies the outer step, so
