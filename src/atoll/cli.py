@@ -58,16 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     coord = commands.add_parser(
-        "coordinator", help="run a coordinator: the rendezvous and membership service of a run",
-        description="Run a coordinator. With ATOLL_RUN_TOKEN set, only islands holding the same token may join.",
+        "coordinator", help="run a coordinator: the membership and rendezvous service of a run",
+        description=(
+            "Run a coordinator. Islands join with `atoll train --coordinator HOST:PORT`. Every message is authenticated "
+            "under the run token (ATOLL_RUN_TOKEN; `atoll token` prints a fresh one); on a non-loopback address a token is "
+            "required unless --insecure. With --journal, its decisions survive a restart: start it again with the same "
+            "journal and the run continues. It exits 0 once the run has ended."
+        ),
     )
-    coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
-    coord.add_argument("--port", type=int, default=29400, help="port to listen on (default 29400)")
+    coord.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; use the host's address to accept islands)")
+    coord.add_argument("--port", type=int, default=29400, help="port of the coordinator's service (default 29400)")
+    coord.add_argument("--store-port", type=int, help="port of the gloo rendezvous store (default --port + 1)")
     coord.add_argument("--islands", type=int, required=True, help="islands that must arrive before training starts")
     coord.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without a heartbeat before an island is dropped (default 10)")
     coord.add_argument("--report-grace", type=float, default=0.5, help="seconds to wait for survivors' reports after a failed collective (default 0.5)")
+    coord.add_argument("--evict-after", type=int, default=3, help="failed epochs in a row with the same members before the culprit is evicted (default 3)")
     coord.add_argument("--events", type=Path, help="append the membership event log (JSONL) to this file")
+    coord.add_argument("--journal", type=Path, help="the durable journal of decisions (default: --events with suffix .journal; none without --events)")
+    coord.add_argument("--stay", action="store_true", help="keep serving after the run has ended")
+    coord.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a run token (anyone who reaches it can join)")
     coord.set_defaults(handler=cmd_coordinator)
+
+    token = commands.add_parser("token", help="print a fresh run token (export it as ATOLL_RUN_TOKEN on the coordinator and every island)")
+    token.set_defaults(handler=cmd_token)
 
     for name, text in (("simulate", "run several islands and a coordinator on this machine"),
                        ("demo", "the demo: 2 islands training the demo model with DiLoCo on this machine")):
@@ -139,19 +152,59 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
-    from atoll.mesh.auth import run_token
+    from atoll.mesh.auth import TOKEN_ENV, run_token
     from atoll.mesh.coordinator import Coordinator
+    from atoll.mesh.journal import replay
+    from atoll.mesh.membership import Rules
 
     if args.islands < 1:
         raise UserError(f"--islands must be at least 1, got {args.islands}")
-    if args.heartbeat_timeout <= 0 or args.report_grace <= 0:
-        raise UserError("--heartbeat-timeout and --report-grace must be positive")
+    if args.heartbeat_timeout <= 0 or args.report_grace <= 0 or args.evict_after < 1:
+        raise UserError("--heartbeat-timeout and --report-grace must be positive, --evict-after at least 1")
+    token = run_token(None)
+    if token is None and not is_loopback(args.host) and not args.insecure:
+        raise UserError(
+            f"refusing to listen on {args.host} without a run token: export {TOKEN_ENV}=$(atoll token) here and on every "
+            "island, or pass --insecure to let anyone who reaches the port join"
+        )
+    journal = args.journal or (args.events.with_suffix(".journal") if args.events else None)
+    ended = replay(journal).ended if journal else None
+    if ended is not None:
+        raise UserError(f"the journal {journal} holds a run that has ended ({ended}): remove it, or pass another --journal, to start a new run")
+    rules = Rules(args.heartbeat_timeout, args.report_grace, args.evict_after)
     try:
-        coordinator = Coordinator(args.host, args.port, args.islands, args.heartbeat_timeout, args.report_grace, args.events, run_token(None))
-    except RuntimeError as err:
+        coordinator = Coordinator(
+            args.host, args.port, args.islands, rules, args.events, token, journal, args.store_port,
+            log=lambda line: print(line, flush=True),
+        )
+    except (RuntimeError, OSError) as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({str(err).splitlines()[0]}): choose another --port") from None
-    print(f"atoll: coordinator listening on {coordinator.address}, waiting for {args.islands} island(s); Ctrl-C stops it", flush=True)
-    coordinator.serve()
+    print(
+        f"atoll: coordinator of run {coordinator.run_id} listening on {coordinator.address} (rendezvous store on port "
+        f"{coordinator.store_port}), waiting for {args.islands} island(s); "
+        + ("journal " + str(journal) if journal else "no journal: a restart of this coordinator ends the run")
+        + ("" if token else "; OPEN run (no token)"),
+        flush=True,
+    )
+    coordinator.serve(stay=args.stay)
+    print(f"atoll: coordinator done: {coordinator.ended or 'stopped'}", flush=True)
+    return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address ("localhost" counts)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def cmd_token(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.mesh.auth import new_token
+
+    print(new_token())
     return 0
 
 

@@ -132,7 +132,9 @@ class MeshConfig(Section):
     connect_timeout_s: float = Field(default=30.0, gt=0)
     """Seconds to wait for the coordinator to answer before giving up."""
     join_timeout_s: float = Field(default=600.0, gt=0)
-    """Seconds to wait for the run's first epoch (for all islands to arrive)."""
+    """Seconds to reach the coordinator and register. Waiting for admission afterwards (the run's
+    start, or a running run's next outer step) is unbounded while the run is alive, with a line
+    every 30 s saying where the run is."""
     collective_timeout_s: float = Field(default=300.0, gt=0)
     """Deadline of every collective on the global groups; a peer silent this long fails the step.
     A peer that hangs in the middle of an all-reduce is noticed after this long (a hang anywhere
@@ -145,8 +147,17 @@ class MeshConfig(Section):
     Read by the coordinator: set it for `atoll coordinator` and `atoll simulate`."""
     report_grace_s: float = Field(default=0.5, gt=0)
     """After the first report of a failed collective, the coordinator waits this long for the other
-    members to report (a kill -9 makes every survivor's ring fail within ~0.3 s); the silent ones
-    are left out of the next epoch. Read by the coordinator."""
+    members to report before forming the next epoch. Only islands that are gone (deathrattle,
+    closed control connection, stale heartbeat) are left out: an island alive but busy in its
+    ring is kept, so this is a latency knob, not an eviction rule. Read by the coordinator."""
+    evict_after: int = Field(default=3, ge=1)
+    """When this many epochs in a row fail with the same members (e.g. a pair of islands that
+    cannot connect), the coordinator evicts the culprit: the island failure reports point at,
+    else the most recent joiner. Read by the coordinator."""
+    enter_attempts: int = Field(default=20, ge=1)
+    """Epochs in a row an island may fail to enter before it gives up with an error."""
+    max_skipped_in_a_row: int = Field(default=5, ge=1)
+    """Outer steps skipped in a row (every attempt failed) that stop the run with one line."""
     token: str | None = None
     """The run's shared secret (see atoll.mesh.auth); None uses ATOLL_RUN_TOKEN, else the run is open.
     Prefer the environment variable: config values are written to the run directory."""

@@ -40,8 +40,9 @@ from atoll.comm.allreduce import ring_bytes
 from atoll.config import MeshConfig
 from atoll.errors import UserError
 from atoll.faults import FAULTS_ENV, Fault, parse_faults
-from atoll.mesh.auth import run_token
+from atoll.mesh.auth import TOKEN_ENV, new_token, run_token
 from atoll.mesh.coordinator import Coordinator
+from atoll.mesh.membership import Rules
 from atoll.wan.namespaces import run_in_namespace
 from atoll.wan.network import EmulatedWan
 
@@ -172,6 +173,7 @@ def simulate(
     threads_per_rank = max(1, (os.cpu_count() or 1) // (islands * procs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank), "PYTHONUNBUFFERED": "1"}
     env.pop(FAULTS_ENV, None)
+    env[TOKEN_ENV] = run_token(mesh.token) or new_token()  # a simulated run is authenticated too
     children: dict[str, subprocess.Popen] = {}
     retired: list[subprocess.Popen] = []
     relays = []
@@ -218,7 +220,7 @@ def simulate(
     try:
         if wan is not None:
             wan.start()
-        coordinator = _start_coordinator(islands, wan, mesh, run_dir / EVENTS_FILE)
+        coordinator = _start_coordinator(islands, wan, mesh, run_dir / EVENTS_FILE, env[TOKEN_ENV])
         for i in range(islands):
             launch(i, f"island-{i}")
         failed = _wait_all(children, expendable, start_due, lambda: bool(pending))
@@ -252,10 +254,12 @@ def _outer_steps_logged(run_dir: Path) -> int:
     return best
 
 
-def _start_coordinator(islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path) -> Coordinator:
+def _start_coordinator(islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path, token: str) -> Coordinator:
     """On loopback; or, with a WAN, listening inside its own namespace on the emulated network."""
+    rules = Rules(mesh.heartbeat_timeout_s, mesh.report_grace_s, mesh.evict_after)
+
     def make(host: str) -> Coordinator:
-        return Coordinator(host, 0, islands, mesh.heartbeat_timeout_s, mesh.report_grace_s, events, run_token(mesh.token))
+        return Coordinator(host, 0, islands, rules, events, token, events.with_suffix(".journal"))
 
     if wan is None:
         return make(LOOPBACK).start()

@@ -17,19 +17,25 @@ tells its other local ranks what it saw, so the whole island moves as one):
    A RingError (dead peer at once; silent peer once the coordinator dissolves the epoch at the
    heartbeat timeout, or at the ring deadline) is reported to the coordinator. Either way the island posts its result: ok with a digest of (outer weights,
    averaged pseudo-gradient), or fail.
-3. Outcome, decided once per step and epoch: "commit" when every member posted ok with the same
-   digest; "abort" when the epoch was dissolved first. Only a commit applies the outer step, so
-   no island ever applies an update the others did not (and equal digests before the step mean
-   equal outer weights after it). "diverged" stops the run with a RuntimeError.
+3. Outcome, decided once per step, epoch and round by the coordinator: "commit" when every member
+   posted ok with the same digest; "abort" when the epoch was dissolved first. Only a commit
+   applies the outer step, so no island ever applies an update the others did not (and equal
+   digests before the step mean equal outer weights after it). "resync" when the digests
+   differ: every island takes the outer state of the member holding the majority digest, and
+   the step is averaged again in a new round.
 4. Abort: enter the next epoch (its members are the survivors, see `membership.decide`) and
    redo from 1; the ring then divides by the new world size. After `mesh.outer_attempts` aborted
    attempts every island skips the step: all survivors saw the same aborts, so all skip it.
+   mesh.max_skipped_in_a_row skipped steps in a row stop the run (islands training alone are
+   not a run); mesh.enter_attempts bounds the epochs in a row an island fails to enter.
 5. A commit may name a new epoch that admits joiners: everyone enters it right away.
 
 Entering an epoch: barrier "enter", build its global groups (new store prefix; the old ones are
 dropped), then every member says whether it holds the run's state; if one does not (a joiner),
 the first member that does broadcasts the outer weights, the outer momentum and the progress
 (inner step, outer step, run-wide sample cursor) over the new global group, raw tensors only.
+An epoch in which nobody holds the state after the run has started stops with one line: it
+never silently restarts the run from the initial weights.
 The joiner's inner weights become the outer weights, and its AdamW starts fresh: the inner
 optimizer's state is each island's own in DiLoCo (islands' AdamW states differ anyway), and
 sending it would triple the transfer. A failure while entering is reported like a failed step.
@@ -41,6 +47,7 @@ global_batch samples from cursor + i x global_batch, and a joiner receives the c
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -56,16 +63,25 @@ from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.diloco import DiLoCo, average_gradients
 from atoll.faults import FaultInjector
 from atoll.island import Island, all_ranks_ok, broadcast_ints
-from atoll.mesh.client import MeshMember
 from atoll.mesh.groups import global_groups
-from atoll.mesh.membership import Epoch, StepResult
+from atoll.mesh.member import COMMIT, RESYNC, MeshMember
+from atoll.mesh.membership import Epoch
 
 if TYPE_CHECKING:
     from atoll.train import TrainState
 
-ABORT, COMMIT, DIVERGED = 0, 1, 2
-"""Outcomes as local rank 0 broadcasts them to the island's other ranks."""
-OUTCOMES = {"abort": ABORT, "commit": COMMIT, "diverged": DIVERGED}
+
+
+def blamed_peer(error: str, epoch: Epoch) -> str | None:
+    """The member a ring error names ("... from rank 2" / "... to rank 2"), for the coordinator's
+    culprit rule; None when the error names no peer."""
+    match = _PEER.search(error)
+    if match is None or int(match.group(1)) >= epoch.world:
+        return None
+    return epoch.members[int(match.group(1))]
+
+
+_PEER = re.compile(r"(?:from|to) rank (\d+)")
 
 
 def island_first_sample(run_samples: int, island_index: int, global_batch: int) -> int:
@@ -97,6 +113,7 @@ class IslandSync:
             if self.mode == "diloco" else None
         )
         self.outer_steps = 0
+        self.skipped_in_a_row = 0
         self.notes: list[str] = []
         self._phase_start = time.perf_counter()
         self._sync_s = 0.0
@@ -196,10 +213,11 @@ class IslandSync:
 
         Returns (skipped, outer digest, attempts, the epoch of the last attempt).
         """
-        attempts = 0
+        attempts, round_ = 0, 0
         while True:
-            if not self._barrier(f"outer-{outer_step}"):
-                self._enter(self._next_epoch())
+            if not self.member.barrier(f"outer-{outer_step}"):
+                self._enter(self.member.next_epoch())
+                round_ = 0
                 continue
             if self.island.is_leader:
                 self.faults.at("allreduce", outer_step)
@@ -210,64 +228,55 @@ class IslandSync:
                 error = str(err).splitlines()[0]
             ok = all_ranks_ok(not error, self.island)
             check = self.island_digest(self.diloco.agreement_digest()) if ok else ""
-            outcome, next_epoch = self._outcome(outer_step, ok, check, error)
+            outcome = self.member.outcome(outer_step, round_, ok, check, error, blamed_peer(error, self.member.epoch))
             attempts += 1
             epoch = self.member.epoch
-            if outcome == COMMIT:
+            if outcome.kind == COMMIT:
                 digest = self.island_digest(self.diloco.apply())
                 self.outer_steps = outer_step  # before entering: a joiner receives it
-                if next_epoch != self.member.epoch.number:
-                    self._enter(next_epoch)
+                self.skipped_in_a_row = 0
+                if outcome.next_epoch != epoch.number:
+                    self._enter(outcome.next_epoch)
                 return False, digest, attempts, epoch
-            if outcome == DIVERGED:
-                raise RuntimeError(f"outer weights would differ across islands at outer step {outer_step} (epoch {self.member.epoch.number})")
-            self.notes.append(f"outer step {outer_step} attempt {attempts} aborted in epoch {self.member.epoch.number}" + (f": {error}" if error else ""))
+            if outcome.kind == RESYNC:
+                self._resync(outer_step, outcome.source)
+                round_ += 1
+                continue
+            self.notes.append(f"outer step {outer_step} attempt {attempts} aborted in epoch {epoch.number}" + (f": {error}" if error else ""))
             if attempts >= self.cfg.mesh.outer_attempts:
                 self.outer_steps = outer_step
-            self._enter(self._next_epoch())
+            self._enter(self.member.next_epoch())
+            round_ = 0
             if attempts >= self.cfg.mesh.outer_attempts:
+                self.skipped_in_a_row += 1
+                if self.skipped_in_a_row >= self.cfg.mesh.max_skipped_in_a_row:
+                    raise RuntimeError(
+                        f"{self.skipped_in_a_row} outer steps in a row were skipped (the islands cannot average): islands "
+                        "training alone are not a run; see membership.jsonl for who failed (mesh.max_skipped_in_a_row)"
+                    )
                 return True, self.island_digest(tensor_digest([("outer", self.diloco.outer)])), attempts, epoch
 
-    def _leader(self, value: int) -> int:
-        """Local rank 0's `value` on every local rank."""
-        return broadcast_ints([value], self.island)[0]
-
-    def _barrier(self, name: str) -> bool:
-        """True when every member of the epoch reached barrier `name`; False if the epoch was dissolved."""
-        passed = -1
-        if self.island.is_leader:
-            passed = int(self.member.client.wait_at_barrier(self.member.epoch.number, name, self.member.world))
-        return bool(self._leader(passed))
-
-    def _next_epoch(self) -> int:
-        """Wait until the current epoch is dissolved; the newest epoch's number."""
-        number = -1
-        if self.island.is_leader:
-            number = self.member.client.wait_for_next_epoch(self.member.epoch.number)
-        return self._leader(number)
-
-    def _outcome(self, outer_step: int, ok: bool, check: str, error: str) -> tuple[int, int]:
-        """Post this island's result, wait for the step's outcome: (ABORT|COMMIT|DIVERGED, next epoch)."""
-        code, number = -1, -1
-        if self.island.is_leader:
-            client, epoch = self.member.client, self.member.epoch.number
-            if not ok:
-                client.report_failure(epoch, error or "a local rank's collective failed")
-            client.post_result(epoch, StepResult(outer_step, ok, check))
-            kind, *rest = client.wait_for_outcome(epoch, outer_step).split()
-            code, number = OUTCOMES[kind], int(rest[0]) if rest else epoch
-        code, number = broadcast_ints([code, number], self.island)
-        return code, number
+    def _resync(self, outer_step: int, source: int) -> None:
+        """The islands' digests differed: every island takes member `source`'s outer weights and
+        momentum (the majority's), then the step is averaged again. A failure here is a failed
+        collective like any other: the island reports it and the next attempt follows."""
+        holder = self.member.epoch.members[source]
+        self.notes.append(f"outer step {outer_step}: outer weights differed across islands; taking island {holder!r}'s state")
+        try:
+            self.diloco.broadcast_state(self.mean.control_group, source)
+        except RuntimeError as err:
+            self.member.report_failure(f"resync from {holder!r} failed: {str(err).splitlines()[0]}")
 
     def _enter(self, number: int) -> None:
         """Move to epoch `number` (or a newer one, if it fails too): barrier, groups, state.
 
         Raises RuntimeError if this island is not a member (the coordinator dropped it, e.g.
-        after it hung past the heartbeat timeout): it must be restarted to join again.
+        after it hung past the heartbeat timeout): it must be restarted to join again; and after
+        mesh.enter_attempts epochs in a row that could not be entered.
         """
-        while True:
-            epoch = self.member.client.epoch(number)
-            if self.member.island_id not in epoch.members:
+        for _ in range(self.cfg.mesh.enter_attempts):
+            epoch = self.member.epoch_named(number)
+            if not epoch.has(self.member.island_id, self.member.incarnation):
                 raise RuntimeError(
                     f"island {self.member.island_id!r} was dropped from the run in epoch {number} ({epoch.reason}); "
                     "restart it to join again"
@@ -275,25 +284,25 @@ class IslandSync:
             previous, self.member.epoch = self.member.epoch, epoch
             if previous.number != number:
                 self.notes.append(f"epoch {number}: {epoch.world} islands {list(epoch.members)} ({epoch.reason})")
-            if not self._barrier("enter"):
-                number = self._next_epoch()
+            if not self.member.barrier("enter"):
+                number = self.member.next_epoch()
                 continue
             error = ""
             try:
                 timeout = self.cfg.mesh.collective_timeout_s
-                groups = global_groups(self.member.client.store, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
+                groups = global_groups(self.member.store_address, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
                 self.mean = GlobalMean(
                     groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire,
-                    abandoned=lambda number=epoch.number: self.member.client.dissolved(number),
+                    abandoned=lambda number=epoch.number: self.member.dissolved(number),
                 )
                 self._share_state()
             except RuntimeError as err:
                 error = str(err).splitlines()[0]
             if all_ranks_ok(not error, self.island):
                 return
-            if self.island.is_leader:
-                self.member.client.report_failure(number, error or "a local rank could not enter the epoch")
-            number = self._next_epoch()
+            self.member.report_failure(error or "a local rank could not enter the epoch")
+            number = self.member.next_epoch()
+        raise RuntimeError(f"could not enter an epoch in {self.cfg.mesh.enter_attempts} attempts in a row (mesh.enter_attempts); last: epoch {number}")
 
     def _share_state(self) -> None:
         """If a member lacks the run's state, the first member holding it broadcasts it (raw tensors)."""
@@ -304,9 +313,14 @@ class IslandSync:
         holders = [i for i, flag in enumerate(everyone) if flag.item()]
         if len(holders) == group.size():
             return
-        if not holders:  # only newcomers are left: they all start from the seeded initial weights
-            self.has_state = True
-            return
+        if not holders:
+            if self.state.step == 0 and self.member.epoch.number == 0:
+                self.has_state = True  # the run's very start: everyone holds the seeded initial weights
+                return
+            raise RuntimeError(
+                f"no island of epoch {self.member.epoch.number} holds the run's state (every holder is gone): "
+                "restart the islands with --resume to continue from their newest checkpoints"
+            )
         if self.diloco is None:
             raise RuntimeError("ddp mode has a fixed membership and cannot admit joiners")
         progress = torch.tensor([self.state.step, self.outer_steps, self.state.samples], dtype=torch.int64)

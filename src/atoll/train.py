@@ -40,7 +40,6 @@ from atoll.faults import FaultInjector
 from atoll.island import (
     Island,
     all_reduce_mean,
-    broadcast_ints,
     broadcast_text,
     check_same_on_all_ranks,
     shard_model,
@@ -48,7 +47,8 @@ from atoll.island import (
     stop_island,
 )
 from atoll.launch import default_run_dir
-from atoll.mesh.client import MeshMember, join_mesh
+from atoll.fingerprint import job_fingerprint
+from atoll.mesh.member import MeshMember, join_mesh
 from atoll.metrics import MetricsLog, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss
 from atoll.model.llama import apply_activation_checkpointing
@@ -282,7 +282,8 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
     accum = accumulation_steps(cfg, island)
     member = None
     if cfg.mesh.coordinator:
-        member = join_mesh(cfg.mesh, island_id(cfg, island), island.rank, island.world, lambda n: broadcast_ints([n], island)[0])
+        fingerprint = job_fingerprint(cfg, args, tokenizer, seq_len)
+        member = join_mesh(cfg.mesh, island_id(cfg, island), island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None)
         deathrattle.member = member
     try:
         loader = PackedLoader(train_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)

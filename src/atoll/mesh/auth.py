@@ -1,26 +1,55 @@
-"""The run token: a shared secret that keeps strangers from joining a run or forging its epochs.
+"""What the run token protects, and how.
 
-Threat model, honestly: the coordinator's TCPStore is unauthenticated and unencrypted, and so are
-the gloo connections between islands. Anyone who can reach the coordinator's port can read every
-key, write any key (barriers, results, outcomes, deathrattles) and so disturb or stop a run, and
-anyone on the path can read the tensors. What the token does buy: an island must present
-HMAC-SHA256(token, island_id) to register, so the coordinator never admits an island that lacks
-the token (it is refused: "wrong run token", exit 2); and every epoch the coordinator publishes
-carries HMAC-SHA256(token, epoch), so islands reject an epoch written by someone without the
-token (e.g. one that would add a stranger to the global groups). The token itself never crosses
-the wire. Run the coordinator and islands on a network you trust, or behind a VPN/WireGuard.
+The run token is a shared secret given to the coordinator and every island (ATOLL_RUN_TOKEN, or
+mesh.token). It never crosses the wire. From it and the run's public id (a random nonce the
+coordinator draws when the run starts and keeps in its journal) comes the **run key**:
+HMAC-SHA256(token, "atoll-run-key" || run_id). A token reused for another run gives another key.
 
-The token comes from mesh.token or, preferably (it is not written to the run directory then),
-the ATOLL_RUN_TOKEN environment variable. No token anywhere means an open run (no checks).
+Control plane (islands <-> coordinator, `atoll.mesh.service`): every request that reads or
+changes run state carries (island id, incarnation, the coordinator's boot id, a sequence number)
+and a MAC under the run key; the coordinator refuses, and counts in its log, any request whose
+MAC does not verify, whose boot id is not its own (a request recorded before a restart), or
+whose sequence number is not above the last one it accepted from that incarnation (a replay).
+Every answer carries a MAC over the request's MAC and the answer, so an island only acts on what
+this coordinator said in reply to this request. The epoch, the commit and every other decision
+reach islands only inside such answers: nothing an outsider can write is ever read as a decision.
+
+Data plane (island <-> island, `atoll.comm.ring`): every ring payload carries a MAC under the
+**epoch key**, HMAC(run key, "atoll-epoch" || epoch number || members || incarnations), over the
+transfer's identity (call, step, chunk, sender) and its bytes; it is checked before a byte is
+decoded or summed. The gloo rendezvous goes through a plain TCPStore the coordinator hosts: an
+outsider who rewrites an address there can make a collective fail (handled like any failure),
+never make an island accept its data.
+
+Who can do what:
+- An **outsider on the network** (no token) can read the public hello (run id, boot id, store
+  port), connect and send garbage (the coordinator answers members throughout), observe traffic
+  (nothing is encrypted: tensors and epochs are readable on the wire), and break collectives by
+  rewriting rendezvous keys or resetting connections (a denial of service the run rides through
+  as failures). It cannot register, leave, report, post results, forge epochs or outcomes,
+  replay old messages into this or another run, or get a byte into an average.
+- A **token holder** is a full member: it can register islands and take part in averages.
+- A **malicious token holder** can still send a plausible but wrong update: pseudo-gradient
+  validation rejects non-finite and outsized contributions, but a well-scaled poisoned update
+  passes. It can also report false failures (the culprit rule eventually evicts it) or stall.
+  Use the token only with parties you trust; encrypt links (WireGuard, a VPN) if the data on
+  them is secret.
+
+An open run (no token anywhere) still MACs every message, under a key anyone can derive: it
+protects against mistakes (a message from another run), not against anyone. `atoll coordinator`
+refuses to listen on a non-loopback address without a token unless told `--insecure`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
+import secrets
 
 TOKEN_ENV = "ATOLL_RUN_TOKEN"
+MAC_BYTES = 32
 
 
 def run_token(configured: str | None) -> str | None:
@@ -28,13 +57,32 @@ def run_token(configured: str | None) -> str | None:
     return configured or os.environ.get(TOKEN_ENV) or None
 
 
-def sign(token: str | None, text: str) -> str:
-    """HMAC-SHA256 of `text` under `token` (hex); empty for an open run."""
-    if token is None:
-        return ""
-    return hmac.new(token.encode(), text.encode(), hashlib.sha256).hexdigest()
+def new_token() -> str:
+    """A fresh random run token (what `atoll token` prints)."""
+    return secrets.token_urlsafe(32)
 
 
-def verify(token: str | None, text: str, mac: str) -> bool:
-    """Whether `mac` is `text`'s signature under `token` (constant-time)."""
-    return hmac.compare_digest(sign(token, text), mac)
+def run_key(token: str | None, run_id: str) -> bytes:
+    """The key every control message of run `run_id` is authenticated with."""
+    return hmac.new((token or "").encode(), b"atoll-run-key" + run_id.encode(), hashlib.sha256).digest()
+
+
+def epoch_key(key: bytes, number: int, members: tuple[str, ...], incarnations: tuple[str, ...]) -> bytes:
+    """The key of epoch `number`'s ring payloads: only its members can derive it."""
+    text = json.dumps([number, list(members), list(incarnations)])
+    return hmac.new(key, b"atoll-epoch" + text.encode(), hashlib.sha256).digest()
+
+
+def sign(key: bytes, *parts: bytes | str) -> str:
+    """HMAC-SHA256 (hex) of the parts, each length-prefixed so no two splits collide."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        mac.update(len(data).to_bytes(8, "big"))
+        mac.update(data)
+    return mac.hexdigest()
+
+
+def verify(key: bytes, mac: str, *parts: bytes | str) -> bool:
+    """Whether `mac` is the parts' signature under `key` (constant-time)."""
+    return hmac.compare_digest(sign(key, *parts), mac)

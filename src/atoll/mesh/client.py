@@ -1,37 +1,42 @@
-"""An island process's side of the mesh: reach the coordinator, register, heartbeat, follow epochs.
+"""An island's side of the control plane: reach the coordinator, register, heartbeat, follow epochs.
 
-Every local rank of an island connects (each needs the store for its global groups); only local
-rank 0 (the island's leader) registers, heartbeats, leaves, reports failures, posts results and
-waits at barriers; it tells the other local ranks what it saw over the island's own group, so all
-local ranks of an island always move to the same epoch.
+Only an island's local rank 0 (its leader) talks to the coordinator; `atoll.sync` hands what it
+hears to the other local ranks over the island's own group, so all local ranks of an island always
+move to the same epoch. Every local rank connects to the coordinator's rendezvous store for its
+global groups (`store_address`).
 
-Failure semantics: an unreachable coordinator is a UserError after `connect_timeout`; an epoch
-that does not form (or admit this island) within `join_timeout` is a UserError naming the
-coordinator; an epoch that the coordinator refused to form, or a refusal of this island, raises
-with its reason. Waits at barriers, for outcomes and for the next epoch are unbounded on purpose:
-they end when the peers arrive or when the coordinator, watching heartbeats, replaces the epoch
-(within the heartbeat timeout of a peer's death or hang). A store operation failing because the
-coordinator is gone raises out of the training loop.
+Failure semantics, for every request (`CoordinatorClient.call`):
+- timeout or a closed connection (a blip, a coordinator restart): reconnect, say hello again and
+  resend with a fresh sequence number, for up to `retry_s` (at least the heartbeat timeout); then
+  RuntimeError ("lost the coordinator"). Every op is safe to resend.
+- the coordinator restarted with its journal: the same run id, so the island keeps its place. A
+  coordinator that restarted without it runs another run: UserError.
+- refused (401): the token is wrong (UserError at registration) or the message was mangled.
+- waits (admission, barriers, outcomes, next epoch) are long-polls repeated until the event; they
+  print what they wait for every WAIT_LOG_S, honour SIGTERM (the handler raises in the blocking
+  socket read), and end when the coordinator decides (a dead peer is dropped at once, a hung one
+  at the heartbeat timeout).
 """
 
 from __future__ import annotations
 
-import socket
+import http.client
+import itertools
+import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from typing import Any
 
-import torch.distributed as dist
-
-from atoll.config import MeshConfig
 from atoll.errors import UserError
 from atoll.mesh import protocol
-from atoll.mesh.auth import run_token, sign, verify
-from atoll.mesh.membership import Epoch, Registration, StepResult
+from atoll.mesh.auth import run_key, sign, verify
+from atoll.mesh.membership import Epoch
 
-POLL_INTERVAL_S = 0.02
+LONG_POLL_S = 20.0
+WAIT_LOG_S = 30.0
+RETRY_PAUSE_S = 0.2
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -44,175 +49,141 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def wait_until_reachable(host: str, port: int, timeout: float) -> None:
-    """Retry a plain TCP connect until it succeeds or `timeout` passes (then raise OSError).
-
-    Checked before creating the TCPStore client, whose own retries print C++ stack traces.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            with socket.create_connection((host, port), timeout=max(remaining, 0.1)):
-                return
-        except OSError:
-            if remaining <= 0:
-                raise
-            time.sleep(min(0.2, max(remaining, 0)))
+def new_incarnation() -> str:
+    """A fresh nonce for this process start."""
+    return secrets.token_hex(8)
 
 
-class MeshClient:
-    """A connection to the coordinator's store, for one process of one island."""
+class CoordinatorClient:
+    """One connection (one channel) to the coordinator, for one thread of one island process."""
 
-    def __init__(self, address: str, island_id: str, connect_timeout: float, token: str | None = None) -> None:
-        host, port = parse_address(address)
+    def __init__(
+        self, address: str, island_id: str, incarnation: str, token: str | None, connect_timeout: float, retry_s: float,
+        channel: str = "main",
+    ) -> None:
         self.address = address
-        self.island_id = island_id
+        self.host, self.port = parse_address(address)
+        self.island_id, self.incarnation, self.channel = island_id, incarnation, channel
         self.token = token
-        try:
-            wait_until_reachable(host, port, connect_timeout)
-            self.store = dist.TCPStore(
-                host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=connect_timeout)
-            )
-        except (RuntimeError, OSError) as err:
-            raise UserError(
-                f"cannot reach the coordinator at {address} ({str(err).splitlines()[0]}): "
-                f"start `atoll coordinator --port {port}` there, or fix --coordinator"
-            ) from None
-
-    def register(self, local_ranks: int) -> None:
-        """Announce this island, first clearing a deathrattle of an earlier life (local rank 0 only)."""
-        self.store.delete_key(protocol.leaving_key(self.island_id))
-        self.store.set(protocol.island_key(self.island_id), Registration(self.island_id, local_ranks, sign(self.token, self.island_id)).to_json())
-        self.store.append(protocol.REGISTRATIONS, f"{self.island_id},")
-
-    def leave(self, reason: str) -> None:
-        """The deathrattle: tell the coordinator this island is gone, so it is dropped at once.
-
-        Best effort: if the coordinator is unreachable there is nobody left to tell.
-        """
-        try:
-            self.store.set(protocol.leaving_key(self.island_id), reason)
-        except (RuntimeError, OSError):
-            pass
-
-    def wait_for_epoch(self, number: int, timeout: float) -> Epoch:
-        """Block until epoch `number` is published, then return it."""
-        deadline = time.monotonic() + timeout
-        key, error_key = protocol.epoch_key(number), protocol.epoch_error_key(number)
-        while time.monotonic() < deadline:
-            self._check_refused()
-            if self.store.check([error_key]):
-                raise UserError(f"the coordinator at {self.address} could not start the run: {self.store.get(error_key).decode()}")
-            if self.store.check([key]):
-                return self.epoch(number)
-            time.sleep(POLL_INTERVAL_S)
-        raise UserError(
-            f"no epoch {number} from the coordinator at {self.address} within {timeout:.0f}s: "
-            "are all islands started (see `atoll coordinator --islands`)?"
-        )
-
-    def _check_refused(self) -> None:
-        key = protocol.refused_key(self.island_id)
-        if self.store.check([key]):
-            why = self.store.get(key).decode()
-            if why.startswith("wrong run token"):
-                raise UserError(f"{why}; the coordinator at {self.address} refused island {self.island_id!r}")
-            raise UserError(f"the coordinator at {self.address} refused island {self.island_id!r}: {why}")
-
-    def epoch(self, number: int) -> Epoch:
-        """Epoch `number`, checked against the run token: a forged one is a UserError."""
-        epoch = Epoch.from_json(self.store.get(protocol.epoch_key(number)))
-        if not verify(self.token, epoch.signed_text(), epoch.mac):
-            raise UserError(
-                f"wrong run token: epoch {number} from the coordinator at {self.address} is not signed with this "
-                "island's token (ATOLL_RUN_TOKEN or mesh.token), or was forged"
-            )
-        return epoch
-
-    def newest_after(self, number: int) -> int:
-        """Follow the chain of `next` keys from epoch `number` to the newest epoch (no waiting)."""
-        while self.store.check([protocol.next_epoch_key(number)]):
-            number = int(self.store.get(protocol.next_epoch_key(number)))
-        return number
-
-    def dissolved(self, number: int) -> bool:
-        return self.store.check([protocol.next_epoch_key(number)])
-
-    def wait_for_admission(self, timeout: float) -> int:
-        """Block until an epoch that has this island as a member is current; return its number.
-
-        A joiner (or an island that came back) waits here for the next outer-step boundary.
-        """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_refused()
-            if self.store.check([protocol.ENDED]):
-                raise UserError(f"the run of the coordinator at {self.address} has ended ({self.store.get(protocol.ENDED).decode()}): nothing to join")
-            if self.store.check([protocol.LATEST_EPOCH]):
-                number = self.newest_after(int(self.store.get(protocol.LATEST_EPOCH)))
-                if self.island_id in self.epoch(number).members:
-                    return number
-            time.sleep(POLL_INTERVAL_S)
-        raise UserError(f"island {self.island_id!r} was not admitted by the coordinator at {self.address} within {timeout:.0f}s")
-
-    def wait_at_barrier(self, number: int, name: str, world: int) -> bool:
-        """Count this island in at barrier `name` of epoch `number` and wait for all `world` members.
-
-        Returns True when all arrived, False when the epoch is dissolved first (a member died,
-        hung or left: the coordinator replaced the epoch within the heartbeat timeout).
-        """
-        key = protocol.barrier_key(number, name)
-        self.store.add(key, 1)
+        self.retry_s = retry_s
+        self._seq = itertools.count(int(time.time() * 1000) * 1000)  # above any earlier run of this incarnation's channel
+        self._conn: http.client.HTTPConnection | None = None
+        deadline = time.monotonic() + connect_timeout
         while True:
-            if int(self.store.add(key, 0)) >= world:
-                return True
-            if self.dissolved(number):
-                return False
-            time.sleep(POLL_INTERVAL_S)
+            try:
+                self._hello()
+                break
+            except (OSError, http.client.HTTPException, ValueError) as err:
+                if time.monotonic() > deadline:
+                    raise UserError(
+                        f"cannot reach the coordinator at {address} ({err}): start `atoll coordinator --port {self.port}` "
+                        "there, or fix --coordinator"
+                    ) from None
+                time.sleep(RETRY_PAUSE_S)
+        self.run_id: str = self.hello["run_id"]
+        self.key = run_key(token, self.run_id)
 
-    def report_failure(self, number: int, what: str) -> None:
-        """Tell the coordinator that a global collective of epoch `number` failed here."""
-        self.store.set(protocol.failed_key(number, self.island_id), what)
+    @property
+    def store_address(self) -> tuple[str, int]:
+        return self.host, int(self.hello["store_port"])
 
-    def post_result(self, number: int, result: StepResult) -> None:
-        self.store.set(protocol.result_key(number, self.island_id), result.to_text())
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self._conn.timeout = timeout
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(timeout)
+        return self._conn
 
-    def wait_for_outcome(self, number: int, outer_step: int) -> str:
-        """The outcome of `outer_step` in epoch `number`: "commit <next>", "diverged" or "abort".
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
-        The coordinator sets it; an island that finds the epoch dissolved sets a missing one to
-        "abort" with compare_set. The first writer wins, so every island reads the same value.
-        """
-        key = protocol.outcome_key(number, outer_step)
+    def _exchange(self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout: float) -> tuple[int, bytes, str]:
+        conn = self._connection(timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        except BaseException:
+            self._close()  # a half-read answer leaves the connection unusable
+            raise
+        return response.status, data, response.getheader(protocol.MAC_HEADER, "")
+
+    def _hello(self) -> None:
+        status, data, _ = self._exchange("GET", protocol.HELLO_PATH, None, {}, 10.0)
+        if status != 200:
+            raise ValueError(f"not an atoll coordinator (HTTP {status})")
+        hello = json.loads(data)
+        if hasattr(self, "run_id") and hello["run_id"] != self.run_id:
+            raise UserError(
+                f"the coordinator at {self.address} now runs another run ({hello['run_id']}, not {self.run_id}): it was "
+                "restarted without its journal; restart the islands to start a new run"
+            )
+        self.hello = hello
+
+    def call(self, op: str, args: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
+        """One authenticated request; retried through blips and coordinator restarts (see module doc)."""
+        deadline = time.monotonic() + self.retry_s
         while True:
-            if self.store.check([key]):
-                return self.store.get(key).decode()
-            if self.dissolved(number):
-                return self.store.compare_set(key, "", "abort").decode()
-            time.sleep(POLL_INTERVAL_S)
+            body = protocol.request_body(op, self.island_id, self.incarnation, self.channel, self.hello["boot"], next(self._seq), args)
+            mac = sign(self.key, body)
+            try:
+                status, data, answer_mac = self._exchange(
+                    "POST", protocol.RPC_PATH, body, {protocol.MAC_HEADER: mac, "Content-Type": "application/json"}, wait_s + 15.0
+                )
+                if status == protocol.STALE_BOOT:
+                    self._hello()
+                    continue
+                if status == protocol.REFUSED:
+                    raise UserError(
+                        f"wrong run token: the coordinator at {self.address} refused island {self.island_id!r}'s request; "
+                        "set the run's token in ATOLL_RUN_TOKEN (or mesh.token)"
+                    )
+                if status != 200 or not verify(self.key, answer_mac, mac, data):
+                    raise ValueError(f"a bad answer to {op} (HTTP {status})")
+                return json.loads(data)
+            except (OSError, http.client.HTTPException, ValueError) as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"lost the coordinator at {self.address} for {self.retry_s:.0f}s ({op}: {err})") from None
+                time.sleep(RETRY_PAUSE_S)
+                try:
+                    self._hello()
+                except (OSError, http.client.HTTPException, ValueError):
+                    pass
 
-    def wait_for_next_epoch(self, number: int) -> int:
-        """Block until epoch `number` is dissolved; return the newest epoch after it."""
-        while not self.dissolved(number):
-            time.sleep(POLL_INTERVAL_S)
-        return self.newest_after(number)
+    def wait(self, op: str, args: dict[str, Any], what: str, log: Callable[[str], None]) -> dict[str, Any]:
+        """Repeat a long-poll until it answers something; says what it waits for every WAIT_LOG_S."""
+        start = last_log = time.monotonic()
+        while True:
+            answer = self.call(op, {**args, "wait_s": LONG_POLL_S}, LONG_POLL_S)
+            if answer and set(answer) != {"status"}:
+                return answer
+            if time.monotonic() - last_log >= WAIT_LOG_S:
+                last_log = time.monotonic()
+                status = f": {answer['status']}" if "status" in answer else ""
+                log(f"atoll: waiting {last_log - start:.0f}s for {what}{status}")
+
+    def close(self) -> None:
+        self._close()
 
 
 class Heartbeat:
-    """Adds 1 to this island's heartbeat counter every `interval_s`, from a thread of its own.
+    """Beats every `interval_s` on a connection of its own, the island's control connection.
 
-    It has its own store connection, so it never waits behind the training loop's store calls.
-    A stopped process (SIGSTOP) stops beating, which is how the coordinator notices a hang. If
-    the coordinator goes away the thread ends quietly; the training loop fails at its next store
-    operation instead.
+    The coordinator drops the island at once when this connection closes without a deathrattle
+    (the process died), and after the heartbeat timeout when beats stop while it stays open (the
+    process hangs, e.g. SIGSTOP). A failed beat is retried at the next interval (a blip or a
+    coordinator restart never ends the thread); each answer tells the newest epoch, which
+    `dissolved` reads without a request.
     """
 
-    def __init__(self, address: str, island_id: str, interval_s: float, connect_timeout: float) -> None:
-        host, port = parse_address(address)
-        self._store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=connect_timeout))
-        self._key = protocol.heartbeat_key(island_id)
+    def __init__(self, client: CoordinatorClient, interval_s: float) -> None:
+        self._client = client
         self._interval_s = interval_s
+        self.latest = -1
+        self.known = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="atoll-heartbeat", daemon=True)
         self._thread.start()
@@ -220,58 +191,45 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.is_set():
             try:
-                self._store.add(self._key, 1)
-            except (RuntimeError, OSError):
-                return
+                answer = self._client.call("beat", {"interval": self._interval_s})
+                self.latest = max(self.latest, int(answer["latest"]))
+                self.known = bool(answer["known"])
+            except (RuntimeError, UserError):
+                pass
             self._stop.wait(self._interval_s)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self._client.close()
 
 
-@dataclass
-class MeshMember:
-    """This process's place in the run: its island id, the current epoch and the store client."""
-
-    island_id: str
-    epoch: Epoch
-    client: MeshClient
-    heartbeat: Heartbeat | None
-    """Running on local rank 0 only."""
-
-    @property
-    def index(self) -> int:
-        """This island's rank among the epoch's islands."""
-        return self.epoch.index_of(self.island_id)
-
-    @property
-    def world(self) -> int:
-        """Islands in the epoch."""
-        return self.epoch.world
-
-    def leave(self, reason: str) -> None:
-        """Stop heartbeating and write the deathrattle (local rank 0; a no-op elsewhere)."""
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-            self.client.leave(reason)
+def register(client: CoordinatorClient, local_ranks: int, fingerprint: dict[str, Any]) -> None:
+    """Announce this incarnation; a refusal (wrong shape, a different job, a live duplicate id,
+    an ended run) is a UserError saying why."""
+    answer = client.call("register", {"local_ranks": local_ranks, "fingerprint": fingerprint})
+    if "refused" in answer:
+        raise UserError(f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}")
 
 
-def join_mesh(cfg: MeshConfig, island_id: str, local_rank: int, local_ranks: int, share: Callable[[int], int]) -> MeshMember:
-    """Connect, register and heartbeat (local rank 0), and wait until an epoch has this island.
+def wait_for_admission(client: CoordinatorClient, after: int, log: Callable[[str], None]) -> Epoch:
+    """Block until an epoch newer than `after` has this incarnation as a member, and return it.
 
-    A run that has not started yet waits for epoch 0; a running one admits this island at its
-    next outer-step boundary. `share` hands local rank 0's epoch number to every local rank.
+    Unbounded while the run is alive: a joiner waits for the next outer step however long the
+    inner phase is (saying where the run is every WAIT_LOG_S). An ended run or a refusal is a
+    UserError.
     """
-    client = MeshClient(cfg.coordinator, island_id, cfg.connect_timeout_s, run_token(cfg.token))
-    heartbeat = None
-    number = -1
-    if local_rank == 0:
-        client.register(local_ranks)
-        heartbeat = Heartbeat(cfg.coordinator, island_id, cfg.heartbeat_interval_s, cfg.connect_timeout_s)
-        epoch = client.wait_for_epoch(0, cfg.join_timeout_s)
-        if epoch.local_ranks != local_ranks:
-            raise UserError(f"this island runs {local_ranks} local ranks but the run's islands run {epoch.local_ranks}: use --nproc {epoch.local_ranks}")
-        number = client.wait_for_admission(cfg.join_timeout_s)
-    number = share(number)
-    return MeshMember(island_id, client.epoch(number), client, heartbeat)
+    answer = client.wait("admission", {"after": after}, "admission to the run", log)
+    if "ended" in answer:
+        raise UserError(f"the run of the coordinator at {client.address} has ended ({answer['ended']}): nothing to join")
+    if "refused" in answer:
+        raise UserError(f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}")
+    return Epoch.from_dict(answer["epoch"])
+
+
+def connect(address: str, island_id: str, token: str | None, connect_timeout: float, retry_s: float) -> tuple[CoordinatorClient, CoordinatorClient]:
+    """This process's main and heartbeat clients under a fresh incarnation."""
+    incarnation = new_incarnation()
+    main = CoordinatorClient(address, island_id, incarnation, token, connect_timeout, retry_s, "main")
+    beat = CoordinatorClient(address, island_id, incarnation, token, connect_timeout, retry_s, "beat")
+    return main, beat

@@ -1,209 +1,527 @@
-"""The coordinator: hosts the run's rendezvous store and decides membership epochs.
+"""The coordinator: decides membership epochs and outer-step outcomes, and hosts the rendezvous store.
 
 It does no training and holds no weights. `atoll coordinator` runs one on any reachable host;
-`atoll simulate` runs one in a thread. The key protocol is in `atoll.mesh.protocol`; the decision
-rules are the pure functions of `atoll.mesh.membership` (`first_epoch`, then `decide`).
+`atoll simulate` runs one in a thread. Islands talk to it over the authenticated request/response
+protocol of `atoll.mesh.protocol` (an HTTP/1.1 service, one thread per connection); the gloo
+rendezvous of each epoch's global groups goes through a TCPStore it hosts on `store_port`. The
+decision rules are the pure functions of `atoll.mesh.membership` (`first_epoch`, then `decide`),
+run under one lock on every event (an arrival, a report, a result, a closed connection) and on a
+0.1 s tick for the rules that depend on time (heartbeat timeout, report grace).
 
-Each round (every POLL_INTERVAL_S) it reads what the islands wrote: new registrations (a joiner,
-or an island coming back under its old id), heartbeat counters (an island is alive while its
-counter changes, judged on the coordinator's own clock), deathrattles, failure reports and
-outer-step results of the current epoch. Then it publishes at most one outcome (commit or
-diverged, set once with compare_set) and at most one new epoch: the epoch's JSON, then
-`epoch/latest`, then the dissolved epoch's `next` key, in that order, so an island that sees
-`next` can always read the epoch it names. Every new epoch is one line of the membership event
-log (JSONL, `events_path`: time, epoch, members, joined, left with why, reason).
-
-Failure semantics: the coordinator keeps its decisions in memory and its facts in its store; a
-client that connects and sends garbage or nothing changes nothing (the store serves it, or drops
-it). If epoch 0 cannot form (islands disagree on their shape), the reason is published under the
-epoch's error key and the waiting islands stop with that message. An island registering with a
-different number of local ranks than the run's, or without the run token's proof, is refused
-(its refused key says why; see `atoll.mesh.auth` for what the token does and does not protect). If the
-coordinator itself dies, islands fail at their next store operation: the run cannot outlive it.
+Failure semantics:
+- Its decisions survive its own restart: each is appended to the journal (fsynced) before any
+  island hears of it; a coordinator started again with the same journal continues the run (same
+  run id, epoch, members and outcomes) and gives members a heartbeat timeout to come back.
+  Islands retry through the gap (see `atoll.mesh.client`).
+- A request that fails authentication, names an older boot, or replays a sequence number changes
+  nothing and is counted (`refused`), with a log line for the first ones.
+- Garbage and idle connections hold one thread each until they close or time out; members keep
+  their own connections and are answered throughout.
+- An island whose control connection closes without a deathrattle (kill -9, OOM, a crash) is
+  dropped at once; one that hangs (SIGSTOP) at the heartbeat timeout.
+- When every member has left, the run has ended: it says so to anyone who asks, and `serve()`
+  returns (unless told to stay).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
+import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
+from atoll import __version__
 from atoll.mesh import protocol
-from atoll.mesh.auth import sign, verify
-from atoll.mesh.membership import Decision, Epoch, IslandView, Registration, StepResult, decide, first_epoch
+from atoll.mesh.auth import run_key, sign, verify
+from atoll.mesh.journal import Journal, replay
+from atoll.mesh.membership import (
+    Decision, IslandView, Registration, Rules, StepResult, decide, fingerprint_mismatch, first_epoch, without,
+)
 
-POLL_INTERVAL_S = 0.05
-STORE_TIMEOUT = timedelta(seconds=60)
-DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
-DEFAULT_REPORT_GRACE_S = 0.5
+TICK_S = 0.1
+MAX_WAIT_S = 30.0
+MAX_BODY_BYTES = 1 << 20
+LOGGED_REFUSALS = 20
 WRONG_TOKEN = "wrong run token: set the run's token in ATOLL_RUN_TOKEN (or mesh.token)"
+NO_DECISION = (0, 0)
 
 
 class Coordinator:
-    """Hosts a TCPStore on (host, port), forms epoch 0 once `min_islands` have registered, then
-    keeps the membership: drops the dead and the hung, admits joiners, commits outer steps."""
+    """Serves the protocol on (host, port), forms epoch 0 once `min_islands` have registered, then
+    keeps the membership: drops the dead and the hung, admits joiners, decides outer steps."""
 
     def __init__(
         self,
         host: str,
         port: int,
         min_islands: int,
-        heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
-        report_grace_s: float = DEFAULT_REPORT_GRACE_S,
+        rules: Rules = Rules(),
         events_path: Path | None = None,
         token: str | None = None,
+        journal_path: Path | None = None,
+        store_port: int | None = None,
+        log: Callable[[str], None] = lambda line: None,
     ) -> None:
         if min_islands < 1:
             raise ValueError(f"min_islands must be at least 1, got {min_islands}")
         self.min_islands = min_islands
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.report_grace_s = report_grace_s
+        self.rules = rules
         self.events_path = events_path
-        self.token = token
-        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
+        self.log = log
         self.host = host
-        self.epoch: Epoch | None = None
-        self.views: dict[str, IslandView] = {}
-        self._arrivals: list[Registration] = []
-        self._entries_seen = 0
-        self._beats: dict[str, int] = {}
-        self._decided_step = 0
-        self._failed = False
+        self.boot = secrets.token_hex(8)
+        self.refused = 0
+        self._cond = threading.Condition()
+        self._journal_path = journal_path
+        self._restore(replay(journal_path), token)
+        self.journal = Journal(journal_path)
+        if self._fresh:
+            self.journal.append({"kind": "run", "run_id": self.run_id, "local_ranks": None, "fingerprint": {}})
+        self.server = _Server((host, port), self)
+        self.store = _bound_store(host, port + 1 if store_port is None and port else store_port or 0)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+
+    def _restore(self, state, token: str | None) -> None:
+        """Take up the journal's run, or start a new one."""
+        self._fresh = state.run_id is None
+        self.run_id = state.run_id or secrets.token_hex(16)
+        self.key = run_key(token, self.run_id)
+        self.local_ranks = state.local_ranks
+        self.fingerprint = state.fingerprint
+        self.ended = state.ended
+        self.epochs = dict(state.epochs)
+        self.epoch = self.epochs[max(self.epochs)] if self.epochs else None
+        self.outcomes = dict(state.outcomes)
+        now = time.monotonic()
+        self.arrivals: list[Registration] = []
+        self.views: dict[str, IslandView] = {}
+        for registration in state.registrations.values():
+            self.views[registration.island_id] = IslandView(registration, heard_at=now)
+            if self.epoch is None:
+                self.arrivals.append(registration)
+        current = self.epoch.number if self.epoch else -1
+        decided = [(s, r) for (e, s, r) in self.outcomes if e == current]
+        self.decided = max(decided) if decided else NO_DECISION
+        self._barriers: dict[tuple[int, str], set[str]] = {}
+        self._last_seq: dict[tuple[str, str, str], int] = {}
+        self._connections: dict[int, tuple[str, str]] = {}
+        self._failures_in_a_row = 0
+        if not self._fresh:
+            self.log(f"coordinator: resumed run {self.run_id} from its journal at epoch {current} "
+                     f"({len(self.views)} island(s) have {self.rules.heartbeat_timeout_s:.0f}s to come back)")
+
+    # --- addresses and lifetime ---------------------------------------------------------------------
 
     @property
     def port(self) -> int:
         """The port actually bound (useful when constructed with port 0)."""
+        return self.server.server_address[1]
+
+    @property
+    def store_port(self) -> int:
         return self.store.port
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def registrations(self) -> list[Registration]:
-        """Islands that have registered, in order of arrival (an island that came back counts again)."""
-        self._read_registrations(time.monotonic())
-        return list(self._arrivals)
-
-    def _read_registrations(self, now: float) -> None:
-        if not self.store.check([protocol.REGISTRATIONS]):
-            return
-        ids = [i for i in self.store.get(protocol.REGISTRATIONS).decode().split(",") if i]
-        for island in ids[self._entries_seen:]:
-            registration = Registration.from_json(self.store.get(protocol.island_key(island)))
-            self._entries_seen += 1
-            if not verify(self.token, island, registration.proof):
-                self.store.set(protocol.refused_key(island), WRONG_TOKEN)
-                continue
-            if self.epoch is not None and registration.local_ranks != self.epoch.local_ranks:
-                self.store.set(protocol.refused_key(island), (
-                    f"this island runs {registration.local_ranks} local ranks but the run's islands run "
-                    f"{self.epoch.local_ranks}: use --nproc {self.epoch.local_ranks}"
-                ))
-                continue
-            self._arrivals.append(registration)
-            self.views[island] = IslandView(registration, heard_at=now)
-            self._beats[island] = int(self.store.add(protocol.heartbeat_key(island), 0))
-
-    def _read_islands(self, now: float) -> None:
-        """Heartbeats and deathrattles of every island; failure reports and results of members."""
-        members = self.epoch.members if self.epoch is not None else ()
-        for island, view in self.views.items():
-            beat = int(self.store.add(protocol.heartbeat_key(island), 0))
-            if beat != self._beats[island]:
-                self._beats[island], view.heard_at = beat, now
-            if view.leaving is None and self.store.check([protocol.leaving_key(island)]):
-                view.leaving = self.store.get(protocol.leaving_key(island)).decode()
-            if island not in members:
-                continue
-            if view.failed_at is None and self.store.check([protocol.failed_key(self.epoch.number, island)]):
-                view.failed_at = now
-            result_key = protocol.result_key(self.epoch.number, island)
-            if self.store.check([result_key]):
-                view.result = StepResult.from_text(self.store.get(result_key))
-
-    def step(self) -> bool:
-        """One round of decisions; True once epoch 0 is published (or has failed to form)."""
-        if self._failed:
-            return True
-        now = time.monotonic()
-        self._read_registrations(now)
-        if self.epoch is None:
-            return self._form_first_epoch(now)
-        self._read_islands(now)
-        self._publish(decide(self.epoch, self.views, self._decided_step, now, self.heartbeat_timeout_s, self.report_grace_s))
-        return True
-
-    def _form_first_epoch(self, now: float) -> bool:
-        try:
-            epoch = first_epoch(self._arrivals, self.min_islands, time.time())
-        except ValueError as err:
-            self.store.set(protocol.epoch_error_key(0), str(err))
-            self._failed = True
-            return True
-        if epoch is None:
-            return False
-        self._start_epoch(epoch, {}, epoch.members)
-        return True
-
-    def _publish(self, decision: Decision) -> None:
-        old = self.epoch
-        if decision.ended is not None:
-            if not self.store.check([protocol.ENDED]):
-                self.store.set(protocol.ENDED, decision.ended)
-                self._log_event({"time": time.time(), "epoch": old.number, "members": [], "joined": [], "left": decision.left, "reason": "ended"})
-            return
-        if decision.epoch is not None:
-            self._start_epoch(decision.epoch, decision.left, decision.joined)
-        if decision.outcome is not None:
-            value = f"commit {self.epoch.number}" if decision.outcome == "commit" else decision.outcome
-            self.store.compare_set(protocol.outcome_key(old.number, decision.step), "", value)
-            self._decided_step = decision.step
-        if decision.epoch is not None:
-            self.store.set(protocol.next_epoch_key(old.number), str(decision.epoch.number))
-            self._decided_step = 0
-
-    def _start_epoch(self, epoch: Epoch, left: dict[str, str], joined: tuple[str, ...]) -> None:
-        epoch = Epoch(epoch.number, epoch.members, epoch.local_ranks, epoch.reason, time.time())
-        epoch = dataclasses.replace(epoch, mac=sign(self.token, epoch.signed_text()))
-        self.store.set(protocol.epoch_key(epoch.number), epoch.to_json())
-        self.store.set(protocol.LATEST_EPOCH, str(epoch.number))
-        for island in left:
-            self.views.pop(island, None)
-        for view in self.views.values():
-            view.failed_at, view.result = None, None
-        self.epoch = epoch
-        self._log_event({
-            "time": epoch.started_at, "epoch": epoch.number, "members": list(epoch.members),
-            "joined": list(joined), "left": left, "reason": epoch.reason,
-        })
-
-    def _log_event(self, event: dict) -> None:
-        if self.events_path is None:
-            return
-        self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.events_path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
-
-    def serve(self) -> None:
-        """Make decisions until stop() is called."""
-        while not self._stop.is_set():
-            self.step()
-            self._stop.wait(POLL_INTERVAL_S)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def start(self) -> Coordinator:
-        """Serve in a background thread (for `atoll simulate` and tests)."""
-        self._thread = threading.Thread(target=self.serve, name="atoll-coordinator", daemon=True)
-        self._thread.start()
+        """Serve in background threads (for `atoll simulate` and tests)."""
+        for target, name in ((self.server.serve_forever, "atoll-coordinator-http"), (self._tick, "atoll-coordinator-tick")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
+
+    def serve(self, stay: bool = False) -> None:
+        """Serve until the run has ended (or, with `stay`, until stop())."""
+        self.start()
+        while not self._stop.wait(0.2):
+            if self.ended is not None and not stay:
+                time.sleep(1.0)  # islands still waiting hear "ended" before the port closes
+                break
+        self.stop()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.server.shutdown()
+        self.server.server_close()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.journal.close()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK_S):
+            with self._cond:
+                self._decide()
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "boot": self.boot, "store_port": self.store_port, "version": __version__}
+
+    def handle(self, body: bytes, mac: str, connection: int) -> tuple[int, dict[str, Any]]:
+        """Authenticate and answer one request (see `atoll.mesh.protocol`): (status, answer)."""
+        try:
+            request = json.loads(body)
+            op, island, incarnation, boot, seq, args = (
+                request["op"], str(request["island"]), str(request["incarnation"]), request["boot"], int(request["seq"]), request["args"]
+            )
+            channel = (island, incarnation, str(request["channel"]))
+            handler = getattr(self, f"_op_{op}") if op in OPS else None
+        except (ValueError, KeyError, TypeError):
+            return protocol.MALFORMED, {"error": "malformed request"}
+        if not verify(self.key, mac, body):
+            return self._refuse(f"a request ({op}) for island {island!r} with a MAC that does not verify (no or wrong token)")
+        if boot != self.boot:
+            return protocol.STALE_BOOT, {"error": "the coordinator restarted: say hello again"}
+        with self._cond:
+            if seq <= self._last_seq.get(channel, 0):
+                return self._refuse(f"a replayed request ({op}, seq {seq}) for island {island!r}")
+            self._last_seq[channel] = seq
+            view = self.views.get(island)
+            if view is not None and view.registration.incarnation == incarnation:
+                view.heard_at = time.monotonic()
+            try:
+                return 200, handler(island, incarnation, args, connection)
+            except (KeyError, TypeError, ValueError) as err:
+                return protocol.MALFORMED, {"error": f"malformed {op} arguments: {err}"}
+
+    def _refuse(self, what: str) -> tuple[int, dict[str, Any]]:
+        self.refused += 1
+        if self.refused <= LOGGED_REFUSALS or self.refused % 100 == 0:
+            self.log(f"coordinator: refused {what} ({self.refused} refused so far)")
+        return protocol.REFUSED, {"error": "refused"}
+
+    def _member(self, island: str, incarnation: str) -> bool:
+        view = self.views.get(island)
+        return view is not None and view.registration.incarnation == incarnation
+
+    def _wait(self, ready: Callable[[], Any], wait_s: float) -> Any:
+        """Wait (lock held) until ready() is truthy, at most wait_s; returns its last value."""
+        deadline = time.monotonic() + min(float(wait_s), MAX_WAIT_S)
+        value = ready()
+        while not value and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+            value = ready()
+        return value
+
+    def _op_register(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        registration = Registration(island, incarnation, int(args["local_ranks"]), dict(args["fingerprint"]))
+        refusal = self._admissible(registration)
+        if refusal:
+            self.log(f"coordinator: refused island {island!r}: {refusal}")
+            return {"refused": refusal}
+        old = self.views.get(island)
+        if old is not None and old.registration.incarnation == incarnation:
+            return {}
+        if old is not None:
+            if self._alive(old):
+                why = (f"island id {island!r} is in use by a live process (incarnation {old.registration.incarnation[:8]}): "
+                       "give this island another --island-id, or stop the other one first")
+                self.log(f"coordinator: refused a second live island {island!r}")
+                return {"refused": why}
+            self._drop_replaced(island)
+        if self.local_ranks is None:
+            self.local_ranks, self.fingerprint = registration.local_ranks, registration.fingerprint
+            self.journal.append({"kind": "run", "run_id": self.run_id, "local_ranks": self.local_ranks, "fingerprint": self.fingerprint})
+        self.journal.append({"kind": "registration", "registration": registration.to_dict()})
+        self.views[island] = IslandView(registration, heard_at=time.monotonic(), admitted=-1)
+        if self.epoch is None:
+            self.arrivals.append(registration)
+        self.log(f"coordinator: island {island!r} arrived (incarnation {incarnation[:8]}, {registration.local_ranks} local rank(s))")
+        self._decide()
+        return {}
+
+    def _admissible(self, registration: Registration) -> str | None:
+        """Why this registration cannot join the run, or None."""
+        if self.ended is not None:
+            return f"the run has ended ({self.ended}): nothing to join"
+        if self.local_ranks is not None and registration.local_ranks != self.local_ranks:
+            return (f"this island runs {registration.local_ranks} local ranks but the run's islands run "
+                    f"{self.local_ranks}: use --nproc {self.local_ranks}")
+        differences = fingerprint_mismatch(self.fingerprint, registration.fingerprint) if self.local_ranks is not None else []
+        if differences:
+            return "this island's job differs from the run's: " + "; ".join(differences)
+        return None
+
+    def _alive(self, view: IslandView) -> bool:
+        """Whether an incarnation still answers: its control connection is open and it beat lately."""
+        registration = view.registration
+        connected = (registration.island_id, registration.incarnation) in self._connections.values() and view.lost_at is None
+        return connected and time.monotonic() - view.heard_at <= 2 * view.beat_interval_s + 0.5
+
+    def _drop_replaced(self, island: str) -> None:
+        """A new incarnation replaces a dead one: drop the old at once (a new epoch if it was a member)."""
+        why = "replaced by a new incarnation of the same id (the old process is gone)"
+        if self.epoch is not None and island in self.epoch.members:
+            self._apply(without(self.epoch, self.views, {island: why}, "replaced", time.time()))
+        else:
+            self.views.pop(island, None)
+            self.arrivals = [r for r in self.arrivals if r.island_id != island]
+
+    def _op_beat(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        if self._member(island, incarnation):
+            self._connections[connection] = (island, incarnation)
+            self.views[island].beat_interval_s = float(args.get("interval", 2.0))
+        return self._status(island, incarnation)
+
+    def _status(self, island: str, incarnation: str) -> dict:
+        return {"latest": self.epoch.number if self.epoch else -1, "ended": self.ended, "known": self._member(island, incarnation)}
+
+    def _op_latest(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        return self._status(island, incarnation)
+
+    def _op_leave(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        if self._member(island, incarnation):
+            self.views[island].leaving = str(args["reason"])
+            self.log(f"coordinator: island {island!r} left ({args['reason']})")
+            self._decide()
+        return {}
+
+    def _op_admission(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        after = int(args["after"])
+
+        def ready() -> dict | None:
+            if self.ended is not None:
+                return {"ended": self.ended}
+            if not self._member(island, incarnation):
+                return {"refused": "the coordinator no longer knows this process (dropped or replaced): restart it to join again"}
+            if self.epoch is not None and self.epoch.number > after and self.epoch.has(island, incarnation):
+                return {"epoch": self.epoch.to_dict()}
+            return None
+
+        answer = self._wait(ready, args["wait_s"])
+        return answer or {"status": self._where()}
+
+    def _where(self) -> str:
+        """Where the run is, for islands waiting to be admitted."""
+        if self.epoch is None:
+            return f"waiting for {self.min_islands} island(s) to start the run ({len(self.arrivals)} arrived)"
+        step = self.decided[0] if self.decided != NO_DECISION else max([s for (e, s, _) in self.outcomes] or [0])
+        return f"the run is at outer step {step} (epoch {self.epoch.number}, {self.epoch.world} island(s)); joiners enter at the next outer step"
+
+    def _op_barrier(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        number, name = int(args["epoch"]), str(args["name"])
+        epoch = self.epochs.get(number)
+        if epoch is None or not epoch.has(island, incarnation):
+            return {"dissolved": True}
+        arrived = self._barriers.setdefault((number, name), set())
+        if island not in arrived:
+            arrived.add(island)
+            self._cond.notify_all()
+
+        def ready() -> dict | None:
+            if len(arrived) >= epoch.world:
+                return {"passed": True}
+            if self.epoch.number > number:
+                return {"dissolved": True}
+            return None
+
+        return self._wait(ready, args["wait_s"]) or {}
+
+    def _op_report(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        number = int(args["epoch"])
+        if self.epoch is not None and number == self.epoch.number and self.epoch.has(island, incarnation):
+            view = self.views[island]
+            if view.failed_at is None:
+                view.failed_at, view.blamed = time.monotonic(), args.get("blamed")
+                self.log(f"coordinator: island {island!r} reports a failed collective in epoch {number}: {args.get('what', '')}")
+            self._decide()
+        return {}
+
+    def _op_result(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        number = int(args["epoch"])
+        result = StepResult(int(args["step"]), bool(args["ok"]), str(args["digest"]), int(args["round"]))
+        if self.epoch is not None and number == self.epoch.number and self.epoch.has(island, incarnation) and result.key > self.decided:
+            self.views[island].result = result
+            self._decide()
+
+        def ready() -> dict | None:
+            outcome = self.outcomes.get((number, result.outer_step, result.round))
+            if outcome is not None:
+                return {"outcome": outcome["outcome"], "next": outcome["next"], "source": outcome["source"]}
+            if self.epoch.number > number:
+                return {"outcome": "abort", "next": self.epoch.number, "source": 0}
+            return None
+
+        return self._wait(ready, args["wait_s"]) or {}
+
+    def _op_next_epoch(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        number = int(args["epoch"])
+        newer = self._wait(lambda: self.epoch is not None and self.epoch.number > number, args["wait_s"])
+        return {"next": self.epoch.number} if newer else {}
+
+    def _op_epoch(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        epoch = self.epochs.get(int(args["number"]))
+        return {"epoch": epoch.to_dict() if epoch else None}
+
+    def connection_closed(self, connection: int) -> None:
+        """A connection ended; if it was an incarnation's control connection, that process is gone."""
+        with self._cond:
+            owner = self._connections.pop(connection, None)
+            if owner is None or not self._member(*owner):
+                return
+            view = self.views[owner[0]]
+            if view.leaving is None and view.lost_at is None:
+                view.lost_at = time.monotonic()
+                self._decide()
+
+    # --- decisions ---------------------------------------------------------------------------------
+
+    def _decide(self) -> None:
+        """Run the membership rules (lock held) and publish what they decide."""
+        if self.ended is not None:
+            return
+        now = time.monotonic()
+        if self.epoch is None:
+            self._form_first_epoch(now)
+            return
+        self._apply(decide(self.epoch, self.views, self.decided, now, self.rules, self._failures_in_a_row))
+
+    def _form_first_epoch(self, now: float) -> None:
+        alive = [r for r in self.arrivals if r.island_id in self.views and self.views[r.island_id].lost_at is None and self.views[r.island_id].leaving is None]
+        epoch = first_epoch(alive, self.min_islands, time.time())
+        if epoch is not None:
+            for island in epoch.members:
+                self.views[island].admitted = 0
+            self._apply(Decision(epoch=epoch, joined=epoch.members))
+
+    def _apply(self, decision: Decision) -> None:
+        """Journal, then publish, one decision (lock held); wakes every waiter."""
+        if decision.ended is not None:
+            self.journal.append({"kind": "ended", "why": decision.ended})
+            self.ended = decision.ended
+            self._log_event(self.epoch.number, [], [], decision.left, "ended")
+            self.log(f"coordinator: the run has ended ({decision.ended})")
+        if decision.outcome is not None:
+            step, round_ = decision.step
+            record = {
+                "kind": "outcome", "epoch": self.epoch.number, "step": step, "round": round_, "outcome": decision.outcome,
+                "next": decision.epoch.number if decision.epoch else self.epoch.number, "source": decision.source,
+            }
+            self.journal.append(record)
+            self.outcomes[(self.epoch.number, step, round_)] = record
+            self.decided = decision.step
+            for view in self.views.values():
+                view.result = None
+            if decision.outcome == "resync":
+                self._log_event(self.epoch.number, list(self.epoch.members), [], {}, "resync", digests=decision.digests, source=self.epoch.members[decision.source])
+                self.log(f"coordinator: outer step {step}: digests differ ({decision.digests}); every island takes "
+                         f"{self.epoch.members[decision.source]!r}'s state")
+            else:
+                self.log(f"coordinator: outer step {step} committed by {self.epoch.world} island(s) in epoch {self.epoch.number}")
+        if decision.epoch is not None:
+            self._start_epoch(decision)
+        self._failures_in_a_row = self._failures_in_a_row + 1 if decision.repeated_failure else 0 if decision.epoch else self._failures_in_a_row
+        self._cond.notify_all()
+
+    def _start_epoch(self, decision: Decision) -> None:
+        epoch = dataclasses.replace(decision.epoch, started_at=time.time())
+        self.journal.append({"kind": "epoch", "epoch": epoch.to_dict(), "left": decision.left, "joined": list(decision.joined)})
+        for island in decision.left:
+            self.views.pop(island, None)
+        for view in self.views.values():
+            view.failed_at, view.blamed, view.result = None, None, None
+        for island in decision.joined:
+            self.views[island].admitted = epoch.number
+        self.epochs[epoch.number] = epoch
+        self.epoch = epoch
+        self.decided = NO_DECISION
+        self._log_event(epoch.number, list(epoch.members), list(decision.joined), decision.left, epoch.reason)
+        self.log(f"coordinator: epoch {epoch.number}: {epoch.world} island(s) {list(epoch.members)} ({epoch.reason})"
+                 + (f"; left: {decision.left}" if decision.left else ""))
+
+    def _log_event(self, number: int, members: list[str], joined: list[str], left: dict[str, str], reason: str, **extra: Any) -> None:
+        if self.events_path is None:
+            return
+        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        event = {"time": time.time(), "epoch": number, "members": members, "joined": joined, "left": left, "reason": reason, **extra}
+        with self.events_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+OPS = ("register", "beat", "latest", "leave", "admission", "barrier", "report", "result", "next_epoch", "epoch")
+
+
+def _bound_store(host: str, port: int) -> dist.TCPStore:
+    """The rendezvous TCPStore, listening on exactly `host` (TCPStore alone would bind every interface)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(1024)
+    port = listener.getsockname()[1]
+    fd = listener.detach()  # the store owns the socket from here on
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60), master_listen_fd=fd, use_libuv=False)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 4096
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], coordinator: Coordinator) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.coordinator = coordinator
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 120  # an idle connection is closed after this long (members beat far more often)
+    server: _Server
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:
+            pass
+        finally:
+            self.server.coordinator.connection_closed(id(self))
+
+    def do_GET(self) -> None:
+        if self.path != protocol.HELLO_PATH:
+            self._send(404, {"error": "not found"})
+            return
+        self._send(200, self.server.coordinator.hello())
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.path != protocol.RPC_PATH or not 0 < length <= MAX_BODY_BYTES:
+            self._send(protocol.MALFORMED, {"error": "malformed request"})
+            self.close_connection = True
+            return
+        body = self.rfile.read(length)
+        mac = self.headers.get(protocol.MAC_HEADER, "")
+        status, answer = self.server.coordinator.handle(body, mac, id(self))
+        self._send(status, answer, sign(self.server.coordinator.key, mac, protocol.canonical(answer)) if status == 200 else "")
+
+    def _send(self, status: int, answer: dict[str, Any], mac: str = "") -> None:
+        data = protocol.canonical(answer)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if mac:
+            self.send_header(protocol.MAC_HEADER, mac)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the coordinator logs decisions, not requests

@@ -1,12 +1,18 @@
 """Membership epochs: which islands train together, decided by the coordinator.
 
 An epoch is one fixed membership of the run. Process groups are never resized: every change of
-membership makes a new epoch with new groups. Pure data and decisions, no I/O.
+membership makes a new epoch with new groups. Pure data and decisions, no I/O: the coordinator
+feeds `decide` its view of the islands and publishes what it returns; tests drive it directly.
+
+Every process start is a new **incarnation** of its island id (a random nonce chosen at start),
+so a restarted island is never mistaken for the process it replaces. Members are ordered by
+island id, not by arrival, so the same membership always gives every island the same global rank
+and data slot (runs are reproducible whatever order the islands start in).
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 
@@ -17,15 +23,15 @@ class Epoch:
     number: int
     """Epochs count up from 0; each has its own process groups."""
     members: tuple[str, ...]
-    """Island ids, in global-rank order."""
+    """Island ids, sorted: the global-rank order."""
     local_ranks: int
     """Local ranks per island; global group k joins local rank k of every member."""
     reason: str = "start"
     """Why this epoch began (for the event log)."""
+    incarnations: tuple[str, ...] = ()
+    """Each member's incarnation, in member order: a process enters only an epoch naming its own."""
     started_at: float = field(default=0.0, compare=False)
     """Coordinator's clock when it formed the epoch (islands do not share a clock)."""
-    mac: str = field(default="", compare=False)
-    """The coordinator's HMAC of `signed_text()` under the run token (empty in an open run)."""
 
     @property
     def world(self) -> int:
@@ -35,51 +41,59 @@ class Epoch:
         """This island's rank in the global groups; ValueError if it is not a member."""
         return self.members.index(island_id)
 
-    def signed_text(self) -> str:
-        """What the epoch's mac covers: every field but the mac."""
-        return json.dumps([self.number, list(self.members), self.local_ranks, self.reason, self.started_at])
+    def has(self, island_id: str, incarnation: str) -> bool:
+        """Whether this very process (id and incarnation) is a member."""
+        return island_id in self.members and self.incarnations[self.index_of(island_id)] == incarnation
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @staticmethod
-    def from_json(text: str | bytes) -> Epoch:
-        raw = json.loads(text)
-        return Epoch(raw["number"], tuple(raw["members"]), raw["local_ranks"], raw["reason"], raw["started_at"], raw.get("mac", ""))
+    def from_dict(raw: dict) -> Epoch:
+        return Epoch(
+            int(raw["number"]), tuple(raw["members"]), int(raw["local_ranks"]), str(raw["reason"]),
+            tuple(raw["incarnations"]), float(raw["started_at"]),
+        )
 
 
 @dataclass(frozen=True)
 class Registration:
-    """What an island tells the coordinator when it arrives."""
+    """What an island's process tells the coordinator when it arrives."""
 
     island_id: str
-    local_ranks: int
-    proof: str = ""
-    """HMAC of the island id under the run token (empty in an open run)."""
+    incarnation: str = ""
+    local_ranks: int = 1
+    fingerprint: dict = field(default_factory=dict, compare=False)
+    """Everything that must agree across the run's islands (see `fingerprint_mismatch`)."""
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @staticmethod
-    def from_json(text: str | bytes) -> Registration:
-        raw = json.loads(text)
-        return Registration(raw["island_id"], raw["local_ranks"], raw.get("proof", ""))
+    def from_dict(raw: dict) -> Registration:
+        return Registration(str(raw["island_id"]), str(raw["incarnation"]), int(raw["local_ranks"]), dict(raw.get("fingerprint", {})))
+
+
+def fingerprint_mismatch(run: dict, island: dict) -> list[str]:
+    """The keys on which an island's job differs from the run's, each as 'key: run's vs island's'."""
+    keys = sorted(set(run) | set(island))
+    return [f"{k}: run has {run.get(k)!r}, island has {island.get(k)!r}" for k in keys if run.get(k) != island.get(k)]
 
 
 def first_epoch(registered: list[Registration], min_islands: int, now: float) -> Epoch | None:
-    """Epoch 0 once `min_islands` islands have registered, members in order of arrival.
+    """Epoch 0 once `min_islands` islands have registered, members sorted by id.
 
     Raises ValueError if the islands disagree on their number of local ranks (their global groups
     could not pair up).
     """
     if len(registered) < min_islands:
         return None
-    chosen = registered[:min_islands]
+    chosen = sorted(registered[:min_islands], key=lambda r: r.island_id)
     ranks = {r.local_ranks for r in chosen}
     if len(ranks) != 1:
         detail = ", ".join(f"{r.island_id}: {r.local_ranks}" for r in chosen)
         raise ValueError(f"islands must run the same number of local ranks; got {detail}")
-    return Epoch(0, tuple(r.island_id for r in chosen), ranks.pop(), "start", now)
+    return Epoch(0, tuple(r.island_id for r in chosen), ranks.pop(), "start", tuple(r.incarnation for r in chosen), now)
 
 
 # --- the elastic decisions: who is gone, what an outer step's outcome is, who forms the next epoch --
@@ -93,39 +107,50 @@ class StepResult:
     ok: bool
     digest: str = ""
     """With ok: digest of the island's outer weights before the step and the averaged pseudo-gradient."""
+    round: int = 0
+    """Counts the outcomes already decided for this step in this epoch (a resync makes a new round)."""
 
-    def to_text(self) -> str:
-        return f"{self.outer_step} {'ok' if self.ok else 'fail'} {self.digest}".rstrip()
-
-    @staticmethod
-    def from_text(text: str | bytes) -> StepResult:
-        raw = text.decode() if isinstance(text, bytes) else text
-        step, status, *digest = raw.split()
-        return StepResult(int(step), status == "ok", digest[0] if digest else "")
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.outer_step, self.round)
 
 
 @dataclass
 class IslandView:
-    """The coordinator's view of one registered island. Times are the coordinator's own clock."""
+    """The coordinator's view of one registered incarnation. Times are the coordinator's own clock."""
 
     registration: Registration
     heard_at: float
-    """When the island's heartbeat counter last changed (or it registered)."""
+    """When the island's last heartbeat arrived (or it registered)."""
+    lost_at: float | None = None
+    """When its control connection closed without a deathrattle (its process died)."""
     leaving: str | None = None
     """The island's deathrattle (why it left), once written."""
     failed_at: float | None = None
     """When its failure report for the current epoch was first seen."""
+    blamed: str | None = None
+    """The island its failure report points at (the ring neighbour that broke), if it knows."""
     result: StepResult | None = None
     """Its latest result posted in the current epoch."""
+    admitted: int = 0
+    """Number of the epoch that admitted it (the most recent joiner has the highest)."""
+    beat_interval_s: float = 2.0
+    """How often the island says it beats (it is presumed gone after missing two)."""
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What the coordinator publishes after one look at the islands (nothing, when both are None)."""
+    """What the coordinator publishes after one look at the islands (nothing, when all are None)."""
 
     outcome: str | None = None
-    """For `step`: "commit" (apply the averaged update) or "diverged" (the digests differ)."""
-    step: int | None = None
+    """For `step`: "commit" (apply the averaged update) or "resync" (digests differ: every
+    island takes the outer state of member `source`, then the step is averaged again)."""
+    step: tuple[int, int] | None = None
+    """(outer step, round) the outcome is for."""
+    source: int = 0
+    """With resync: the member whose state the others take (it holds the majority digest)."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """With resync: each member's digest, for the event log."""
     epoch: Epoch | None = None
     """The next epoch, replacing the current one."""
     left: dict[str, str] = field(default_factory=dict)
@@ -134,79 +159,121 @@ class Decision:
     """Islands admitted by `epoch`."""
     ended: str | None = None
     """Every member is gone (why): the run is over, and islands still waiting to join are told so."""
+    repeated_failure: bool = False
+    """The epoch failed and the next one has the same members (a livelock in the making)."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The coordinator's thresholds (mesh.* settings)."""
+
+    heartbeat_timeout_s: float = 10.0
+    report_grace_s: float = 0.5
+    evict_after: int = 3
+    """Failed epochs in a row with unchanged members before the culprit is evicted."""
 
 
 def departures(members: tuple[str, ...], views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> dict[str, str]:
-    """Members gone for good: those that wrote a deathrattle, and those whose heartbeat is stale.
+    """Members gone for good: a deathrattle, a closed control connection, or a stale heartbeat.
 
     Staleness is judged on the coordinator's clock: `now - heard_at`, where heard_at is when the
-    coordinator last saw the island's counter change (islands share no clock).
+    coordinator last heard from the island (islands share no clock).
     """
     gone = {}
     for island in members:
         view = views[island]
         if view.leaving is not None:
             gone[island] = f"left ({view.leaving})"
+        elif view.lost_at is not None:
+            gone[island] = "its control connection closed (process gone)"
         elif now - view.heard_at > heartbeat_timeout_s:
             gone[island] = f"no heartbeat for {now - view.heard_at:.1f}s"
     return gone
 
 
 def pending_joiners(current: Epoch, views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> tuple[str, ...]:
-    """Registered islands outside the epoch that are alive, in order of registration."""
-    outside = [i for i in views if i not in current.members]
+    """Registered islands outside the epoch that are alive, sorted by id."""
+    outside = sorted(i for i in views if i not in current.members)
     return tuple(i for i in outside if not departures((i,), views, now, heartbeat_timeout_s))
 
 
-def decide(
-    current: Epoch, views: dict[str, IslandView], decided_step: int, now: float, heartbeat_timeout_s: float, report_grace_s: float,
-) -> Decision:
+def majority_source(members: tuple[str, ...], digests: dict[str, str]) -> int:
+    """Index of the member whose state the others take: the first holder of the most common digest
+    (on a tie between digests, the one the first member holds among the tied)."""
+    counts = Counter(digests[m] for m in members)
+    top = max(counts.values())
+    for index, member in enumerate(members):
+        if counts[digests[member]] == top:
+            return index
+    raise AssertionError("members is not empty")
+
+
+def culprit(members: tuple[str, ...], views: dict[str, IslandView]) -> str:
+    """The island to evict when the same members keep failing together: the one most failure
+    reports point at, else the most recently admitted (ties: the last in member order)."""
+    blamed = Counter(views[m].blamed for m in members if views[m].blamed in members)
+    if blamed:
+        top = max(blamed.values())
+        return max((m for m in members if blamed[m] == top), key=lambda m: (views[m].admitted, m))
+    return max(members, key=lambda m: (views[m].admitted, m))
+
+
+def decide(current: Epoch, views: dict[str, IslandView], decided: tuple[int, int], now: float, rules: Rules, failures_in_a_row: int = 0) -> Decision:
     """The coordinator's decision for the current epoch, given its view of the islands.
 
     Rules, in order:
-    1. Every member posted an ok result for the same outer step s > `decided_step` (the last step
-       decided in this epoch): the step commits, or is "diverged" if their digests differ. Alive
-       joiners waiting outside are admitted at this boundary: a new epoch, members then joiners.
-    2. Some member reported a failed collective (after a kill -9 every survivor's ring raises
-       within a fraction of a second): once `report_grace_s` has passed since the first report,
-       or every member is accounted for, the next epoch is the members that reported a failure or
-       posted a result for the step in flight, minus departures. The silent ones are presumed dead.
-    3. Some member departed (deathrattle, or heartbeat older than `heartbeat_timeout_s`, e.g. a
-       SIGSTOPped island): the next epoch is the members minus the departed.
+    1. Every member posted an ok result for the same (outer step, round) after `decided`: the step
+       commits, or, if their digests differ, resyncs from the majority's holder. Alive joiners
+       waiting outside are admitted at a commit: a new epoch with members and joiners.
+    2. Some member reported a failed collective: once `report_grace_s` has passed since the first
+       report, or every member is accounted for, the next epoch is the members minus those that
+       are gone (deathrattle, closed connection, stale heartbeat). An island that is alive but
+       silent (busy in its ring, or slow) is never dropped for it. When the next epoch would have
+       the same members for the `evict_after`-th time in a row (`failures_in_a_row` counts the
+       earlier ones), the culprit (see `culprit`) is evicted instead: a pair that cannot connect
+       must not livelock the run.
+    3. Some member departed: the next epoch is the members minus the departed.
     When no member is left the run has ended (joiners cannot restart it: nobody holds its state).
     """
     members = current.members
-    gone = departures(members, views, now, heartbeat_timeout_s)
-    joiners = pending_joiners(current, views, now, heartbeat_timeout_s)
+    gone = departures(members, views, now, rules.heartbeat_timeout_s)
+    joiners = pending_joiners(current, views, now, rules.heartbeat_timeout_s)
     results = [views[m].result for m in members]
-    in_flight = [r for r in results if r is not None and r.outer_step > decided_step]
-    if len(in_flight) == len(members) and all(r.ok for r in in_flight) and len({r.outer_step for r in in_flight}) == 1:
-        step = in_flight[0].outer_step
-        if len({r.digest for r in in_flight}) > 1:
-            return Decision(outcome="diverged", step=step)
-        epoch = successor(current, members + joiners, "joined", now) if joiners else None
+    in_flight = [r for r in results if r is not None and r.key > decided]
+    if len(in_flight) == len(members) and all(r.ok for r in in_flight) and len({r.key for r in in_flight}) == 1:
+        step = in_flight[0].key
+        digests = {m: views[m].result.digest for m in members}
+        if len(set(digests.values())) > 1:
+            return Decision(outcome="resync", step=step, source=majority_source(members, digests), digests=digests)
+        epoch = successor(current, tuple(sorted(members + joiners)), views, "joined", now) if joiners else None
         return Decision(outcome="commit", step=step, epoch=epoch, joined=joiners)
     reported = {m: views[m].failed_at for m in members if views[m].failed_at is not None}
     if reported:
-        posted = {m for m in members if views[m].result is not None and views[m].result.outer_step > decided_step}
+        posted = {m for m in members if views[m].result is not None and views[m].result.key > decided}
         heard = set(reported) | posted
-        if now - min(reported.values()) < report_grace_s and not heard | set(gone) >= set(members):
+        if now - min(reported.values()) < rules.report_grace_s and not heard | set(gone) >= set(members):
             return Decision()
-        alive = tuple(m for m in members if m in heard and m not in gone)
-        silent = {m: "silent after a failed collective" for m in members if m not in heard}
-        return _replace(current, alive, {**silent, **gone}, "collective failed", now)
+        if not gone:
+            if failures_in_a_row + 1 >= rules.evict_after and len(members) > 1:
+                evicted = culprit(members, views)
+                why = f"evicted after {failures_in_a_row + 1} failed epochs in a row with the same members (the culprit)"
+                return without(current, views, {evicted: why}, "collective failed repeatedly", now)
+            return Decision(epoch=successor(current, members, views, "collective failed", now), repeated_failure=True)
+        return without(current, views, gone, "collective failed", now)
     if gone:
-        return _replace(current, tuple(m for m in members if m not in gone), gone, "departed", now)
+        return without(current, views, gone, "departed", now)
     return Decision()
 
 
-def _replace(current: Epoch, alive: tuple[str, ...], left: dict[str, str], reason: str, now: float) -> Decision:
-    """The epoch after `current` loses `left`, or the end of the run when nobody is left."""
+def without(current: Epoch, views: dict[str, IslandView], left: dict[str, str], reason: str, now: float) -> Decision:
+    """The epoch after `current` loses `left` (with why), or the end of the run when nobody is left."""
+    alive = tuple(m for m in current.members if m not in left)
     if alive:
-        return Decision(epoch=successor(current, alive, reason, now), left=left)
+        return Decision(epoch=successor(current, alive, views, reason, now), left=left)
     return Decision(left=left, ended="; ".join(f"{i}: {why}" for i, why in left.items()))
 
 
-def successor(current: Epoch, members: tuple[str, ...], reason: str, now: float) -> Epoch:
-    """The next epoch: number + 1, the given members in that order."""
-    return Epoch(current.number + 1, members, current.local_ranks, reason, now)
+def successor(current: Epoch, members: tuple[str, ...], views: dict[str, IslandView], reason: str, now: float) -> Epoch:
+    """The next epoch: number + 1, the given members (sorted) with their current incarnations."""
+    ordered = tuple(sorted(members))
+    return Epoch(current.number + 1, ordered, current.local_ranks, reason, tuple(views[m].registration.incarnation for m in ordered), now)

@@ -1,85 +1,66 @@
-"""The store-key protocol between islands and the coordinator.
+"""The request/response protocol between islands and the coordinator.
 
-The coordinator hosts a torch `TCPStore`; islands are its clients. Keys:
+The coordinator is a small HTTP/1.1 service (`atoll.mesh.coordinator`). Everything is JSON;
+nothing is unpickled. Two endpoints:
 
-    atoll/registrations          appended "<island_id>," by each island leader as it arrives
-    atoll/island/<id>            the island's Registration (JSON), written before the append
-    atoll/epoch/latest           number of the newest epoch (decimal text); absent before epoch 0
-    atoll/epoch/<n>              Epoch <n> (JSON)
-    atoll/epoch/<n>/error        why epoch <n> could not form (text); islands waiting for it exit
-    atoll/epoch/<n>/pg/<k>/<s>/  the store namespace of epoch <n>'s global group for local rank k,
-                                 stream s (comm.streams rings per local rank)
-    atoll/island/<id>/refused    why the coordinator refuses island <id> (text); it exits
-    atoll/ended                  why the run is over (every member left); joiners exit
-    atoll/heartbeat/<id>         a counter the island's leader adds 1 to every heartbeat interval
-    atoll/leaving/<id>           the island's deathrattle: why it is leaving (text); deleted when
-                                 the same id registers again
-    atoll/epoch/<n>/next         number of the epoch that replaced epoch <n> (it is dissolved)
-    atoll/epoch/<n>/barrier/<b>  a counter: members of epoch <n> that reached barrier <b>
-                                 ("enter", "outer-<s>")
-    atoll/epoch/<n>/failed/<id>  island <id>'s report that a global collective of epoch <n> failed
-    atoll/epoch/<n>/result/<id>  island <id>'s latest StepResult in epoch <n> ("<s> ok <digest>")
-    atoll/epoch/<n>/outcome/<s>  the outcome of outer step <s> in epoch <n>, set once with
-                                 compare_set: "commit <next epoch>", "diverged" or "abort"
+    GET  /hello   public facts: {"run_id", "boot", "store_port"}; no authentication, no state
+    POST /rpc     one authenticated request: the body is a JSON object
+                  {"op", "island", "incarnation", "channel", "boot", "seq", "args"} and the header
+                  X-Atoll-Mac holds its MAC under the run key (see `atoll.mesh.auth`); the answer
+                  is a JSON object whose X-Atoll-Mac is the MAC of (request MAC, answer body).
 
-Writers: only the coordinator writes epoch keys, except that an island that finds epoch <n>
-dissolved sets a missing outcome to "abort" (compare_set makes the first writer win, so every
-island reads the same outcome); only an island's local rank 0 writes its own island, heartbeat,
-leaving, barrier, failed and result keys. Nothing read from the store is unpickled: values are
-JSON or text.
+Sequence numbers count up per channel (each thread of an island talks on its own channel and
+connection), so the coordinator can refuse a replay without requiring ordering across threads.
+
+Status codes: 200 answered; 401 refused (bad MAC, replayed or out-of-order sequence number: the
+coordinator counts it and changes nothing); 409 the request names another boot of the
+coordinator (it restarted: fetch /hello again and resend); 400 malformed.
+
+Ops (args -> answer). Waits are long-polls: the coordinator answers as soon as the awaited event
+happens, or after `wait_s` with nothing, and the island asks again (so waits are event-driven,
+yet no request outlives a restart of either side by long).
+
+    register    {local_ranks, fingerprint}      -> {} | {"refused": why}
+    beat        {seen, wait_s}                   -> {"latest", "ended", "known"}: a heartbeat that
+                                                    waits up to wait_s for an epoch newer than
+                                                    `seen`; the connection it arrives on is this
+                                                    incarnation's control connection, and its
+                                                    closing tells the coordinator the process died
+    latest      {}                               -> {"latest", "ended", "known"} (no waiting; for the
+                                                    island's other local ranks)
+    leave       {reason}                         -> {}  (the deathrattle)
+    admission   {after, wait_s}                  -> {"epoch" | "ended" | "refused" | "status"}:
+                                                    the newest epoch after `after` that has this
+                                                    incarnation as a member
+    barrier     {epoch, name, wait_s}            -> {"passed"} | {"dissolved"} | {}
+    report      {epoch, what, blamed}            -> {}  (a global collective of epoch failed)
+    result      {epoch, step, round, ok, digest, wait_s}
+                                                 -> {"outcome": "commit"|"resync"|"abort", "next",
+                                                    "source"} | {}
+    next_epoch  {epoch, wait_s}                  -> {"next": n} | {}
+    epoch       {number}                         -> {"epoch"}
+
+Ops are idempotent where a retry may repeat them (register of the same incarnation, barrier
+arrivals, reports, results), so an island that lost an answer to a blip or a coordinator
+restart simply asks again.
 """
 
 from __future__ import annotations
 
-PREFIX = "atoll/"
-REGISTRATIONS = PREFIX + "registrations"
-LATEST_EPOCH = PREFIX + "epoch/latest"
-ENDED = PREFIX + "ended"
+import json
+from typing import Any
+
+HELLO_PATH = "/hello"
+RPC_PATH = "/rpc"
+MAC_HEADER = "X-Atoll-Mac"
+REFUSED, STALE_BOOT, MALFORMED = 401, 409, 400
 
 
-def island_key(island_id: str) -> str:
-    return f"{PREFIX}island/{island_id}"
+def canonical(obj: Any) -> bytes:
+    """The one byte form of a JSON message that MACs are computed over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def epoch_key(number: int) -> str:
-    return f"{PREFIX}epoch/{number}"
-
-
-def epoch_error_key(number: int) -> str:
-    return f"{PREFIX}epoch/{number}/error"
-
-
-def group_prefix(epoch: int, local_rank: int, stream: int) -> str:
-    return f"{PREFIX}epoch/{epoch}/pg/{local_rank}/{stream}/"
-
-
-def refused_key(island_id: str) -> str:
-    return f"{PREFIX}island/{island_id}/refused"
-
-
-def heartbeat_key(island_id: str) -> str:
-    return f"{PREFIX}heartbeat/{island_id}"
-
-
-def leaving_key(island_id: str) -> str:
-    return f"{PREFIX}leaving/{island_id}"
-
-
-def next_epoch_key(number: int) -> str:
-    return f"{PREFIX}epoch/{number}/next"
-
-
-def barrier_key(number: int, name: str) -> str:
-    return f"{PREFIX}epoch/{number}/barrier/{name}"
-
-
-def failed_key(number: int, island_id: str) -> str:
-    return f"{PREFIX}epoch/{number}/failed/{island_id}"
-
-
-def result_key(number: int, island_id: str) -> str:
-    return f"{PREFIX}epoch/{number}/result/{island_id}"
-
-
-def outcome_key(number: int, outer_step: int) -> str:
-    return f"{PREFIX}epoch/{number}/outcome/{outer_step}"
+def request_body(op: str, island: str, incarnation: str, channel: str, boot: str, seq: int, args: dict[str, Any]) -> bytes:
+    """A request; `seq` counts up on each (island, incarnation, channel): one channel per thread."""
+    return canonical({"op": op, "island": island, "incarnation": incarnation, "channel": channel, "boot": boot, "seq": seq, "args": args})

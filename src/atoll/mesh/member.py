@@ -1,0 +1,172 @@
+"""The island's side of the run's protocol, as the outer step uses it: one home for every exchange.
+
+`MeshMember` is what `atoll.sync` calls at outer boundaries: `barrier`, `outcome`, `next_epoch`,
+`epoch_named`, `dissolved`. Local rank 0 (the leader) asks the coordinator; it hands the answer to
+the island's other local ranks over the island's control group (a gloo group with a long timeout:
+they wait as long as the leader waits), so every local rank of an island moves as one.
+
+Failure semantics: see `atoll.mesh.client` (retries through blips and coordinator restarts; waits
+end when the coordinator decides). A leader that raises makes its island's other ranks fail at
+their next control-group collective, and the island leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from atoll.config import MeshConfig
+from atoll.island import Island, broadcast_ints
+from atoll.mesh.auth import run_token
+from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, register, wait_for_admission
+from atoll.mesh.membership import Epoch
+
+ABORT, COMMIT, RESYNC = 0, 1, 2
+OUTCOMES = {"abort": ABORT, "commit": COMMIT, "resync": RESYNC}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The coordinator's word on one attempt at an outer step."""
+
+    kind: int
+    """ABORT, COMMIT or RESYNC."""
+    next_epoch: int
+    """The epoch to be in afterwards (a commit may admit joiners)."""
+    source: int
+    """With RESYNC: the member whose outer state everyone takes."""
+
+
+@dataclass
+class MeshMember:
+    """This process's place in the run: island id, incarnation, the current epoch, and (on local
+    rank 0) the coordinator client and heartbeat."""
+
+    island_id: str
+    incarnation: str
+    epoch: Epoch
+    store_address: tuple[str, int]
+    island: Island
+    client: CoordinatorClient
+    """Local rank 0's talks to the coordinator; the other ranks' only asks `latest`."""
+    heartbeat: Heartbeat | None
+    log: Callable[[str], None] = print
+
+    @property
+    def index(self) -> int:
+        """This island's rank among the epoch's islands."""
+        return self.epoch.index_of(self.island_id)
+
+    @property
+    def world(self) -> int:
+        """Islands in the epoch."""
+        return self.epoch.world
+
+    def _leader(self, values: list[int]) -> list[int]:
+        return broadcast_ints(values, self.island)
+
+    def barrier(self, name: str) -> bool:
+        """True when every member of the epoch reached barrier `name`; False if the epoch was
+        dissolved first (a member died, hung or left). Unbounded while the peers are alive."""
+        passed = -1
+        if self.island.is_leader:
+            answer = self.client.wait("barrier", {"epoch": self.epoch.number, "name": name}, f"the other islands at {name}", self.log)
+            passed = int("passed" in answer)
+        return bool(self._leader([passed])[0])
+
+    def outcome(self, outer_step: int, round_: int, ok: bool, digest: str, error: str, blamed: str | None) -> Outcome:
+        """Report a failure (if any), post this island's result and wait for the step's outcome."""
+        values = [-1, -1, -1]
+        if self.island.is_leader:
+            number = self.epoch.number
+            if not ok:
+                self.client.call("report", {"epoch": number, "what": error or "a local rank's collective failed", "blamed": blamed})
+            answer = self.client.wait(
+                "result", {"epoch": number, "step": outer_step, "round": round_, "ok": ok, "digest": digest},
+                f"the outcome of outer step {outer_step}", self.log,
+            )
+            values = [OUTCOMES[answer["outcome"]], int(answer["next"]), int(answer["source"])]
+        return Outcome(*self._leader(values))
+
+    def report_failure(self, what: str) -> None:
+        """Tell the coordinator that entering the current epoch failed here (local rank 0)."""
+        if self.island.is_leader:
+            self.client.call("report", {"epoch": self.epoch.number, "what": what, "blamed": None})
+
+    def next_epoch(self) -> int:
+        """Wait until the current epoch is dissolved; the newest epoch's number."""
+        number = -1
+        if self.island.is_leader:
+            number = int(self.client.wait("next_epoch", {"epoch": self.epoch.number}, "the next epoch", self.log)["next"])
+        return self._leader([number])[0]
+
+    def epoch_named(self, number: int) -> Epoch:
+        """Epoch `number` as the coordinator published it, on every local rank."""
+        text = ""
+        if self.island.is_leader:
+            text = json.dumps(self.client.call("epoch", {"number": number})["epoch"])
+        return Epoch.from_dict(json.loads(_broadcast_text(text, self.island)))
+
+    def dissolved(self, number: int) -> bool:
+        """Whether epoch `number` has been replaced (the leader reads its heartbeat's news)."""
+        if self.heartbeat is not None:
+            return self.heartbeat.latest > number
+        return int(self.client.call("latest", {})["latest"]) > number
+
+    def leave(self, reason: str) -> None:
+        """Stop heartbeating and send the deathrattle (local rank 0; a no-op elsewhere).
+
+        Best effort: if the coordinator is unreachable there is nobody left to tell.
+        """
+        if self.heartbeat is None:
+            return
+        self.heartbeat.stop()
+        try:
+            self.client.retry_s = 2.0
+            self.client.call("leave", {"reason": reason})
+        except Exception:  # noqa: BLE001 - a deathrattle never masks why the island is leaving
+            pass
+
+
+def _broadcast_text(text: str, island: Island) -> str:
+    """Local rank 0's text on every local rank, over the control group."""
+    if island.world == 1:
+        return text
+    length = broadcast_ints([len(text.encode())], island)[0]
+    payload = torch.zeros(length, dtype=torch.uint8)
+    if island.is_leader:
+        payload.copy_(torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8))
+    dist.broadcast(payload, src=0, group=island.control)
+    return bytes(payload.tolist()).decode()
+
+
+def retry_budget(cfg: MeshConfig) -> float:
+    """How long an island keeps retrying a lost coordinator: a restart or a blip of up to the
+    heartbeat timeout is ridden through, with room for the coordinator's own start-up."""
+    return max(3 * cfg.heartbeat_timeout_s, cfg.connect_timeout_s)
+
+
+def join_mesh(cfg: MeshConfig, island_id: str, island: Island, fingerprint: dict[str, Any], log: Callable[[str], None]) -> MeshMember:
+    """Connect, register and heartbeat (local rank 0), and wait until an epoch has this island.
+
+    `mesh.join_timeout_s` bounds reaching the coordinator and registering; the wait for admission
+    (the run's start, or the next outer step of a running run) is unbounded while the run lives.
+    """
+    token = run_token(cfg.token)
+    incarnation = _broadcast_text(new_incarnation() if island.is_leader else "", island)
+    channel = "main" if island.is_leader else f"rank{island.rank}"
+    client = CoordinatorClient(cfg.coordinator, island_id, incarnation, token, min(cfg.connect_timeout_s, cfg.join_timeout_s), retry_budget(cfg), channel)
+    heartbeat = None
+    epoch_text = ""
+    if island.is_leader:
+        register(client, island.world, fingerprint)
+        beat = CoordinatorClient(cfg.coordinator, island_id, incarnation, token, cfg.connect_timeout_s, retry_budget(cfg), "beat")
+        heartbeat = Heartbeat(beat, cfg.heartbeat_interval_s)
+        epoch_text = json.dumps(wait_for_admission(client, -1, log).to_dict())
+    epoch = Epoch.from_dict(json.loads(_broadcast_text(epoch_text, island)))
+    return MeshMember(island_id, incarnation, epoch, client.store_address, island, client, heartbeat, log)
