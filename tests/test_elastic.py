@@ -18,7 +18,7 @@ from conftest import read_metrics, run_atoll
 
 from atoll.errors import UserError
 from atoll.faults import Fault, parse_faults
-from atoll.mesh.membership import Epoch, IslandView, Registration, StepResult, decide
+from atoll.mesh.membership import Epoch, IslandView, Registration, Rules, StepResult, decide
 from atoll.simulate import Scenario, Signal, Start
 
 TIMEOUT_S = 150
@@ -32,14 +32,15 @@ JOIN_OUTER_STEPS = 40
 
 
 def views(*ids: str, heard_at: float = 100.0) -> dict[str, IslandView]:
-    return {i: IslandView(Registration(i, 1), heard_at=heard_at) for i in ids}
+    return {i: IslandView(Registration(i, f"inc-{i}", 1), heard_at=heard_at) for i in ids}
 
 
-EPOCH = Epoch(4, ("a", "b", "c"), 1)
+EPOCH = Epoch(4, ("a", "b", "c"), 1, "start", ("inc-a", "inc-b", "inc-c"))
+RULES = Rules(HEARTBEAT_TIMEOUT_S, GRACE_S, evict_after=3)
 
 
-def decide_at(v: dict[str, IslandView], now: float = 101.0, decided: int = 0):
-    return decide(EPOCH, v, decided, now, HEARTBEAT_TIMEOUT_S, GRACE_S)
+def decide_at(v: dict[str, IslandView], now: float = 101.0, decided: tuple[int, int] = (0, 0), failures: int = 0):
+    return decide(EPOCH, v, decided, now, RULES, failures)
 
 
 def test_nothing_is_decided_while_every_member_is_alive_and_training():
@@ -54,36 +55,58 @@ def test_a_step_commits_when_every_member_posted_ok_with_the_same_digest():
     assert decide_at(v).outcome is None  # c has not posted yet
     v["c"].result = StepResult(7, True, "d1")
     decision = decide_at(v)
-    assert (decision.outcome, decision.step, decision.epoch) == ("commit", 7, None)
-    assert decide_at(v, decided=7).outcome is None  # decided once
+    assert (decision.outcome, decision.step, decision.epoch) == ("commit", (7, 0), None)
+    assert decide_at(v, decided=(7, 0)).outcome is None  # decided once
 
 
-def test_different_digests_are_diverged_not_committed():
+def test_different_digests_resync_from_the_majority_not_diverge():
     v = views("a", "b", "c")
-    for island, digest in zip("abc", ["d1", "d1", "d2"]):
+    for island, digest in zip("abc", ["d2", "d1", "d1"]):
         v[island].result = StepResult(3, True, digest)
-    assert decide_at(v).outcome == "diverged"
-
-
-def test_joiners_are_admitted_at_the_commit_after_the_members():
-    v = {**views("a", "b", "c"), **views("new")}
-    assert decide_at(v).epoch is None  # not between outer steps
-    for island in "abc":
-        v[island].result = StepResult(2, True, "d")
     decision = decide_at(v)
+    assert (decision.outcome, decision.step, decision.source) == ("resync", (3, 0), 1)  # b: first holder of the majority
+    assert decision.digests == {"a": "d2", "b": "d1", "c": "d1"} and decision.epoch is None
+    for island in "abc":  # the next round of the same step is decided anew
+        v[island].result = StepResult(3, True, "d1", round=1)
+    assert decide_at(v, decided=(3, 0)).outcome == "commit"
+
+
+def test_a_tie_between_digests_resyncs_from_the_first_member():
+    v = views("a", "b")
+    v["a"].result, v["b"].result = StepResult(3, True, "x"), StepResult(3, True, "y")
+    assert decide(Epoch(0, ("a", "b"), 1, "start", ("inc-a", "inc-b")), v, (0, 0), 101.0, RULES).source == 0
+
+
+def test_joiners_are_admitted_at_the_commit_in_id_order():
+    v = {**views("b", "c", "d"), **views("a")}
+    epoch = Epoch(4, ("b", "c", "d"), 1, "start", ("inc-b", "inc-c", "inc-d"))
+    assert decide(epoch, v, (0, 0), 101.0, RULES).epoch is None  # not between outer steps
+    for island in "bcd":
+        v[island].result = StepResult(2, True, "d")
+    decision = decide(epoch, v, (0, 0), 101.0, RULES)
     assert decision.outcome == "commit"
-    assert decision.epoch.members == ("a", "b", "c", "new") and decision.epoch.number == 5
-    assert decision.joined == ("new",)
+    assert decision.epoch.members == ("a", "b", "c", "d") and decision.epoch.number == 5
+    assert decision.epoch.incarnations == ("inc-a", "inc-b", "inc-c", "inc-d")
+    assert decision.joined == ("a",)
 
 
-def test_after_a_failure_report_the_silent_are_dropped_once_the_grace_has_passed():
+def test_after_a_failure_report_an_island_alive_but_silent_is_kept():
     v = views("a", "b", "c")
     v["a"].failed_at = 100.0
     v["b"].result = StepResult(2, True, "d")  # its ring finished: alive
     assert decide_at(v, now=100.2).epoch is None  # c may still report
     decision = decide_at(v, now=100.0 + GRACE_S + 0.01)
+    assert decision.epoch.members == ("a", "b", "c")  # c is busy in its ring, not gone
+    assert decision.left == {} and decision.repeated_failure
+
+
+def test_after_a_failure_report_only_the_gone_are_dropped():
+    v = views("a", "b", "c")
+    v["a"].failed_at = 100.0
+    v["c"].lost_at = 100.05  # its control connection closed: the process died
+    decision = decide_at(v, now=100.0 + GRACE_S + 0.01)
     assert decision.epoch.members == ("a", "b")
-    assert decision.left == {"c": "silent after a failed collective"}
+    assert decision.left == {"c": "its control connection closed (process gone)"} and not decision.repeated_failure
 
 
 def test_a_failure_is_decided_at_once_when_every_member_is_accounted_for():
@@ -94,11 +117,33 @@ def test_a_failure_is_decided_at_once_when_every_member_is_accounted_for():
     assert decision.epoch.members == ("a", "b", "c") and decision.left == {}
 
 
-def test_a_deathrattle_drops_an_island_at_once_and_a_stale_heartbeat_at_the_timeout():
+def test_the_same_members_failing_again_and_again_evict_the_island_the_reports_blame():
+    v = views("a", "b", "c")
+    for island, blamed in zip("abc", ["c", "c", "b"]):
+        v[island].failed_at, v[island].blamed = 100.0, blamed
+    assert decide_at(v, now=100.01, failures=1).epoch.members == ("a", "b", "c")  # second failure: retried
+    decision = decide_at(v, now=100.01, failures=2)  # third in a row: the culprit goes
+    assert decision.epoch.members == ("a", "b")
+    assert "evicted after 3 failed epochs" in decision.left["c"]
+
+
+def test_without_blame_the_most_recent_joiner_is_evicted():
+    v = views("a", "b", "c")
+    v["a"].admitted, v["b"].admitted, v["c"].admitted = 0, 3, 1
+    for island in "abc":
+        v[island].failed_at = 100.0
+    assert decide_at(v, now=100.01, failures=2).epoch.members == ("a", "c")
+
+
+def test_a_deathrattle_or_closed_connection_drops_an_island_at_once_and_a_stale_heartbeat_at_the_timeout():
     v = views("a", "b", "c")
     v["b"].leaving = "SystemExit: 143"
     decision = decide_at(v)
     assert decision.epoch.members == ("a", "c") and decision.left == {"b": "left (SystemExit: 143)"}
+
+    v = views("a", "b", "c")
+    v["a"].lost_at = 100.9
+    assert decide_at(v).epoch.members == ("b", "c")
 
     v = views("a", "b", "c")
     v["c"].heard_at = 100.0 - HEARTBEAT_TIMEOUT_S + 0.5
@@ -113,11 +158,6 @@ def test_a_run_whose_members_all_left_has_ended_even_with_joiners_waiting():
         v[island].leaving = "finished"
     decision = decide_at(v)
     assert decision.epoch is None and decision.ended and decision.joined == ()
-
-
-def test_step_results_survive_their_text_form():
-    for result in (StepResult(12, True, "ab" * 32), StepResult(3, False)):
-        assert StepResult.from_text(result.to_text().encode()) == result
 
 
 # --- scenarios ---------------------------------------------------------------------------------------

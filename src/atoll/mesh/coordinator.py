@@ -155,8 +155,10 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stop.set()
-        self.server.shutdown()
+        if self._threads:
+            self.server.shutdown()  # waits for serve_forever, which only start() runs
         self.server.server_close()
+        self.server.close_connections()
         with self._cond:
             self._cond.notify_all()
         for thread in self._threads:
@@ -480,7 +482,18 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], coordinator: Coordinator) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.coordinator = coordinator
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def close_connections(self) -> None:
+        """End every open connection, as the death of the process would."""
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -489,11 +502,15 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def handle(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
         try:
             super().handle()
         except OSError:
             pass
         finally:
+            with self.server.connections_lock:
+                self.server.connections.discard(self.connection)
             self.server.coordinator.connection_closed(id(self))
 
     def do_GET(self) -> None:
