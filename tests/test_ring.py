@@ -314,3 +314,38 @@ def test_survivors_raise_ring_error_at_the_deadline_when_a_peer_stops(tmp_path):
     assert max(elapsed) >= STOP_DEADLINE_S  # someone waited out the deadline: nothing else ended it
     assert max(elapsed) < STOP_DEADLINE_S + SLACK_S
     assert any("Timed out" in message for *_, message, _ in out)
+
+
+# --- authenticated payloads ------------------------------------------------------------------------
+
+RING_KEY = bytes(range(32))
+
+
+def _island_keyed(rank: int, world: int, store_path: str, results, keys: list[bytes | None]) -> None:
+    torch.set_num_threads(1)
+    group = make_group(dist.FileStore(store_path, world), rank, world, "keyed/")
+    values = island_values(rank, 1009)
+    try:
+        sent, recv = ring_all_reduce_mean_(values, group, get_codec("int8"), DEADLINE_S, SMALL_CHUNK_BYTES, key=keys[rank])
+        results.put((rank, "finished", digest(values), sent))
+    except RingError as error:
+        results.put((rank, "RingError", str(error), 0))
+
+
+@pytest.mark.timeout(PROCESS_TIMEOUT_S)
+def test_payloads_with_the_epoch_key_give_the_same_bits_plus_a_tag_per_transfer(tmp_path):
+    plain, _ = run_islands(3, _island_keyed, tmp_path / "plain", [None] * 3)
+    keyed, codes = run_islands(3, _island_keyed, tmp_path / "keyed", [RING_KEY] * 3)
+    assert codes == [0, 0, 0]
+    assert [row[1] for row in keyed] == ["finished"] * 3
+    assert {row[2] for row in keyed} == {row[2] for row in plain} and len({row[2] for row in keyed}) == 1
+    transfers = 2 * (3 - 1)  # one chunk per segment at this size
+    assert [k[3] - p[3] for k, p in zip(keyed, plain)] == [transfers * 32] * 3
+
+
+@pytest.mark.timeout(PROCESS_TIMEOUT_S)
+def test_a_payload_without_the_epoch_key_is_refused_before_it_is_decoded(tmp_path):
+    out, _ = run_islands(3, _island_keyed, tmp_path / "store", [RING_KEY, bytes(32), RING_KEY], reporting=3)
+    by_rank = {rank: (outcome, message) for rank, outcome, message, _ in out}
+    assert by_rank[2][0] == "RingError" and "MAC does not verify" in by_rank[2][1] and "from rank 1" in by_rank[2][1]
+    assert all(outcome == "RingError" for outcome, _ in by_rank.values())  # nobody ends with accepted data

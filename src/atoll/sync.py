@@ -293,7 +293,7 @@ class IslandSync:
                 groups = global_groups(self.member.store_address, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
                 self.mean = GlobalMean(
                     groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire,
-                    abandoned=lambda number=epoch.number: self.member.dissolved(number),
+                    abandoned=lambda number=epoch.number: self.member.dissolved(number), key=self.member.epoch_key(),
                 )
                 self._share_state()
             except RuntimeError as err:

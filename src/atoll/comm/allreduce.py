@@ -55,7 +55,7 @@ class GlobalMean:
 
     def __init__(
         self, groups: list[dist.ProcessGroup], codec: Codec, deadline_s: float, chunk_bytes: int, wire: WireStats | None = None,
-        abandoned: Callable[[], bool] | None = None,
+        abandoned: Callable[[], bool] | None = None, key: bytes | None = None,
     ) -> None:
         if not groups:
             raise ValueError("GlobalMean needs at least one process group")
@@ -68,6 +68,8 @@ class GlobalMean:
         self.calls = 0  # equal on every island: it keeps each call's ring tags apart
         self.abandoned = abandoned
         """True once the rings' epoch is over: mean_ then stops waiting for them (see the module doc)."""
+        self.key = key
+        """The epoch key every ring payload is authenticated with (None: no MACs)."""
 
     @property
     def control_group(self) -> dist.ProcessGroup:
@@ -118,4 +120,4 @@ class GlobalMean:
         return outcome[0]
 
     def _ring(self, part: torch.Tensor, group: dist.ProcessGroup, sequence: int) -> tuple[int, int]:
-        return ring_all_reduce_mean_(part, group, self.codec, self.deadline_s, self.chunk_bytes, sequence)
+        return ring_all_reduce_mean_(part, group, self.codec, self.deadline_s, self.chunk_bytes, sequence, self.key)

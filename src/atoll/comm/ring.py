@@ -17,6 +17,12 @@ and encoded. Encoded chunk sizes depend only on numel, world, chunk_bytes and th
 receiver preallocates its buffers. Tags encode (call sequence, step, chunk), so successive calls
 on a group never match each other's messages; different groups have their own connections.
 
+Authentication: with a `key` (the epoch key, `atoll.mesh.auth.epoch_key`), every payload carries
+a 32-byte HMAC-SHA256 tag over the transfer's identity (call, step, chunk, sender) and its bytes,
+and the receiver checks it before a byte is decoded or summed. A forwarder tags the bytes it
+forwards under its own identity. A payload that fails the check (injected by someone without
+the key, replayed from another step or epoch) raises RingError: the group failed, like any failure.
+
 Failure semantics: `deadline_s` bounds every single wait for a transfer (a progress deadline, not
 one for the whole call, which may take longer while data keeps flowing). A dead peer (closed
 socket) makes the ring raise `RingError` at once; a silent one after `deadline_s`. gloo then
@@ -26,6 +32,8 @@ tensor's contents are undefined and the group is unusable: the caller ends the e
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -36,6 +44,7 @@ import torch.distributed as dist
 from atoll.comm.codecs import Codec
 
 FP32_BYTES = 4
+TAG_BYTES = 32
 MESSAGE_TAG_BITS = 20
 """Tags are (call sequence << 20) | message: a call may send 2^20 messages (steps x chunks)."""
 SEQUENCE_TAG_PERIOD = 2 ** (31 - MESSAGE_TAG_BITS)
@@ -54,14 +63,16 @@ def ring_all_reduce_mean_(
     deadline_s: float,
     chunk_bytes: int,
     sequence: int = 0,
+    key: bytes | None = None,
 ) -> tuple[int, int]:
     """Replace a contiguous 1-D CPU fp32 tensor by its mean over `group`, in place.
 
     Every member must call with the same numel, codec, chunk_bytes and `sequence` (the index of
-    this call on this group; it picks the tags). Returns (bytes sent, bytes received): encoded
+    this call on this group; it picks the tags), and the same `key` (None: payloads carry no
+    MAC). Returns (bytes sent, bytes received): encoded
     payload bytes this member put on and took off the wire. World 1 is a no-op returning (0, 0).
     Raises RingError on a dead peer at once and on a silent one after `deadline_s` without
-    progress; `tensor` is then undefined.
+    progress, or on a payload whose MAC does not verify; `tensor` is then undefined.
     """
     if tensor.dtype != torch.float32 or tensor.dim() != 1 or not tensor.is_contiguous() or tensor.is_cuda:
         raise ValueError(f"the ring averages contiguous 1-D CPU fp32 tensors, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
@@ -70,16 +81,18 @@ def ring_all_reduce_mean_(
     world = group.size()
     if world == 1:
         return 0, 0
-    return _Ring(tensor, group, codec, timedelta(seconds=deadline_s), chunk_bytes, sequence).run()
+    return _Ring(tensor, group, codec, timedelta(seconds=deadline_s), chunk_bytes, sequence, key).run()
 
 
 class _Ring:
     """One call's schedule and in-flight transfers."""
 
     def __init__(
-        self, tensor: torch.Tensor, group: dist.ProcessGroup, codec: Codec, deadline: timedelta, chunk_bytes: int, sequence: int
+        self, tensor: torch.Tensor, group: dist.ProcessGroup, codec: Codec, deadline: timedelta, chunk_bytes: int, sequence: int,
+        key: bytes | None,
     ) -> None:
-        self.group, self.codec, self.deadline = group, codec, deadline
+        self.group, self.codec, self.deadline, self.key = group, codec, deadline, key
+        self.tag_bytes = TAG_BYTES if key is not None else 0
         self.world, self.rank = group.size(), group.rank()
         self.left, self.right = (self.rank - 1) % self.world, (self.rank + 1) % self.world
         segments = tensor.tensor_split(self.world)
@@ -91,7 +104,7 @@ class _Ring:
         self.tag_base = (sequence % SEQUENCE_TAG_PERIOD) << MESSAGE_TAG_BITS
         # two receive buffers per chunk index (steps alternate), sized for the longest chunk
         longest = [max(self.chunks[s][c].numel() for s in range(self.world)) for c in range(self.num_chunks)]
-        self.buffers = [[torch.empty(codec.encoded_size(n), dtype=torch.uint8) for _ in range(2)] for n in longest]
+        self.buffers = [[torch.empty(codec.encoded_size(n) + self.tag_bytes, dtype=torch.uint8) for _ in range(2)] for n in longest]
         self.receiving: dict[int, tuple[dist.Work, torch.Tensor]] = {}
         self.sending: dict[int, list[tuple[int, dist.Work, torch.Tensor]]] = {c: [] for c in range(self.num_chunks)}
         self.sent = self.received = 0
@@ -111,11 +124,33 @@ class _Ring:
     def post_recv(self, step: int, chunk: int) -> None:
         numel = self.chunks[self.recv_segment(step)][chunk].numel()
         if numel:
-            buffer = self.buffers[chunk][step % 2][: self.codec.encoded_size(numel)]
+            buffer = self.buffers[chunk][step % 2][: self.codec.encoded_size(numel) + self.tag_bytes]
             with self.failing_as(f"posting the receive of step {step} chunk {chunk} from rank {self.left}"):
                 self.receiving[chunk] = (self.group.recv([buffer], self.left, self.tag(step, chunk)), buffer)
 
+    def mac(self, step: int, chunk: int, sender: int, payload: torch.Tensor) -> bytes:
+        """The tag of `payload` as sent by `sender` at (step, chunk) of this call."""
+        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        mac.update(f"{self.tag(step, chunk)}/{sender}/{self.world}/".encode())
+        mac.update(memoryview(payload.numpy()))
+        return mac.digest()
+
+    def payload_of(self, step: int, chunk: int, buffer: torch.Tensor) -> torch.Tensor:
+        """The payload of a received buffer, after checking its tag (RingError if it fails)."""
+        if self.key is None:
+            return buffer
+        payload, tag = buffer[: -self.tag_bytes], buffer[-self.tag_bytes:]
+        if not hmac.compare_digest(self.mac(step, chunk, self.left, payload), bytes(tag.numpy())):
+            raise RingError(
+                f"ring all-reduce refused the payload of step {step} chunk {chunk} from rank {self.left} "
+                f"(rank {self.rank} of {self.world}): its MAC does not verify under the epoch key"
+            )
+        return payload
+
     def post_send(self, step: int, chunk: int, payload: torch.Tensor) -> None:
+        if self.key is not None:
+            tag = torch.frombuffer(bytearray(self.mac(step, chunk, self.rank, payload)), dtype=torch.uint8)
+            payload = torch.cat([payload, tag])
         with self.failing_as(f"posting the send of step {step} chunk {chunk} to rank {self.right}"):
             work = self.group.send([payload], self.right, self.tag(step, chunk))
         self.sending[chunk].append((step, work, payload))
@@ -154,7 +189,7 @@ class _Ring:
                     work, buffer = self.receiving.pop(c)
                     self.wait(work, f"receive of step {step} chunk {c} from rank {self.left}")
                     self.received += buffer.numel()
-                    payload = self.combine(step, values, buffer)
+                    payload = self.combine(step, values, self.payload_of(step, c, buffer))
                     if step + 1 < self.steps:
                         self.post_send(step + 1, c, payload)
                 if step + 1 < self.steps:

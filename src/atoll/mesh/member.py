@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from atoll.config import MeshConfig
 from atoll.island import Island, broadcast_ints
-from atoll.mesh.auth import run_token
+from atoll.mesh.auth import epoch_key, run_token
 from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, register, wait_for_admission
 from atoll.mesh.membership import Epoch
 
@@ -66,6 +66,10 @@ class MeshMember:
     def world(self) -> int:
         """Islands in the epoch."""
         return self.epoch.world
+
+    def epoch_key(self) -> bytes:
+        """The key of the current epoch's ring payloads (see `atoll.mesh.auth`)."""
+        return epoch_key(self.client.key, self.epoch.number, self.epoch.members, self.epoch.incarnations)
 
     def _leader(self, values: list[int]) -> list[int]:
         return broadcast_ints(values, self.island)
