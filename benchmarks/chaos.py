@@ -1,11 +1,14 @@
-"""A chaos run: islands killed (-9) and joining at random while DiLoCo trains, against a calm run.
+"""A chaos run: islands killed (-9), restarted and joining at random, and the coordinator
+restarted, while DiLoCo trains; against a calm run.
 
-    python benchmarks/chaos.py                     # 4 islands, 12 events, seed 0 (a few minutes on 2 cores)
-    python benchmarks/chaos.py --seed 3 --events 16
+    python benchmarks/chaos.py                     # 4 islands, 20 events, seed 0 (several minutes on 2 cores)
+    python benchmarks/chaos.py --seed 3 --events 24
 
-Draws a seeded random scenario for `atoll simulate --scenario`: the launcher SIGKILLs a random
-live island once a given outer step is logged, and starts islands (a new id, or one killed
-earlier coming back under its own id) at others, keeping at least two islands alive. Then runs
+Draws a seeded random scenario for `atoll simulate --scenario`: once a given outer step is
+logged, the launcher SIGKILLs a random live island, or kills one and starts it again at once
+under the same id (an operator's restart), or starts islands (a new id, or one killed earlier
+coming back under its own id), or crashes the coordinator and starts it again from its
+journal; at least two islands stay alive. Then runs
 the same config without faults. Prints the events, the world size over the outer steps, whether
 every island that finished holds the same outer weights (digests of every outer step compared
 across islands), the tokens each run trained on and both final validation losses.
@@ -30,9 +33,10 @@ EVENT_SPACING = 4
 
 
 def draw_scenario(rng: random.Random, islands: int, events: int) -> list[tuple[int, str, str]]:
-    """(after_outer, action, island) events: kill a live island or start a dead or new one.
+    """(after_outer, action, island) events: kill a live island, restart one (kill and start
+    under its id), start a dead or new one, or restart the coordinator.
 
-    An island lives at most twice (the launcher treats a returning island's exit as a failure,
+    An island dies at most once (the launcher treats a returning island's exit as a failure,
     so its second life is never killed); at least two islands are always alive.
     """
     alive = [f"island-{i}" for i in range(islands)]
@@ -43,7 +47,15 @@ def draw_scenario(rng: random.Random, islands: int, events: int) -> list[tuple[i
     for n in range(events):
         outer = FIRST_EVENT_OUTER + n * EVENT_SPACING
         killable = [i for i in alive if i not in killed_once]
-        if killable and len(alive) > 2 and (rng.random() < 0.5 or not dead):
+        roll = rng.random()
+        if roll < 0.15:
+            plan.append((outer, "restart", "coordinator"))
+        elif roll < 0.35 and killable:
+            island = rng.choice(killable)
+            killed_once.add(island)
+            plan.append((outer, "kill", island))
+            plan.append((outer, "start", island))
+        elif killable and len(alive) > 2 and (rng.random() < 0.5 or not dead):
             island = rng.choice(killable)
             alive.remove(island)
             dead.append(island)
@@ -64,8 +76,8 @@ def draw_scenario(rng: random.Random, islands: int, events: int) -> list[tuple[i
 def scenario_toml(plan: list[tuple[int, str, str]]) -> str:
     blocks = []
     for outer, action, island in plan:
-        if action == "kill":
-            blocks.append(f'[[signal]]\nisland = "{island}"\naction = "kill"\nafter_outer = {outer}\n')
+        if action in ("kill", "restart"):
+            blocks.append(f'[[signal]]\nisland = "{island}"\naction = "{action}"\nafter_outer = {outer}\n')
         else:
             blocks.append(f'[[start]]\nisland = "{island}"\nafter_outer = {outer}\n')
     return "\n".join(blocks)
@@ -115,7 +127,7 @@ def outcome(run_dir: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--islands", type=int, default=4, help="islands at the start")
-    parser.add_argument("--events", type=int, default=12, help="random kills and starts")
+    parser.add_argument("--events", type=int, default=20, help="random kills, restarts and starts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inner-steps", type=int, default=10, help="DiLoCo H")
     parser.add_argument("--steps", type=int, default=0, help="inner steps (default: room for every event and 10 outer steps after)")

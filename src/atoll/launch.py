@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
 from atoll.island import RANK_ENV
+
+LAUNCHER_PID_ENV = "ATOLL_LAUNCHER_PID"
+LAUNCHER_CHECK_S = 0.5
 
 
 def under_torchrun() -> bool:
@@ -36,6 +40,32 @@ def run_torchrun(nproc: int, train_args: list[str]) -> int:
         "--standalone", f"--nproc-per-node={nproc}",
         "-m", "atoll.cli", "train", *train_args,
     ]
-    env = dict(os.environ)
+    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.run(command, env=env).returncode
+
+
+def exit_with_launcher() -> None:
+    """In a rank started by `atoll train --nproc N`: exit as soon as that launcher is gone.
+
+    torchrun puts its workers in sessions of their own, so a launcher killed by any signal
+    (even SIGKILL, which it cannot pass on) would leave them training as orphans. A daemon
+    thread checks every LAUNCHER_CHECK_S that the launcher lives, and ends this process
+    (exit 1, no clean-up: the peers treat it as a crash) when it does not.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher is None:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(int(launcher), 0)
+            except ProcessLookupError:
+                print(f"atoll: the launcher (pid {launcher}) is gone; local rank exits", file=sys.stderr, flush=True)
+                os._exit(1)
+            except PermissionError:
+                pass  # alive, owned by someone else
+            threading.Event().wait(LAUNCHER_CHECK_S)
+
+    threading.Thread(target=watch, name="atoll-launcher-watch", daemon=True).start()

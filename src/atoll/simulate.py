@@ -60,6 +60,9 @@ class Start:
 
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}
+COORDINATOR = "coordinator"
+"""The target of the `restart` signal: the simulated coordinator is crashed and started again
+on the same ports with the same journal (what an operator restarting it would do)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ class Scenario:
         island = "island-1"
         action = "cont"          # kill, stop or cont, sent by the launcher
         after_outer = 4
+
+        [[signal]]
+        island = "coordinator"   # the coordinator: crashed and started again from its journal
+        action = "restart"
+        after_outer = 6
     """
 
     faults: dict[str, list[Fault]] = field(default_factory=dict)
@@ -97,8 +105,10 @@ class Scenario:
     signals: list[Signal] = field(default_factory=list)
 
     def add_signal(self, island: str, action: str, after_outer: int) -> None:
-        if action not in SIGNALS:
-            raise UserError(f"signal {action!r} for {island}: choose from {sorted(SIGNALS)}")
+        if island == COORDINATOR and action != "restart":
+            raise UserError(f"signal {action!r} for the coordinator: it takes only restart")
+        if island != COORDINATOR and action not in SIGNALS:
+            raise UserError(f"signal {action!r} for {island}: choose from {sorted(SIGNALS)} (restart is for the coordinator)")
         self.signals.append(Signal(island, action, after_outer))
 
     def add_fault(self, island: str, spec: str) -> None:
@@ -205,8 +215,13 @@ def simulate(
         if not signals and not pending:
             return  # nothing scripted: do not re-read every island's metrics on each tick
         reached = _outer_steps_logged(run_dir)
+        nonlocal coordinator
         while signals and signals[0].after_outer <= reached:
             sent = signals.pop(0)
+            if sent.island == COORDINATOR:
+                print("atoll: restarting the coordinator", flush=True)
+                coordinator = _restart_coordinator(coordinator, islands, wan, mesh, run_dir / EVENTS_FILE, env[TOKEN_ENV])
+                continue
             child = children.get(sent.island)
             if child is not None and child.poll() is None:
                 print(f"atoll: sending {sent.action} to {sent.island}", flush=True)
@@ -254,16 +269,25 @@ def _outer_steps_logged(run_dir: Path) -> int:
     return best
 
 
-def _start_coordinator(islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path, token: str) -> Coordinator:
+def _start_coordinator(
+    islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path, token: str, port: int = 0, store_port: int | None = None,
+) -> Coordinator:
     """On loopback; or, with a WAN, listening inside its own namespace on the emulated network."""
     rules = Rules(mesh.heartbeat_timeout_s, mesh.report_grace_s, mesh.evict_after)
 
     def make(host: str) -> Coordinator:
-        return Coordinator(host, 0, islands, rules, events, token, events.with_suffix(".journal"))
+        return Coordinator(host, port, islands, rules, events, token, events.with_suffix(".journal"), store_port)
 
     if wan is None:
         return make(LOOPBACK).start()
     return run_in_namespace(wan.coordinator_namespace, lambda: make(wan.coordinator_host)).start()
+
+
+def _restart_coordinator(old: Coordinator, islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path, token: str) -> Coordinator:
+    """Crash `old` (every connection closes, its memory is gone) and start another on its ports from its journal."""
+    port, store_port = old.port, old.store_port
+    old.stop()
+    return _start_coordinator(islands, wan, mesh, events, token, port, store_port)
 
 
 def _wait_all(

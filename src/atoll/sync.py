@@ -92,7 +92,8 @@ def island_first_sample(run_samples: int, island_index: int, global_batch: int) 
 class IslandSync:
     """Cross-island synchronisation for one local rank; inert when `member` is None.
 
-    Construction enters the member's epoch (a joiner receives the run's state there).
+    `start()` enters the member's epoch (a joiner receives the run's state there): call it after
+    restoring a checkpoint, so that the live state wins over a resumed island's older one.
     """
 
     def __init__(
@@ -114,12 +115,20 @@ class IslandSync:
         )
         self.outer_steps = 0
         self.skipped_in_a_row = 0
+        self.ring_s = 0.0
+        """Seconds of the last outer step spent in the rings themselves (the rest is protocol and waiting)."""
         self.notes: list[str] = []
         self._phase_start = time.perf_counter()
         self._sync_s = 0.0
         if member is not None:
-            self.has_state = member.epoch.number == 0
-            self._enter(member.epoch.number)
+            self.has_state = member.epoch.number == 0  # epoch 0 is formed by islands that start the run
+
+    def start(self) -> None:
+        """Enter the member's epoch (nothing when alone). In epoch 0 every island holds a state
+        (its checkpoint's, or the seeded initial weights) and the newest wins; a later joiner takes
+        the live state even when it resumed from a checkpoint."""
+        if self.member is not None:
+            self._enter(self.member.epoch.number)
 
     # --- the training loop's side ----------------------------------------------------------------
 
@@ -155,6 +164,7 @@ class IslandSync:
         compute_s = time.perf_counter() - self._phase_start
         start = time.perf_counter()
         outer_step = self.outer_steps + 1
+        self.ring_s = 0.0
         skipped, digest, attempts, epoch = self._outer_step(outer_step)
         sync_s = time.perf_counter() - start
         self._phase_start = time.perf_counter()
@@ -164,6 +174,7 @@ class IslandSync:
             "outer_step": outer_step,
             "compute_s": compute_s,
             "sync_s": sync_s,
+            "ring_s": self.ring_s,
             "utilization": compute_s / (compute_s + sync_s),
             "outer_digest": digest,
             "epoch": epoch.number,
@@ -222,10 +233,12 @@ class IslandSync:
             if self.island.is_leader:
                 self.faults.at("allreduce", outer_step)
             error = ""
+            ring_start = time.perf_counter()
             try:
                 self.diloco.average(self.mean)
             except RuntimeError as err:  # RingError, or gloo's own error on a broken group
                 error = str(err).splitlines()[0]
+            self.ring_s += time.perf_counter() - ring_start
             ok = all_ranks_ok(not error, self.island)
             check = self.island_digest(self.diloco.agreement_digest()) if ok else ""
             outcome = self.member.outcome(outer_step, round_, ok, check, error, blamed_peer(error, self.member.epoch))
@@ -305,28 +318,38 @@ class IslandSync:
         raise RuntimeError(f"could not enter an epoch in {self.cfg.mesh.enter_attempts} attempts in a row (mesh.enter_attempts); last: epoch {number}")
 
     def _share_state(self) -> None:
-        """If a member lacks the run's state, the first member holding it broadcasts it (raw tensors)."""
+        """Every member ends with the newest state any member holds (raw tensors over the group).
+
+        Members share (holds the run's state?, outer step, inner step). The source is the holder
+        with the most progress (lowest index on a tie); members that do not hold the state (a
+        joiner) or hold an older one (an island resumed from an older checkpoint) receive its outer
+        weights, momentum and progress. A joiner resumed from its checkpoint thus takes the live
+        state, and a whole run resumed from checkpoints continues from the newest of them. An
+        epoch in which nobody holds the state after the run has started raises.
+        """
         group = self.mean.control_group
-        mine = torch.tensor([int(self.has_state)], dtype=torch.int64)
+        mine = torch.tensor([int(self.has_state), self.outer_steps, self.state.step], dtype=torch.int64)
         everyone = [torch.empty_like(mine) for _ in range(group.size())]
         group.allgather([everyone], [mine]).wait()
-        holders = [i for i, flag in enumerate(everyone) if flag.item()]
-        if len(holders) == group.size():
-            return
+        table = [tuple(int(v) for v in row.tolist()) for row in everyone]
+        holders = [i for i, (holds, *_) in enumerate(table) if holds]
         if not holders:
-            if self.state.step == 0 and self.member.epoch.number == 0:
-                self.has_state = True  # the run's very start: everyone holds the seeded initial weights
-                return
             raise RuntimeError(
                 f"no island of epoch {self.member.epoch.number} holds the run's state (every holder is gone): "
                 "restart the islands with --resume to continue from their newest checkpoints"
             )
+        source = max(holders, key=lambda i: (table[i][1], table[i][2], -i))
+        if all(row == table[source] for row in table):
+            return
         if self.diloco is None:
             raise RuntimeError("ddp mode has a fixed membership and cannot admit joiners")
         progress = torch.tensor([self.state.step, self.outer_steps, self.state.samples], dtype=torch.int64)
-        group.broadcast(progress, holders[0]).wait()
-        self.diloco.broadcast_state(group, holders[0])
-        if not self.has_state:
+        group.broadcast(progress, source).wait()
+        self.diloco.broadcast_state(group, source)
+        if (self.state.step, self.outer_steps, self.state.samples) != tuple(int(v) for v in progress.tolist()):
             self.state.step, self.outer_steps, self.state.samples = (int(v) for v in progress.tolist())
-            self.notes.append(f"joined at inner step {self.state.step}, outer step {self.outer_steps}: state received from island {holders[0]} of the epoch")
+            self.notes.append(
+                f"took the run's state at inner step {self.state.step}, outer step {self.outer_steps} "
+                f"from island {self.member.epoch.members[source]!r}"
+            )
         self.has_state = True

@@ -46,7 +46,7 @@ from atoll.island import (
     start_island,
     stop_island,
 )
-from atoll.launch import default_run_dir
+from atoll.launch import default_run_dir, exit_with_launcher
 from atoll.fingerprint import job_fingerprint
 from atoll.mesh.member import MeshMember, join_mesh
 from atoll.metrics import MetricsLog, detect_peak_flops, flops_per_token
@@ -245,6 +245,7 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
     (turned into SystemExit here), so the coordinator drops it at once; only SIGKILL, a hang or a
     lost machine go unannounced (the peers' broken collectives or the heartbeat timeout tell).
     """
+    exit_with_launcher()
     island = start_island(cfg.train.device)
     deathrattle = Deathrattle()
     if cfg.mesh.coordinator:
@@ -306,6 +307,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
     }
     if resume is not None:
         checkpointer.load(checkpointer.resolve(resume), stateful)
+    sync.start()
 
     params = count_params(args)
     if island.is_leader:

@@ -87,7 +87,8 @@ class Coordinator:
         if self._fresh:
             self.journal.append({"kind": "run", "run_id": self.run_id, "local_ranks": None, "fingerprint": {}})
         self.server = _Server((host, port), self)
-        self.store = _bound_store(host, port + 1 if store_port is None and port else store_port or 0)
+        self.store: dist.TCPStore | None = _bound_store(host, port + 1 if store_port is None and port else store_port or 0)
+        self.store_port = self.store.port
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -128,10 +129,6 @@ class Coordinator:
         return self.server.server_address[1]
 
     @property
-    def store_port(self) -> int:
-        return self.store.port
-
-    @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
@@ -164,11 +161,21 @@ class Coordinator:
         for thread in self._threads:
             thread.join(timeout=5)
         self.journal.close()
+        self.store = None  # its server stops with the object: the port is free for a successor
 
     def _tick(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(TICK_S):
+            now = time.monotonic()
             with self._cond:
+                if now - last > self.rules.heartbeat_timeout_s / 2:
+                    # the coordinator itself stood still (stopped, starved, a suspended VM): the
+                    # islands' silence was ours, so nobody is judged on it
+                    for view in self.views.values():
+                        view.heard_at = max(view.heard_at, now)
+                    self.log(f"coordinator: it did not run for {now - last:.1f}s; every island's heartbeat clock restarts")
                 self._decide()
+            last = now
 
     # --- requests ----------------------------------------------------------------------------------
 

@@ -129,12 +129,12 @@ class MeshMember:
         """
         if self.heartbeat is None:
             return
-        self.heartbeat.stop()
-        try:
+        try:  # the deathrattle first: closing the control connection alone would read as a crash
             self.client.retry_s = 2.0
             self.client.call("leave", {"reason": reason})
         except Exception:  # noqa: BLE001 - a deathrattle never masks why the island is leaving
             pass
+        self.heartbeat.stop()
 
 
 def _broadcast_text(text: str, island: Island) -> str:
