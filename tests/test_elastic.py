@@ -127,7 +127,15 @@ def test_the_same_members_failing_again_and_again_evict_the_island_the_reports_b
     assert "evicted after 3 failed epochs" in decision.left["c"]
 
 
-def test_without_blame_the_most_recent_joiner_is_evicted():
+def test_without_blame_the_island_whose_own_ring_failed_is_evicted():
+    v = views("a", "b", "c")
+    for island in "abc":
+        v[island].failed_at = 100.0
+    v["b"].origin = True  # its ring failed by itself; a and c only abandoned theirs
+    assert decide_at(v, now=100.01, failures=2).epoch.members == ("a", "c")
+
+
+def test_without_any_pointer_the_most_recent_joiner_is_evicted():
     v = views("a", "b", "c")
     v["a"].admitted, v["b"].admitted, v["c"].admitted = 0, 3, 1
     for island in "abc":

@@ -30,7 +30,9 @@ from atoll.comm.codecs import Codec
 from atoll.comm.ring import RingError, ring_all_reduce_mean_
 
 ABANDON_POLL_S = 0.2
-"""How often a running mean_ asks its `abandoned` check (one coordinator store lookup each)."""
+"""How often a running mean_ asks its `abandoned` check (a local flag on the island's leader)."""
+ABANDONED = "rings abandoned"
+"""The words of the RingError raised when an epoch ends under running rings (not the island's own failure)."""
 
 
 @dataclass
@@ -113,7 +115,7 @@ class GlobalMean:
         while thread.is_alive():
             thread.join(ABANDON_POLL_S)
             if thread.is_alive() and self.abandoned():
-                raise RingError("the epoch ended while its rings were running (a peer was dropped): rings abandoned")
+                raise RingError(f"the epoch ended while its rings were running (a peer was dropped): {ABANDONED}")
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         tensor.copy_(work)

@@ -350,7 +350,7 @@ class Coordinator:
         if self.epoch is not None and number == self.epoch.number and self.epoch.has(island, incarnation):
             view = self.views[island]
             if view.failed_at is None:
-                view.failed_at, view.blamed = time.monotonic(), args.get("blamed")
+                view.failed_at, view.blamed, view.origin = time.monotonic(), args.get("blamed"), not args.get("abandoned", False)
                 self.log(f"coordinator: island {island!r} reports a failed collective in epoch {number}: {args.get('what', '')}")
             self._decide()
         return {}
@@ -447,7 +447,7 @@ class Coordinator:
         for island in decision.left:
             self.views.pop(island, None)
         for view in self.views.values():
-            view.failed_at, view.blamed, view.result = None, None, None
+            view.failed_at, view.blamed, view.origin, view.result = None, None, False, None
         for island in decision.joined:
             self.views[island].admitted = epoch.number
         self.epochs[epoch.number] = epoch

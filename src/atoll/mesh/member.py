@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from atoll.comm.allreduce import ABANDONED
 from atoll.config import MeshConfig
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
@@ -89,7 +90,8 @@ class MeshMember:
         if self.island.is_leader:
             number = self.epoch.number
             if not ok:
-                self.client.call("report", {"epoch": number, "what": error or "a local rank's collective failed", "blamed": blamed})
+                abandoned = ABANDONED in error
+                self.client.call("report", {"epoch": number, "what": error or "a local rank's collective failed", "blamed": blamed, "abandoned": abandoned})
             answer = self.client.wait(
                 "result", {"epoch": number, "step": outer_step, "round": round_, "ok": ok, "digest": digest},
                 f"the outcome of outer step {outer_step}", self.log,

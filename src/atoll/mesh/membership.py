@@ -130,6 +130,8 @@ class IslandView:
     """When its failure report for the current epoch was first seen."""
     blamed: str | None = None
     """The island its failure report points at (the ring neighbour that broke), if it knows."""
+    origin: bool = False
+    """Its reported failure was its own (not rings abandoned because the epoch ended)."""
     result: StepResult | None = None
     """Its latest result posted in the current epoch."""
     admitted: int = 0
@@ -209,13 +211,14 @@ def majority_source(members: tuple[str, ...], digests: dict[str, str]) -> int:
 
 
 def culprit(members: tuple[str, ...], views: dict[str, IslandView]) -> str:
-    """The island to evict when the same members keep failing together: the one most failure
-    reports point at, else the most recently admitted (ties: the last in member order)."""
-    blamed = Counter(views[m].blamed for m in members if views[m].blamed in members)
-    if blamed:
-        top = max(blamed.values())
-        return max((m for m in members if blamed[m] == top), key=lambda m: (views[m].admitted, m))
-    return max(members, key=lambda m: (views[m].admitted, m))
+    """The island to evict when the same members keep failing together: the one the failure
+    reports point at most (a report blaming a peer points at the peer; one of the island's own
+    failure that names nobody points at the reporter); ties go to the most recently admitted,
+    then the last in member order."""
+    score = Counter(views[m].blamed for m in members if views[m].blamed in members)
+    score.update(m for m in members if views[m].origin and views[m].blamed is None)
+    top = max(score.values(), default=0)
+    return max((m for m in members if score[m] == top), key=lambda m: (views[m].admitted, m))
 
 
 def decide(current: Epoch, views: dict[str, IslandView], decided: tuple[int, int], now: float, rules: Rules, failures_in_a_row: int = 0) -> Decision:

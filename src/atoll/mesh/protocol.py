@@ -33,7 +33,9 @@ yet no request outlives a restart of either side by long).
                                                     the newest epoch after `after` that has this
                                                     incarnation as a member
     barrier     {epoch, name, wait_s}            -> {"passed"} | {"dissolved"} | {}
-    report      {epoch, what, blamed}            -> {}  (a global collective of epoch failed)
+    report      {epoch, what, blamed, abandoned} -> {}  (a global collective of epoch failed; blamed:
+                                                    the peer the error names; abandoned: the
+                                                    rings were left because the epoch ended)
     result      {epoch, step, round, ok, digest, wait_s}
                                                  -> {"outcome": "commit"|"resync"|"abort", "next",
                                                     "source"} | {}
