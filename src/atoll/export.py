@@ -475,7 +475,7 @@ def find_checkpoint(path: Path) -> RunCheckpoint:
             found = [(c, island) for island in islands if (c := _latest_checkpoint(island)) is not None]
             if found:
                 checkpoint, run_dir = max(found, key=lambda ci: ci[0].name)
-                print(f"atoll: {path} holds {len(islands)} islands; using {run_dir.name}'s latest checkpoint", file=sys.stderr)
+                print(f"atoll: {path} holds {len(islands)} island(s); using {run_dir.name}'s latest checkpoint", file=sys.stderr)
         if checkpoint is None:
             raise UserError(f"{path}: no complete checkpoint (checkpoints/step-N) found; pass a run directory, "
                             "a checkpoint directory or a Hugging Face model directory")
