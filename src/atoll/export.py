@@ -26,6 +26,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -402,7 +403,9 @@ class CheckpointReader:
         shape = self.shapes[name]
         if not self.diloco:
             state = {name: torch.empty(shape)}
-            dcp.load({"model_optimizer": {"model": state}}, checkpoint_id=self.checkpoint, no_dist=True)
+            with warnings.catch_warnings():  # DCP warns that no process group exists: one process reads
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({"model_optimizer": {"model": state}}, checkpoint_id=self.checkpoint, no_dist=True)
             return state[name].float()
         parts = []
         for k, rows in enumerate(fsdp_rows(shape[0], self.ranks)):
