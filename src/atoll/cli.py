@@ -247,7 +247,7 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def resolve_eval_config(model_path: Path, run_config: Path | None, rest: list[str]) -> JobConfig:
+def resolve_eval_config(run_config: Path | None, rest: list[str]) -> JobConfig:
     """CONFIG (first bare argument) or the run's own config.toml, plus --section.key overrides."""
     config, rest = split_config_arg(rest)
     return load_config(config or run_config, parse_overrides(rest))
@@ -258,7 +258,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from atoll.export import load_model
 
     loaded = load_model(args.model)
-    cfg = resolve_eval_config(args.model, loaded.run_config, rest)
+    cfg = resolve_eval_config(loaded.run_config, rest)
     seq_len = cfg.train.seq_len or loaded.model.args.max_seq_len
     result = evaluate_model(loaded.model, loaded.tokenizer, cfg, seq_len, pick_device(cfg.train.device))
     print(f"atoll: {loaded.described}: {result.batches} validation batch(es) of {cfg.train.global_batch}x{seq_len} tokens "
