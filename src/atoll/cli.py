@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from atoll.wan.network import EmulatedWan
 
 EXIT_USER_ERROR = 2
+SIMULATE_DESCRIPTIONS = {
+    "simulate": "Run a coordinator and N islands on this machine, each an `atoll train` of CONFIG (plus overrides) joined to "
+                "the coordinator, their output prefixed by island id; optionally over an emulated WAN and with scripted "
+                "faults. Each island writes RUN_DIR/island-<i>/; a summary per island ends the run.",
+    "demo": "The demo: a coordinator and 2 islands train the `demo` model (3.4M parameters) with DiLoCo on the Python "
+            "standard library, about 3 minutes on 2 CPU cores; the options of `atoll simulate`, with configs/demo.toml. "
+            "It writes runs/demo-<timestamp>/ (about 131 MB) and caches the tokenized corpus in ~/.cache/atoll.",
+}
 SCENARIO_HELP = """\
 scenario file (--scenario FILE), TOML; any of these tables, each repeatable:
   [[fault]]                    # the island fires it itself
@@ -88,18 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--events", type=Path, help="append the membership event log (JSONL) to this file")
     coord.set_defaults(handler=cmd_coordinator)
 
-    for name, text, description in (
-        ("simulate", "run several islands and a coordinator on this machine",
-         "Run a coordinator and N islands on this machine, each a `atoll train` of CONFIG (plus overrides) joined to the "
-         "coordinator, with their output prefixed by island id; optionally over an emulated WAN and with scripted faults. "
-         "Each island writes RUN_DIR/island-<i>/; a summary per island ends the run."),
-        ("demo", "the demo: 2 islands training the demo model with DiLoCo on this machine",
-         "The demo: a coordinator and 2 islands train the `demo` model (3.4M parameters) with DiLoCo on the Python "
-         "standard library, about 3 minutes on 2 CPU cores; the same options as `atoll simulate` with configs/demo.toml. "
-         "It writes runs/demo-<timestamp>/ (about 131 MB) and caches tokens in ~/.cache/atoll."),
-    ):
+    for name, text in (("simulate", "run several islands and a coordinator on this machine"),
+                       ("demo", "the demo: 2 islands training the demo model with DiLoCo on this machine")):
         sim = commands.add_parser(
-            name, help=text, description=textwrap.fill(description, 100), epilog=SCENARIO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, help=text, description=textwrap.fill(SIMULATE_DESCRIPTIONS[name], 100), epilog=SCENARIO_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
             usage=f"atoll {name} [options] {'CONFIG ' if name == 'simulate' else ''}[--section.key VALUE ...]",
         )
         sim.add_argument("--islands", type=int, default=2, help="number of islands (default 2)")
