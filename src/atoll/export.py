@@ -328,7 +328,8 @@ class _FlatBuffer:
             names = archive.namelist()
             data = [n for n in names if n.endswith("/data/0")]
             order = [n for n in names if n.endswith("/byteorder")]
-            if len(data) != 1 or archive.getinfo(data[0]).file_size != self.numel * itemsize:
+            if (len(data) != 1 or archive.getinfo(data[0]).file_size != self.numel * itemsize
+                    or archive.getinfo(data[0]).compress_type != zipfile.ZIP_STORED):
                 raise UserError(f"{checkpoint}: {fqn} is not stored as one plain tensor; cannot read it in parts")
             if order and archive.read(order[0]).decode() != sys.byteorder:
                 raise UserError(f"{checkpoint}: {fqn} was written on a machine of the other byte order")
