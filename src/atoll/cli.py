@@ -1,4 +1,4 @@
-"""The `atoll` command line: train, coordinator, simulate, demo, model-info, tokenizer.
+"""The `atoll` command line: train, coordinator, simulate, demo, export, eval, sample, model-info, tokenizer.
 
 User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2.
 """
@@ -7,16 +7,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atoll.config import describe_fields, load_config, parse_overrides
+from atoll import __version__
+from atoll.config import JobConfig, describe_fields, load_config, parse_overrides
 from atoll.errors import UserError
 
 if TYPE_CHECKING:
     from atoll.wan.network import EmulatedWan
 
 EXIT_USER_ERROR = 2
+SIMULATE_DESCRIPTIONS = {
+    "simulate": "Run a coordinator and N islands on this machine, each an `atoll train` of CONFIG (plus overrides) joined to "
+                "the coordinator, their output prefixed by island id; optionally over an emulated WAN and with scripted "
+                "faults. Each island writes RUN_DIR/island-<i>/; a summary per island ends the run.",
+    "demo": "The demo: a coordinator and 2 islands train the `demo` model (3.4M parameters) with DiLoCo on the Python "
+            "standard library, about 3 minutes on 2 CPU cores; the options of `atoll simulate`, with configs/demo.toml. "
+            "It writes runs/demo-<timestamp>/ (about 131 MB) and caches the tokenized corpus in ~/.cache/atoll.",
+}
+SCENARIO_HELP = """\
+scenario file (--scenario FILE), TOML; any of these tables, each repeatable:
+  [[fault]]                    # the island fires it itself
+  island = "island-1"
+  action = "kill"              # kill (-9), stop (SIGSTOP) or term (SIGTERM: a clean leave)
+  at = "allreduce:2"           # as outer step 2's all-reduce starts; or "inner:N": after inner step N
+  [[start]]                    # start an island once any island logged an outer step
+  island = "island-3"          # a new id, or one that left (it comes back)
+  after_outer = 2
+  [[signal]]                   # sent by the launcher once any island logged an outer step
+  island = "island-1"
+  action = "cont"              # kill, stop or cont
+  after_outer = 4
+--fault, --start and --signal add to the file's entries."""
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 
@@ -24,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if rest and args.command not in ("train", "simulate", "demo"):
+        if rest and args.command not in ("train", "simulate", "demo", "eval"):
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args, rest)
     except UserError as err:
@@ -36,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoll", description="Train LLMs across islands of compute.")
+    parser.add_argument("--version", action="version", version=f"atoll {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -55,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--coordinator", metavar="HOST:PORT", help="join the run of this coordinator (mesh.coordinator)")
     train.add_argument("--island-id", help="this island's id in the run (mesh.island_id; default hostname-<random>)")
     train.add_argument("--mode", choices=["diloco", "ddp"], help="cross-island sync (mesh.mode; default diloco)")
+    train.add_argument("--init-from", metavar="HF_DIR", help="start from a Hugging Face Llama's weights (model.init_from), e.g. an `atoll export`")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config (file + overrides) as TOML and exit")
     train.set_defaults(handler=cmd_train)
 
     coord = commands.add_parser(
@@ -84,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("simulate", "run several islands and a coordinator on this machine"),
                        ("demo", "the demo: 2 islands training the demo model with DiLoCo on this machine")):
-        sim = commands.add_parser(name, help=text, usage=f"atoll {name} [options] {'CONFIG ' if name == 'simulate' else ''}[--section.key VALUE ...]")
+        sim = commands.add_parser(
+            name, help=text, description=textwrap.fill(SIMULATE_DESCRIPTIONS[name], 100), epilog=SCENARIO_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            usage=f"atoll {name} [options] {'CONFIG ' if name == 'simulate' else ''}[--section.key VALUE ...]",
+        )
         sim.add_argument("--islands", type=int, default=2, help="number of islands (default 2)")
         sim.add_argument("--procs-per-island", type=int, default=1, help="local ranks per island (default 1)")
         sim.add_argument("--run-dir", type=Path, help="run directory (default runs/<train.run_name>-<timestamp>)")
@@ -96,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--wan-delay", metavar="DELAY",
             help="emulate a WAN (needs root): one-way delay per direction between islands (e.g. 20ms gives a 40 ms round trip)",
         )
-        sim.add_argument("--scenario", type=Path, metavar="FILE", help="a TOML scenario of faults and late starts (see atoll.simulate.Scenario)")
+        sim.add_argument("--scenario", type=Path, metavar="FILE", help="a TOML file of faults, late starts and signals (format below)")
         sim.add_argument(
             "--fault", action="append", default=[], metavar="ISLAND=ACTION@POINT:N",
             help="inject a fault: ACTION kill|stop|term at POINT inner:N (after inner step N) or allreduce:S (as outer step S averages), e.g. island-1=kill@allreduce:2",
@@ -107,6 +138,43 @@ def build_parser() -> argparse.ArgumentParser:
             help="send kill|stop|cont to an island's processes once outer step OUTER is logged, e.g. island-1=cont@4",
         )
         sim.set_defaults(handler=cmd_simulate, demo=name == "demo")
+
+    export = commands.add_parser(
+        "export", help="write a run's model as a Hugging Face Llama directory (safetensors, config, tokenizer)",
+        description="Write the model of a run (its latest checkpoint) or of one checkpoint as a directory that "
+                    "transformers' AutoModelForCausalLM and AutoTokenizer load with from_pretrained. From a DiLoCo run "
+                    "it writes the outer weights of the last committed outer step, which all islands share.",
+    )
+    export.add_argument("source", type=Path, metavar="RUN_DIR|CHECKPOINT", help="a run directory or a checkpoints/step-N directory")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="the directory to write (must not exist or be empty)")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype in the files (default fp32)")
+    export.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="split the weights into safetensors files of at most SIZE (e.g. 5GB, 500MB), with an index (default 5GB)")
+    export.set_defaults(handler=cmd_export)
+
+    evaluate = commands.add_parser(
+        "eval", help="print a model's validation loss and perplexity",
+        usage="atoll eval RUN_DIR|HF_DIR [CONFIG] [--section.key VALUE ...]",
+        description="Print the validation loss and perplexity of a run's model (its latest checkpoint; the outer "
+                    "weights of a DiLoCo run) or of a Hugging Face Llama directory, on the batches training evaluates: "
+                    "the first eval.batches unshuffled global batches (train.global_batch x train.seq_len) of the "
+                    "validation split of data.source. A run uses its own config.toml, so the loss compares with "
+                    "val_loss in its metrics.jsonl; CONFIG and --section.key overrides change the data and batches.",
+    )
+    evaluate.add_argument("model", type=Path, metavar="RUN_DIR|HF_DIR", help="a run, checkpoint or Hugging Face model directory")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    sample = commands.add_parser(
+        "sample", help="print a model's continuation of a prompt",
+        description="Print PROMPT and the model's continuation of it: a run's model (its latest checkpoint) or a "
+                    "Hugging Face Llama directory, on the CPU (or CUDA when available).",
+    )
+    sample.add_argument("model", type=Path, metavar="RUN_DIR|HF_DIR", help="a run, checkpoint or Hugging Face model directory")
+    sample.add_argument("--prompt", default="", help="the text to continue (default: start a new document)")
+    sample.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate at most (default 200; eos stops earlier)")
+    sample.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy; higher is more random (default 0.8)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0): the same seed gives the same text")
+    sample.set_defaults(handler=cmd_sample)
 
     info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
     info.add_argument("names", nargs="*", help="sizes to show (default: all)")
@@ -125,10 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     args.config, rest = split_config_arg(rest)
-    for flag, key in (("coordinator", "mesh.coordinator"), ("island_id", "mesh.island_id"), ("mode", "mesh.mode")):
+    for flag, key in (("coordinator", "mesh.coordinator"), ("island_id", "mesh.island_id"), ("mode", "mesh.mode"),
+                      ("init_from", "model.init_from")):
         if getattr(args, flag) is not None:
             rest = [*rest, f"--{key}", getattr(args, flag)]
     cfg = load_config(args.config, parse_overrides(rest))
+    if args.print_config:
+        print(config_toml(cfg), end="")
+        return 0
     from atoll.launch import default_run_dir, run_torchrun, under_torchrun
 
     if args.nproc < 1:
@@ -148,6 +220,81 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from atoll.train import train
 
     train(cfg, run_dir, args.resume)
+    return 0
+
+
+def config_toml(cfg: JobConfig) -> str:
+    """The resolved config as TOML, as the run directory's config.toml holds it (None fields omitted)."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.model_dump(exclude_none=True))
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size like 5GB, 500MB, 64KB or 1000 (decimal units, as Hugging Face's max_shard_size)."""
+    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    upper = text.strip().upper()
+    unit = next((u for u in units if upper.endswith(u)), "B")
+    try:
+        value = float(upper.removesuffix(unit)) * units[unit]
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"--max-shard-size {text!r}: give a positive size such as 5GB or 500MB")
+    return int(value)
+
+
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.export import export
+
+    report = export(args.source, args.out, args.dtype, parse_size(args.max_shard_size))
+    run = report.source
+    if report.diloco:
+        when = f"outer step {report.outer_step}, " if report.outer_step is not None else ""
+        what = (f"the outer weights of the last committed outer step ({when}inner step {run.step}), which all islands share, "
+                f"rebuilt from {report.local_ranks} local rank(s)")
+    else:
+        what = f"the weights at step {run.step}"
+    shards = sum(f.endswith(".safetensors") for f in report.files)
+    print(f"atoll: exported {what} of {run.checkpoint} to {report.out} ({args.dtype}, {report.total_bytes / 1e6:.1f} MB "
+          f"in {shards} safetensors file(s)); load it with transformers' AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+def resolve_eval_config(run_config: Path | None, rest: list[str]) -> JobConfig:
+    """CONFIG (first bare argument) or the run's own config.toml, plus --section.key overrides."""
+    config, rest = split_config_arg(rest)
+    return load_config(config or run_config, parse_overrides(rest))
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.evaluate import evaluate_model, pick_device
+    from atoll.export import load_model
+
+    loaded = load_model(args.model)
+    cfg = resolve_eval_config(loaded.run_config, rest)
+    seq_len = cfg.train.seq_len or loaded.model.args.max_seq_len
+    result = evaluate_model(loaded.model, loaded.tokenizer, cfg, seq_len, pick_device(cfg.train.device))
+    print(f"atoll: {loaded.described}: {result.batches} validation batch(es) of {cfg.train.global_batch}x{seq_len} tokens "
+          f"from data.source {cfg.data.source!r}")
+    print(f"val_loss {result.loss:.4f}  perplexity {result.perplexity:.2f}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.evaluate import pick_device
+    from atoll.export import load_model
+    from atoll.sample import generate
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be at least 0, got {args.temperature}")
+    loaded = load_model(args.model)
+    prompt = loaded.tokenizer.encode(args.prompt)
+    new = generate(loaded.model, prompt, args.max_new_tokens, args.temperature, loaded.tokenizer.eos_id,
+                   loaded.tokenizer.vocab_size, args.seed, pick_device("auto"))
+    print(loaded.tokenizer.decode(prompt + new))
     return 0
 
 

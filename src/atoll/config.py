@@ -39,6 +39,9 @@ class ModelConfig(Section):
     """Recompute each block's activations in the backward pass: less memory, about 1/3 more compute."""
     compile: bool = False
     """Compile each transformer block with torch.compile."""
+    init_from: str | None = None
+    """Start from the weights of this Hugging Face Llama directory (e.g. one `atoll export` wrote) instead of a
+    random init; its config.json must match this model's shape (set by --init-from). A resume loads the checkpoint."""
 
 
 class OptimConfig(Section):

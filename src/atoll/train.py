@@ -36,6 +36,7 @@ from atoll.data import (
 )
 from atoll.digest import tensor_digest
 from atoll.errors import UserError
+from atoll.export import load_hf_weights
 from atoll.faults import FaultInjector
 from atoll.island import (
     Island,
@@ -147,12 +148,15 @@ def accumulation_steps(cfg: JobConfig, island: Island) -> int:
 
 
 def build_model(args: ModelArgs, cfg: JobConfig, island: Island) -> tuple[nn.Module, str]:
-    """Seeded init on CPU (same weights on every process), then AC, compile, device and FSDP2.
+    """Seeded init on CPU (same weights on every process), or model.init_from's weights, then AC,
+    compile, device and FSDP2.
 
     Returns the model and the sha256 digest of its initial weights.
     """
     torch.manual_seed(cfg.train.seed)
     model = Llama(args)
+    if cfg.model.init_from:
+        load_hf_weights(model, Path(cfg.model.init_from))
     digest = tensor_digest(model.state_dict().items())
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
