@@ -318,8 +318,11 @@ def _jsonl_batches(path: str, text_field: str) -> Iterator[list[str | None]]:
     # Parse only the text field: other fields may change type between lines in real dumps.
     parse = pj.ParseOptions(explicit_schema=pa.schema([(text_field, pa.string())]), unexpected_field_behavior="ignore")
     with pa.input_stream(path, compression="detect") as stream:
-        for batch in pj.open_json(stream, parse_options=parse, read_options=pj.ReadOptions(block_size=1 << 22)):
-            yield _column(batch, path, text_field)
+        for i, batch in enumerate(pj.open_json(stream, parse_options=parse, read_options=pj.ReadOptions(block_size=1 << 22))):
+            texts = _column(batch, path, text_field)
+            if i == 0 and texts and all(t is None for t in texts):  # an absent field reads as nulls
+                raise SourceError(f"{path} has no field {text_field!r} in its first {len(texts)} lines; set text_field of its source")
+            yield texts
 
 
 def _arrow_batches(path: str, text_field: str) -> Iterator[list[str | None]]:
