@@ -100,7 +100,8 @@ class DataConfig(Section):
     sources: list[SourceConfig] = []
     """A weighted mixture of sources ([[data.sources]] tables; see configs/data/); replaces data.source when given."""
     mixture: str | None = None
-    """A TOML file whose [[data.sources]] are used when this config lists none (e.g. configs/data/intellect-1.toml)."""
+    """A TOML file whose [data] section (its [[data.sources]], tokenizer, prepared, ...) fills in every data key this
+    config leaves unset, e.g. configs/data/intellect-1.toml; sources listed here win over the file's."""
     prepared: str | None = None
     """Directory or fsspec URL (s3://..., gs://...) of shards made by `atoll data prepare`; training reads
     them and refuses to start without them. None: training tokenises the sources itself into cache_dir."""
@@ -111,13 +112,21 @@ class DataConfig(Section):
     on_bad_file: Literal["error", "skip"] = "error"
     """A source file that is not text (binary, undecodable, unparsable): error stops with its name, skip leaves it out and counts it."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_mixture(cls, data: Any) -> Any:
+        """Fill what this [data] leaves unset from the [data] of the data.mixture file."""
+        if not isinstance(data, dict) or not data.get("mixture"):
+            return data
+        included = dict(read_toml(data["mixture"]).get("data", {}))
+        included.pop("mixture", None)
+        if not included.get("sources"):
+            raise ValueError(f"data.mixture {data['mixture']} lists no [[data.sources]]")
+        own = {k: v for k, v in data.items() if k != "sources" or v}  # an empty list of sources takes the file's
+        return {**included, **own}
+
     @model_validator(mode="after")
     def _check_sources(self) -> DataConfig:
-        if not self.sources and self.mixture:
-            tree = read_toml(self.mixture)
-            self.sources = [SourceConfig.model_validate(s) for s in tree.get("data", {}).get("sources", [])]
-            if not self.sources:
-                raise ValueError(f"data.mixture {self.mixture} lists no [[data.sources]]")
         names = [s.name for s in self.sources]
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate is not None:
