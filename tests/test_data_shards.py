@@ -203,9 +203,13 @@ def test_zstd_jsonl_parquet_text_field_and_saved_hf_dataset_sources(tmp_path):
         for i in range(30):
             f.write((json.dumps({"content": f"zstd row {i}"}) + "\n").encode())
     datasets.Dataset.from_dict({"body": [f"saved row {i}" for i in range(25)]}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "hub-like").mkdir()
+    for f in range(2):  # a dataset repository as the Hub serves it, streamed by `datasets` from this directory
+        pq.write_table(pa.table({"text": [f"streamed row {i}" for i in range(f * 10, f * 10 + 10)]}), tmp_path / "hub-like" / f"train-{f}.parquet")
     cases = [
         (SourceSpec("z", str(tmp_path / "a.jsonl.zst"), text_field="content"), "jsonl", 30),
         (SourceSpec("h", str(tmp_path / "saved"), text_field="body"), "hf-disk", 25),
+        (SourceSpec("s", str(tmp_path / "hub-like"), format="hf"), "hf", 20),
     ]
     for spec, fmt, n in cases:
         source = Source(spec)

@@ -5,8 +5,9 @@ Two roads, chosen by ``data.sources``:
 - empty: the single corpus of ``data.source`` (the standard library by default), tokenised into
   one cached array, memory-mapped, read by :class:`PackedLoader`; unchanged from before mixtures;
 - a mixture: each source's prepared shards (``data.prepared``), or, when that is unset, the
-  sources tokenised by training itself into ``<data.cache_dir>/prepared`` (one process of the
-  machine at a time, the others wait and then reuse them), read by :class:`MixtureLoader`.
+  sources tokenised by training itself into ``<data.cache_dir>/prepared``, read by
+  :class:`MixtureLoader`. One process of a machine at a time prepares, verifies and downloads
+  (a lock in the cache directory); the machine's other local ranks wait, then reuse its work.
 
 Every failure a user can cause (missing file, bad source, foreign or corrupt shard, too little
 data) becomes a :class:`UserError` of one line.
@@ -15,6 +16,7 @@ data) becomes a :class:`UserError` of one line.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,9 @@ if TYPE_CHECKING:
 
 PREPARED_CACHE = "prepared"
 """Subdirectory of data.cache_dir where training tokenises sources it was not given shards for."""
+
+LOCK_FILE = "data.lock"
+"""In data.cache_dir: held while a process prepares, verifies or downloads shards."""
 
 
 @dataclass
@@ -140,14 +145,14 @@ def load_training_data(cfg: DataConfig, log: Callable[[str], None]) -> TrainingD
         except (FileNotFoundError, ValueError) as err:
             raise UserError(f"data: {err}") from None
         return TrainingData(tokenizer, [cfg.source], [1.0], [splits[0]], {cfg.source: splits[1]}, mixture=False)
-    url = prepared_url(cfg)
+    url, cache = prepared_url(cfg), cache_dir(cfg)
+    # One process per machine prepares, hashes and downloads; the machine's other ranks then reuse its work.
+    lock = exclusive(Path(cache) / LOCK_FILE) if cache is not None else nullcontext()
     try:
-        if cfg.prepared:
-            prepared = [open_prepared(s.name, url, tokenizer, cache_dir(cfg)) for s in cfg.sources]
-        else:
-            with exclusive(Path(url) / ".lock"):
+        with lock:
+            if not cfg.prepared:
                 prepare(source_specs(cfg), url, prepare_settings(cfg), workers=1, progress=False, log=log)
-                prepared = [open_prepared(s.name, url, tokenizer, cache_dir(cfg)) for s in cfg.sources]
+            prepared = [open_prepared(s.name, url, tokenizer, cache) for s in cfg.sources]
     except (ShardError, SourceError, ValueError) as err:
         raise UserError(f"data: {err}") from None
     summaries = [f"{p.name} ({w / sum(s.weight for s in cfg.sources):.0%}): {len(p.train):,} train / {len(p.val):,} val tokens"
