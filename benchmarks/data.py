@@ -72,7 +72,7 @@ def prepare_rate(specs: list[SourceSpec], out: Path, settings: PrepareSettings, 
     return tokens / report.seconds, tokens
 
 
-def datasets_map_rate(root: Path, tokenizer_path: Path, cache: Path) -> float:
+def datasets_map_rate(root: Path, tokenizer_path: Path, cache: Path) -> tuple[float, int]:
     import datasets
     import tokenizers
 
@@ -85,7 +85,7 @@ def datasets_map_rate(root: Path, tokenizer_path: Path, cache: Path) -> float:
         ids = ds.map(lambda b: {"ids": [e.ids for e in tok.encode_batch(b["text"])]}, batched=True,
                      remove_columns=ds.column_names)
         total += sum(len(x) + 1 for x in ids["ids"])  # + eos, as atoll counts
-    return total / (time.perf_counter() - start)
+    return total / (time.perf_counter() - start), total
 
 
 def loader_ms(out: Path, tokenizer: Tokenizer, batches: int) -> float:
@@ -135,18 +135,20 @@ def main() -> None:
         settings = PrepareSettings(str(root / "tokenizer.json"), 0.01, 1 << 22, "error")
         print(f"corpus: {2 * args.mb:.0f} MB of text ({len(docs)} documents x 2 formats, {FILES_PER_FORMAT} files each), "
               f"BPE of {tokenizer.vocab_size} ids; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
-        one, tokens = prepare_rate(specs, root / "prep1", settings, 1)
-        two, _ = prepare_rate(specs, root / "prep2", settings, 2)
-        plain = datasets_map_rate(root, root / "tokenizer.json", root / "hf-cache")
-        print(f"\n{'tokenisation of ' + format(tokens, ',') + ' tokens':<44}{'tokens/s':>12}{'vs datasets.map':>18}")
-        for name, rate in (("atoll data prepare, 1 worker", one), ("atoll data prepare, 2 workers", two),
-                           ("datasets.load_dataset + map(batched=True)", plain)):
-            print(f"{name:<44}{rate:>12,.0f}{rate / plain:>17.2f}x")
+        print(f"\n{'tokenisation (same files, same tokenizer)':<44}{'tokens':>12}{'tokens/s':>12}", flush=True)
+        rates = {}
+        for workers in (1, 2):
+            rates[workers], tokens = prepare_rate(specs, root / f"prep{workers}", settings, workers)
+            print(f"{f'atoll data prepare, {workers} worker(s)':<44}{tokens:>12,}{rates[workers]:>12,.0f}", flush=True)
+        plain, plain_tokens = datasets_map_rate(root, root / "tokenizer.json", root / "hf-cache")
+        print(f"{'datasets.load_dataset + map(batched=True)':<44}{plain_tokens:>12,}{plain:>12,.0f}")
+        print(f"prepare / datasets.map: {rates[1] / plain:.2f}x (1 worker), {rates[2] / plain:.2f}x (2 workers)", flush=True)
         ms = loader_ms(root / "prep1", tokenizer, args.batches)
         step = demo_step_ms()
         print(f"\n{'per batch (demo shape: 8 x 256 tokens)':<44}{'ms':>12}{'share of step':>18}")
         print(f"{'MixtureLoader.next_batch (memory-mapped)':<44}{ms:>12.3f}{ms / step:>17.2%}")
         print(f"{'demo model step (fwd + bwd + AdamW, CPU)':<44}{step:>12.1f}{1:>17.0%}")
+        print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end: other processes share them)")
 
 
 if __name__ == "__main__":

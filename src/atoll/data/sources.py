@@ -20,7 +20,7 @@ document on every machine.
 Text that is not text: a ``text`` file holding NUL bytes, or whose bytes are more than
 :data:`MAX_UNDECODABLE` undecodable as UTF-8, and a file that its format's reader cannot parse,
 is a **bad file**. With ``on_bad_file = "error"`` it stops with one line naming the file; with
-``"skip"`` it is left out and counted. Rows whose text field is null are skipped and counted.
+``"skip"`` it is left out and counted. Rows whose text field is null are left out.
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ class Source:
         """Batches of up to :data:`READ_BATCH` documents of ``piece``, in a fixed order.
 
         A bad file is yielded as a :class:`BadFile` in place of its documents (the caller decides
-        whether to stop or count it). Rows whose text is null are dropped silently here and
-        counted by :attr:`skipped_rows`.
+        whether to stop or count it). Rows whose text is null (or, from ``datasets``, not a
+        string) are left out.
         """
         if self.format == "text":
             yield from _text_documents(piece.files, self.root)
