@@ -343,7 +343,10 @@ def _arrow_batches(path: str, text_field: str) -> Iterator[list[str | None]]:
 
 def _open_hf(spec: SourceSpec, fmt: str) -> Any:
     """A saved dataset (memory-mapped) or a streaming Hub dataset; one-line errors when unreachable."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise SourceError(f"source {spec.name!r} is a Hugging Face dataset: install them with pip install 'atoll[hf]'") from None
 
     try:
         if fmt == "hf-disk":
