@@ -136,12 +136,18 @@ def test_corrupt_or_truncated_shard_is_refused_naming_the_file(corpus, tmp_path)
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=f"shard {shard} does not match the sha256") as err:
+    with pytest.raises(ShardError, match=f"shard {shard} does not match the sha256.*atoll data prepare") as err:
         open_prepared("pq", str(out), ByteTokenizer(), str(tmp_path / "cache"))
     assert "\n" not in str(err.value)
     shard.write_bytes(bytes(data[:-10]))
     with pytest.raises(ShardError, match=f"shard {shard} has .* bytes, not the"):
         open_prepared("pq", str(out), ByteTokenizer(), None)
+    # as the message says, prepare again redoes the broken piece (only that one)
+    lines = []
+    again = prepare(specs(corpus)[:1], str(out), SETTINGS, log=lines.append, progress=False)
+    assert again.manifests["pq"] == manifest and "1 piece(s) with missing or corrupt shards" in lines[0]
+    assert 0 < again.tokens_done < manifest["tokens"]["train"] + manifest["tokens"]["val"]
+    open_prepared("pq", str(out), ByteTokenizer(), None)
 
 
 def test_shards_of_another_tokenizer_are_refused_naming_the_manifest(corpus, tmp_path):

@@ -18,8 +18,10 @@ writes a shard whenever ``shard_tokens`` train tokens have gathered (val tokens 
 it), then atomically rewrites its progress record: the shards so far and the index of the next
 document. Memory is bounded by one shard per worker. An interrupted prepare resumes each
 unfinished piece after its last written shard (its documents before that are read but not
-tokenised again); finished pieces and sources are skipped. A record or manifest made from other
-source files or another tokenizer is ignored and its piece redone.
+tokenised again); finished pieces are skipped, and so are finished sources once every shard of
+theirs has been checked against the manifest (size and sha256; a piece with a missing or corrupt
+shard is redone). A record or manifest made from other source files or another tokenizer is
+ignored and its piece redone.
 
 Reading: the manifest must name the tokenizer training uses, and every shard must have the
 manifest's size and sha256; otherwise :class:`ShardError` names the file. Local shards are hashed
@@ -147,6 +149,8 @@ class PieceTask:
     settings: PrepareSettings
     identity: dict[str, Any]
     """Source fingerprint, tokenizer name and format: a record that differs is stale."""
+    fresh: bool = False
+    """Redo the piece from its first document even if its record says done (a shard went bad)."""
 
 
 @dataclass
@@ -214,14 +218,18 @@ def prepare(
         source = _cached_source(spec)
         identity = identity_of(source, tokenizer, settings)
         manifest = store.read_json(spec.name, MANIFEST)
+        broken: set[str] = set()
         if manifest is not None and manifest["identity"] == identity:
-            report.manifests[spec.name] = manifest
-            continue
+            broken = _broken_pieces(store, spec.name, manifest)
+            if not broken:
+                report.manifests[spec.name] = manifest
+                continue
+            log(f"atoll: {spec.name}: {len(broken)} piece(s) with missing or corrupt shards are prepared again")
         pending[spec.name] = (spec, source, identity)
         for piece in source.pieces:
             record = store.read_json(spec.name, PROGRESS_DIR, f"{piece.id}.json")
-            if record is None or record["identity"] != identity or not record["done"]:
-                tasks.append(PieceTask(spec, piece, url, settings, identity))
+            if piece.id in broken or record is None or record["identity"] != identity or not record["done"]:
+                tasks.append(PieceTask(spec, piece, url, settings, identity, fresh=piece.id in broken))
     if tasks:
         log(f"atoll: preparing {len(pending)} source(s) ({len(tasks)} piece(s)) into {url} "
             f"with {min(workers, len(tasks))} worker(s)")
@@ -274,7 +282,7 @@ def prepare_piece(task: PieceTask, report: Callable[[int], None]) -> dict[str, A
     dtype = token_dtype(tokenizer.vocab_size)
     store = Store(task.url)
     record_path = (spec.name, PROGRESS_DIR, f"{piece.id}.json")
-    record = store.read_json(*record_path)
+    record = None if task.fresh else store.read_json(*record_path)
     if record is None or record["identity"] != task.identity:
         record = {"identity": task.identity, "piece": piece.id, "done": False, "next_document": 0,
                   "shards": {"train": [], "val": []}, "skipped_files": [], "documents": {"train": 0, "val": 0}}
@@ -335,6 +343,20 @@ def _batches_after(
         index += len(batch)
         if index > skip:
             yield batch[max(skip - first, 0):], max(first, skip)
+
+
+def _broken_pieces(store: Store, name: str, manifest: dict[str, Any]) -> set[str]:
+    """Ids of the pieces with a shard that is missing or differs from the manifest (size, sha256)."""
+    broken = set()
+    for shard in manifest["shards"]["train"] + manifest["shards"]["val"]:
+        path = store.path(name, shard["file"])
+        ok = store.fs.exists(path) and store.fs.size(path) == shard["bytes"]
+        if ok:
+            digest = _file_sha256(Path(path)) if store.local else hashlib.sha256(store.fs.cat_file(path)).hexdigest()
+            ok = digest == shard["sha256"]
+        if not ok:
+            broken.add(shard["file"].split("-")[1])  # <split>-<piece>-<k>.npy
+    return broken
 
 
 def _write_manifest(store: Store, spec: SourceSpec, source: Source, identity: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
