@@ -32,7 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from atoll.data import MixtureLoader, PrepareSettings, SourceSpec, Tokenizer, open_prepared, prepare, stdlib_files, train_bpe
+# Only what `prepare` needs at import: its spawned workers re-import this script (no torch there).
+from atoll.data.corpus import stdlib_files
+from atoll.data.shards import PrepareSettings, open_prepared, prepare
+from atoll.data.sources import SourceSpec
+from atoll.data.tokenizer import Tokenizer, train_bpe
 
 FILES_PER_FORMAT = 4
 
@@ -89,6 +93,8 @@ def datasets_map_rate(root: Path, tokenizer_path: Path, cache: Path) -> tuple[fl
 
 
 def loader_ms(out: Path, tokenizer: Tokenizer, batches: int) -> float:
+    from atoll.data.loader import MixtureLoader
+
     tokens = [open_prepared(name, str(out), tokenizer, None).train for name in ("pq", "js")]
     loader = MixtureLoader(tokens, ["pq", "js"], [0.5, 0.5], 256, 8, 0, 1, seed=0)
     loader.next_batch()
@@ -123,9 +129,9 @@ def demo_step_ms(steps: int = 5) -> float:
 
 
 def main() -> None:
-    args = parse_args()
     import torch
 
+    args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         docs = documents(args.mb)

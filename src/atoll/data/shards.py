@@ -263,16 +263,35 @@ def _run_tasks(tasks: list[PieceTask], workers: int, advance: Callable[[int], No
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # a fork after `tokenizers` started its threads can deadlock
-    with ctx.Manager() as manager:
-        queue = manager.Queue()
-        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
-            futures = {pool.submit(prepare_piece, task, queue.put) for task in tasks}
-            while futures:
-                done, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
-                while not queue.empty():
-                    advance(queue.get())
-                for future in done:
-                    future.result()  # re-raises a worker's error here, with its message
+    queue = ctx.Queue()
+    processes = min(workers, len(tasks))
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_start_worker, initargs=(threads, queue)) as pool:
+        futures = {pool.submit(_prepare_in_worker, task) for task in tasks}
+        while futures:
+            done, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+            while not queue.empty():
+                advance(queue.get())
+            for future in done:
+                future.result()  # re-raises a worker's error here, with its message
+    while not queue.empty():
+        advance(queue.get())
+
+
+_PROGRESS: Any = None
+"""In a worker process: the queue its token counts go to (set by :func:`_start_worker`)."""
+
+
+def _start_worker(threads: int, progress: Any) -> None:
+    """Worker start: remember the progress queue, and give `tokenizers` this worker's share of the
+    CPUs (it would start a thread per CPU in every worker)."""
+    global _PROGRESS
+    _PROGRESS = progress
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+
+
+def _prepare_in_worker(task: PieceTask) -> dict[str, Any]:
+    return prepare_piece(task, _PROGRESS.put)
 
 
 def prepare_piece(task: PieceTask, report: Callable[[int], None]) -> dict[str, Any]:
