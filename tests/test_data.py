@@ -159,6 +159,8 @@ def test_token_cache_returns_the_same_array_without_retokenizing(text_dir, tmp_p
     second = load_split_tokens(str(text_dir), "train", 0.2, tok, str(cache))
     np.testing.assert_array_equal(first, second)
     assert second.dtype == np.uint32
+    # every rank maps the cached file instead of loading its own copy
+    assert isinstance(first, np.memmap) and isinstance(second, np.memmap) and not second.flags.writeable
     uncached = tokenize_documents(load_documents(str(text_dir), "train", 0.2), tok)
     np.testing.assert_array_equal(first, uncached)
 

@@ -1,4 +1,4 @@
-"""The `atoll` command line: train, coordinator, simulate, demo, export, eval, sample, model-info, tokenizer.
+"""The `atoll` command line: train, coordinator, simulate, demo, data prepare, export, eval, sample, model-info, tokenizer.
 
 User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2.
 """
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if rest and args.command not in ("train", "simulate", "demo", "eval"):
+        if rest and args.command not in ("train", "simulate", "demo", "eval", "data"):
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args, rest)
     except UserError as err:
@@ -175,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy; higher is more random (default 0.8)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0): the same seed gives the same text")
     sample.set_defaults(handler=cmd_sample)
+    data = commands.add_parser("data", help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prep = data_commands.add_parser(
+        "prepare", help="tokenise every source of a mixture into shards that training memory-maps",
+        usage="atoll data prepare CONFIG [--workers N] [--no-progress] [--section.key VALUE ...]",
+        description="Tokenise each [[data.sources]] of CONFIG once into shards and a manifest under data.prepared "
+                    "(a directory or fsspec URL; default <data.cache_dir>/prepared). An interrupted run resumes; "
+                    "finished sources are skipped.",
+    )
+    prep.add_argument("--workers", type=int, help="worker processes (default data.workers)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(handler=cmd_data_prepare)
 
     info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
     info.add_argument("names", nargs="*", help="sizes to show (default: all)")
@@ -408,6 +420,23 @@ def run_dir_of(checkpoint_or_run: Path) -> Path:
     if checkpoint_or_run.parent.name == "checkpoints":
         return checkpoint_or_run.parent.parent
     return checkpoint_or_run
+
+
+def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.data.pipeline import run_prepare
+
+    config, rest = split_config_arg(rest)
+    if config is None:
+        raise UserError("atoll data prepare needs a config file listing [[data.sources]], e.g. configs/data/intellect-1.toml")
+    cfg = load_config(config, parse_overrides(rest))
+    workers = cfg.data.workers if args.workers is None else args.workers
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    report = run_prepare(cfg.data, workers, progress=not args.no_progress)
+    tokens = sum(m["tokens"]["train"] + m["tokens"]["val"] for m in report.manifests.values())
+    rate = f", {report.tokens_done / report.seconds:,.0f} tokens/s" if report.tokens_done else " (all already prepared)"
+    print(f"atoll: prepared {len(report.manifests)} source(s), {tokens:,} tokens, in {report.seconds:.1f} s{rate}")
+    return 0
 
 
 def cmd_model_info(args: argparse.Namespace, rest: list[str]) -> int:

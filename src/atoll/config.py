@@ -70,15 +70,71 @@ class ScheduleConfig(Section):
     """LR at the end of decay, as a fraction of optim.lr (wsd and cosine)."""
 
 
+class SourceConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Short name of the source: names its shard directory and its entries in tokens_by_source / val_loss_by_source."""
+    path: str
+    """Local files (a file, a directory or a glob such as "data/*.jsonl.zst"), a directory written by
+    datasets' save_to_disk, or a Hugging Face dataset name such as "HuggingFaceFW/fineweb-edu"."""
+    weight: float = Field(default=1.0, gt=0)
+    """Share of every global batch drawn from this source, relative to the other sources' weights."""
+    format: Literal["auto", "parquet", "jsonl", "arrow", "text", "hf"] = "auto"
+    """auto: from the file names (.parquet, .jsonl[.gz|.zst], .arrow, .txt/.md/.py), a saved dataset
+    directory, else a Hub dataset name. jsonl may be gzip or zstd compressed; text is one document per file."""
+    text_field: str = "text"
+    """Column or JSON field holding each document's text (parquet, jsonl, arrow, hf)."""
+    split: str = "train"
+    """Split of a Hugging Face dataset to read (hf); atoll holds out its own validation documents."""
+    subset: str | None = None
+    """Configuration (subset) of a Hugging Face dataset, e.g. "sample-10BT" of FineWeb-Edu; None: the default."""
+
+
 class DataConfig(Section):
     source: str = "stdlib"
-    """Corpus: "stdlib" (the running Python's standard library sources, always present) or a directory / text file."""
+    """Corpus when data.sources is empty: "stdlib" (the running Python's standard library sources, always present) or a directory / text file."""
     tokenizer: str = "byte"
-    """"byte" (UTF-8 bytes, 257 ids) or a path to an HF tokenizer.json (see `atoll tokenizer train`)."""
+    """"byte" (UTF-8 bytes, 257 ids), a tokenizer.json, or a directory holding one (a saved HF tokenizer,
+    e.g. Llama-3's, whose tokenizer_config.json names its eos); see `atoll tokenizer train`."""
     val_fraction: float = Field(default=0.05, gt=0, lt=1)
-    """Fraction of documents held out for validation, chosen by a stable hash of their path."""
+    """Fraction of documents held out for validation, chosen by a stable hash of their path (or, in a
+    mixture, of their position in their source)."""
     cache_dir: str | None = "~/.cache/atoll"
-    """Where tokenized corpora are cached; empty string disables the cache."""
+    """Where tokenized corpora, sources tokenised for training and downloaded shards are cached; empty string disables the cache."""
+    sources: list[SourceConfig] = []
+    """A weighted mixture of sources ([[data.sources]] tables; see configs/data/); replaces data.source when given."""
+    mixture: str | None = None
+    """A TOML file whose [data] section (its [[data.sources]], tokenizer, prepared, ...) fills in every data key this
+    config leaves unset, e.g. configs/data/intellect-1.toml; sources listed here win over the file's."""
+    prepared: str | None = None
+    """Directory or fsspec URL (s3://..., gs://...) of shards made by `atoll data prepare`; training reads
+    them and refuses to start without them. None: training tokenises the sources itself into cache_dir."""
+    shard_tokens: int = Field(default=1 << 25, gt=0)
+    """Train tokens per shard written by `atoll data prepare` (2^25: 64 MB of uint16 or 128 MB of uint32)."""
+    workers: int = Field(default=1, gt=0)
+    """Worker processes of `atoll data prepare` (each tokenises whole pieces: input files or dataset shards)."""
+    on_bad_file: Literal["error", "skip"] = "error"
+    """A source file that is not text (binary, undecodable, unparsable): error stops with its name, skip leaves it out and counts it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_mixture(cls, data: Any) -> Any:
+        """Fill what this [data] leaves unset from the [data] of the data.mixture file."""
+        if not isinstance(data, dict) or not data.get("mixture"):
+            return data
+        included = dict(read_toml(data["mixture"]).get("data", {}))
+        included.pop("mixture", None)
+        if not included.get("sources"):
+            raise ValueError(f"data.mixture {data['mixture']} lists no [[data.sources]]")
+        own = {k: v for k, v in data.items() if k != "sources" or v}  # an empty list of sources takes the file's
+        return {**included, **own}
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"data.sources names {duplicate!r} twice; give each source its own name")
+        return self
 
 
 class TrainConfig(Section):
@@ -297,7 +353,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass the path of a TOML file such as configs/debug.toml")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
 

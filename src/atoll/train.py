@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
@@ -27,13 +26,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from atoll.atomic import atomic_write
 from atoll.checkpoint import Checkpointer, ModelOptimizerState
 from atoll.config import JobConfig, dump_config
-from atoll.data import (
-    PackedLoader,
-    Tokenizer,
-    iter_eval_batches,
-    load_split_tokens,
-    load_tokenizer,
-)
+from atoll.data import BatchSource, TrainingData, iter_eval_batches, load_training_data, weighted_mean
 from atoll.digest import tensor_digest
 from atoll.errors import UserError
 from atoll.export import load_hf_weights
@@ -79,7 +72,7 @@ class TrainState(Stateful):
 class RankState(Stateful):
     """What differs per local rank: its data position and its RNG streams."""
 
-    def __init__(self, loader: PackedLoader, device: torch.device) -> None:
+    def __init__(self, loader: BatchSource, device: torch.device) -> None:
         self.loader = loader
         self.device = device
 
@@ -207,16 +200,19 @@ def autocast(island: Island) -> torch.autocast:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: np.ndarray, seq_len: int, cfg: JobConfig, island: Island) -> float:
-    """Mean validation cross-entropy over the same `eval.batches` global batches every time."""
+def evaluate(model: nn.Module, data: TrainingData, seq_len: int, cfg: JobConfig, island: Island) -> dict[str, float]:
+    """Mean validation cross-entropy of each validation set, over the same `eval.batches` global batches every time."""
     model.eval()
-    losses = []
-    for inp, tgt in iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches):
-        with autocast(island):
-            logits = model(inp.to(island.device))
-        losses.append(lm_loss(logits, tgt.to(island.device))[1])
+    result = {}
+    for name, val_tokens in data.val.items():
+        losses = []
+        for inp, tgt in iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches):
+            with autocast(island):
+                logits = model(inp.to(island.device))
+            losses.append(lm_loss(logits, tgt.to(island.device))[1])
+        result[name] = float(all_reduce_mean(torch.stack(losses).mean()))
     model.train()
-    return float(all_reduce_mean(torch.stack(losses).mean()))
+    return result
 
 
 def island_id(cfg: JobConfig, island: Island) -> str:
@@ -266,23 +262,9 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
     return result
 
 
-def load_data(cfg: JobConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
-    """The tokenizer and the tokenized train and validation splits (cached on disk)."""
-    cache_dir = str(Path(cfg.data.cache_dir).expanduser()) if cfg.data.cache_dir else None
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        splits = [
-            load_split_tokens(cfg.data.source, split, cfg.data.val_fraction, tokenizer, cache_dir)
-            for split in ("train", "val")
-        ]
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"data: {err}") from None
-    return tokenizer, *splits
-
-
 def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, deathrattle: Deathrattle) -> TrainResult:
-    tokenizer, train_tokens, val_tokens = load_data(cfg)
-    args = model_args(cfg, tokenizer.vocab_size)
+    data = load_training_data(cfg.data, lambda line: print(line, flush=True) if island.is_leader else None)
+    args = model_args(cfg, data.tokenizer.vocab_size)
     seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
     member = None
@@ -290,12 +272,9 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
         fingerprint = job_fingerprint(cfg, args, tokenizer, seq_len)
         member = join_mesh(cfg.mesh, island_id(cfg, island), island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None)
         deathrattle.member = member
-    try:
-        loader = PackedLoader(train_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)
-        if cfg.eval.every:  # checks now that the validation split holds a global batch, not at the first eval
-            iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)
-    except ValueError as err:
-        raise UserError(f"data.source {cfg.data.source!r}: {err}") from None
+    loader = data.loader(seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)
+    if cfg.eval.every:  # checks now that each validation split holds a global batch, not at the first eval
+        data.check_val(seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)
 
     model, init_digest = build_model(args, cfg, island)
     check_same_on_all_ranks(init_digest, island, "initial weights digest")
@@ -336,6 +315,8 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
         f"({accum} accumulation step(s)); run dir {run_dir}"
         + (f"; resumed at step {state.step}" if resume is not None else "")
     )
+    for line in data.summaries:
+        log.info(f"atoll: data: {line}")
 
     loss_value = float("nan")
     val_loss = None
@@ -351,12 +332,15 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
 
         is_last = state.step == cfg.train.steps
         record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
-        for note in sync.drain_notes():
+        for note in [*sync.drain_notes(), *loader.drain_notes()]:
             log.info(f"atoll: {note}")
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
             eval_start = time.perf_counter()
-            val_loss = evaluate(model, val_tokens, seq_len, cfg, island)
+            val_losses = evaluate(model, data, seq_len, cfg, island)
+            val_loss = weighted_mean(val_losses, data.names, data.weights)
             record["val_loss"] = val_loss
+            if data.mixture:
+                record["val_loss_by_source"] = val_losses
             paused = time.perf_counter() - eval_start  # throughput and compute_s count training only
             window_start += paused
             sync.pause(paused)
@@ -372,6 +356,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_tok * tokens_per_s / (peak * island.world) if peak else None,
                 **sync.log_fields(),
+                **loader.log_fields(),
                 **record,  # an outer step's own epoch and world size win over the current ones
             })
             window_start, window_tokens = time.perf_counter(), 0

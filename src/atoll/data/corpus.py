@@ -16,6 +16,8 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
+from atoll.data.sources import check_text
+
 STDLIB_SOURCE = "stdlib"
 """The ``source`` name that selects the standard-library corpus."""
 
@@ -156,7 +158,15 @@ def _split_text(text: str, split: str, val_fraction: float) -> str:
 
 
 def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+    """The file's text, undecodable bytes replaced; a file that is not text raises ValueError."""
+    data = path.read_bytes()
+    why = check_text(data)
+    if why is not None:
+        raise ValueError(
+            f"{path} {why}: remove it from the corpus, or list the directory as a [[data.sources]] "
+            "entry with data.on_bad_file = \"skip\""
+        )
+    return data.decode("utf-8", errors="replace")
 
 
 def load_documents(source: str, split: str, val_fraction: float) -> list[str]:
@@ -167,7 +177,8 @@ def load_documents(source: str, split: str, val_fraction: float) -> list[str]:
     last ~``val_fraction`` for val.
 
     Raises:
-        ValueError: bad ``split`` or ``val_fraction``.
+        ValueError: bad ``split`` or ``val_fraction``, or a file that is not text (NUL bytes or
+            mostly undecodable, see :func:`atoll.data.sources.check_text`).
         FileNotFoundError: the source does not exist or holds no files.
     """
     _check_split(split, val_fraction)

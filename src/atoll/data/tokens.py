@@ -70,7 +70,9 @@ def load_split_tokens(
     The cache file is ``<cache_dir>/tokens-<split>-<key>.npy`` where the key hashes the source
     root, split, ``val_fraction``, ``tokenizer.name`` and every file's relative path, size and
     mtime, so editing, adding or removing a file retokenizes. Writes are atomic, so concurrent
-    processes filling the same cache at worst tokenize twice. ``cache_dir=None`` disables it.
+    processes filling the same cache at worst tokenize twice. The array returned from the cache
+    is memory-mapped read-only: the local ranks of a machine share its pages instead of each
+    holding a copy. ``cache_dir=None`` disables the cache (and returns an in-memory array).
 
     Raises:
         ValueError: bad ``split`` or ``val_fraction``.
@@ -80,9 +82,8 @@ def load_split_tokens(
         return tokenize_documents(load_documents(source, split, val_fraction), tokenizer)
     key = _cache_key(source, split, val_fraction, tokenizer)
     path = Path(cache_dir).expanduser() / f"tokens-{split}-{key[:32]}.npy"
-    if path.is_file():
-        return np.load(path)
-    tokens = tokenize_documents(load_documents(source, split, val_fraction), tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.save(f, tokens))
-    return tokens
+    if not path.is_file():
+        tokens = tokenize_documents(load_documents(source, split, val_fraction), tokenizer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.save(f, tokens))
+    return np.load(path, mmap_mode="r")
