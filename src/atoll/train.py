@@ -34,7 +34,7 @@ from atoll.data import (
     load_split_tokens,
     load_tokenizer,
 )
-from atoll.digest import tensor_digest
+from atoll.digest import model_digest
 from atoll.errors import UserError
 from atoll.faults import FaultInjector
 from atoll.island import (
@@ -147,20 +147,24 @@ def accumulation_steps(cfg: JobConfig, island: Island) -> int:
 
 
 def build_model(args: ModelArgs, cfg: JobConfig, island: Island) -> tuple[nn.Module, str]:
-    """Seeded init on CPU (same weights on every process), then AC, compile, device and FSDP2.
+    """Build on the meta device, apply AC, compile and FSDP2, then initialise each rank's shard in place.
 
-    Returns the model and the sha256 digest of its initial weights.
+    Start-up memory per rank is O(shard) on host and device. The weights depend only on
+    train.seed (the same full weights for any number of local ranks), and so does the returned
+    digest of the full initial weights, computed from the shards (`model_digest`).
     """
     torch.manual_seed(cfg.train.seed)
-    model = Llama(args)
-    digest = tensor_digest(model.state_dict().items())
+    with torch.device("meta"):
+        model = Llama(args)
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.model.compile:
         for block in model.layers:
             block.compile()
-    model.to(island.device)
-    return shard_model(model, island), digest
+    model = shard_model(model, island)
+    model.to_empty(device=island.device)
+    model.init_weights()
+    return model, model_digest(model)
 
 
 def train_step(
