@@ -20,6 +20,7 @@ from atoll.digest import model_digest
 from atoll.island import Island
 from atoll.model import SIZES, Llama, ModelArgs, count_params
 from atoll.train import build_model
+from sharded_init_worker import stepped_weights
 
 WORKER = Path(__file__).with_name("sharded_init_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -88,3 +89,15 @@ def test_start_up_peak_host_memory_is_a_shard_plus_a_constant():
         grown = result["peak_after"] - result["peak_before"]
         assert result["shard_bytes"] <= full_bytes // 2 + 2**20
         assert grown < result["shard_bytes"] + constant < full_bytes, (grown, result)
+
+
+def test_four_micro_batches_on_two_ranks_equal_one_batch_on_one_rank():
+    # SGD(lr=1) turns the weights into initial weights minus the gradient: equal weights, equal gradients.
+    args = SIZES["debug"]
+    island = Island(rank=0, world=1, device=torch.device("cpu"))
+    one_rank = torch.tensor(stepped_weights(args, JobConfig.model_validate({"train": {"seed": 3}}), island, 1))
+    for rank in run_ranks(2, {"args": dataclasses.asdict(args), "seed": 3, "accum": [4, 1]}):
+        for weights in rank["stepped"]:
+            torch.testing.assert_close(torch.tensor(weights), one_rank, rtol=1e-5, atol=1e-6)
+    before = torch.cat([p.detach().reshape(-1) for p in build_one_rank(args, 3)[0].parameters()])[::97]
+    assert (before - one_rank).abs().max() > 1e-4  # the step moved the weights

@@ -179,18 +179,20 @@ def train_step(
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step over this rank's share of the global batch, in `accum` micro-batches.
 
-    `after_backward` runs once the island's gradients are complete (the ddp baseline averages
-    them across islands there). Returns the rank's mean loss (cross-entropy, before z-loss) and
-    the global gradient norm.
+    Under FSDP2 every micro-batch's gradients are reduce-scattered at once, so a rank only ever
+    holds sharded gradients (skipping the sync would keep unsharded fp32 gradients of the whole
+    model between micro-batches). The loss is chunked over the vocabulary inside the model's
+    forward. `after_backward` runs once the island's gradients are complete (the ddp baseline
+    averages them across islands there). Returns the rank's mean loss (cross-entropy, before
+    z-loss, a device tensor: reading it is the caller's host sync) and the global gradient norm.
     """
-    sharded = island.world > 1
+    if island.device.type == "cuda":  # page-locked, so the copies below are really asynchronous
+        inputs, targets = inputs.pin_memory(), targets.pin_memory()
     ce_sum = torch.zeros((), device=island.device)
-    for i, (inp, tgt) in enumerate(zip(inputs.chunk(accum), targets.chunk(accum))):
-        if sharded:  # reduce-scatter gradients only once, after the last micro-batch
-            model.set_requires_gradient_sync(i == accum - 1)
+    for inp, tgt in zip(inputs.chunk(accum), targets.chunk(accum)):
         with autocast(island):
-            logits = model(inp.to(island.device, non_blocking=True))
-        total, ce, _ = lm_loss(logits, tgt.to(island.device, non_blocking=True), cfg.train.z_loss_weight)
+            total, ce, _ = model(inp.to(island.device, non_blocking=True), tgt.to(island.device, non_blocking=True),
+                                 z_loss_weight=cfg.train.z_loss_weight)
         (total / accum).backward()
         ce_sum += ce.detach()
     after_backward()

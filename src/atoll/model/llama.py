@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from atoll.model.init import fill_shard_, normal_shard_
+from atoll.model.loss import chunked_lm_loss
 
 
 @dataclass
@@ -201,10 +202,14 @@ class Llama(nn.Module):
             else:
                 normal_shard_(param, 0.02, seed, name)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, targets: Tensor | None = None,
+                z_loss_weight: float = 0.0) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Logits [B, T, vocab_size] in the compute dtype for token ids [B, T], T <= max_seq_len.
 
-        Position t attends to positions <= t only. Raises ValueError if T > max_seq_len.
+        With `targets` [B, T], returns the loss (total, ce, z) of `chunked_lm_loss` instead, which
+        never holds the logits of every position at once (the head's matmul runs inside forward,
+        so FSDP2 has its weight gathered). Position t attends to positions <= t only. Raises
+        ValueError if T > max_seq_len.
         """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
@@ -213,7 +218,10 @@ class Llama(nn.Module):
         rope = self.rope[:T]
         for layer in self.layers:
             h = layer(h, rope)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)
+        return chunked_lm_loss(h, self.output.weight, targets, z_loss_weight)
 
 
 def apply_activation_checkpointing(model: Llama) -> None:
