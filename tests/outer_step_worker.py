@@ -3,7 +3,7 @@
 argv[1] is the mode:
 - "buckets": average the same per-island buffer in per-layer buckets three ways over two streams
   (mean_ per bucket, mean_buckets_, mean_buckets_ with an `abandoned` check) and print the digests.
-- "memory": a 1-process DiLoCo over a 400 MB model; print the peak memory (VmHWM) growth of one
+- "memory": a 1-process DiLoCo over a 200 MB model; print the peak memory (VmHWM) growth of one
   average (1-member group), agreement digest and apply, and the buffer size.
 """
 
@@ -66,7 +66,7 @@ class Blocks(nn.Module):
 
 def memory_mode() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    model = Blocks(100 * MB, 8)  # 400 MB of fp32
+    model = Blocks(50 * MB, 8)  # 200 MB of fp32
     diloco = DiLoCo(model, lr=0.7, momentum=0.9, nesterov=True)
     mean = GlobalMean([dist.new_group([0], backend="gloo")], get_codec("int8"), 30.0, 2**22, abandoned=lambda: False)
     diloco.optimizer.step()  # creates the momentum buffer: state, not a temporary

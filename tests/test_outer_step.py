@@ -59,5 +59,5 @@ def test_buckets_in_one_pass_equal_one_ring_per_bucket_on_every_island():
 def test_average_digest_and_apply_make_no_full_size_temporary():
     result = run_islands(1, "memory")[0]
     assert result["pseudo_grad_mean"] < 0  # outer - inner after the inner weights grew by 0.01
-    # a torch.cat of the inner shards, a .tobytes() digest or a clone of the buffer would each add 400 MB
+    # a torch.cat of the inner shards, a .tobytes() digest or a clone of the buffer would each add 200 MB
     assert result["grown"] < result["buffer"] // 4, result

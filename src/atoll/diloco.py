@@ -39,6 +39,9 @@ from atoll.comm.allreduce import GlobalMean
 from atoll.digest import tensor_digest
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
+UPDATE_SPAN = 2**18
+"""Values per span of the outer update (1 MiB of fp32 per buffer): elementwise ops, so the span
+changes no bit, only how often the same data comes back from memory."""
 
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:
@@ -104,6 +107,16 @@ class DiLoCo(Stateful):
         return [local_shard(p) for p in self.params]
 
     @torch.no_grad()
+    def _pseudo_gradient(self) -> None:
+        """pseudo_grad = outer − inner: one pass per CPU shard; a device shard is copied into the buffer first."""
+        shards = self._shards()
+        on_device = [s.device.type != "cpu" or s.dtype != torch.float32 for s in shards]
+        if any(on_device):
+            self._read_inner(self.pseudo_grad)
+        for shard, outer, out, copied in zip(shards, self.outer.split(self.sizes), self.pseudo_grad.split(self.sizes), on_device):
+            torch.sub(outer, out if copied else shard.detach().reshape(-1), out=out)
+
+    @torch.no_grad()
     def _read_inner(self, out: torch.Tensor) -> None:
         """Copy the inner weights' local shards into the flat fp32 CPU buffer `out`, shard by shard."""
         for shard, chunk in zip(self._shards(), out.split(self.sizes)):
@@ -123,12 +136,10 @@ class DiLoCo(Stateful):
     def average(self, mean: GlobalMean) -> None:
         """Recompute the pseudo-gradient (outer − inner) and average it across islands in per-layer buckets.
 
-        The inner weights are read into the pseudo-gradient buffer itself, then subtracted in place
-        (no full-size temporary). Raises the collective's error (RingError) on a dead or silent
+        Computed shard by shard into the pseudo-gradient buffer (no full-size temporary). Raises the collective's error (RingError) on a dead or silent
         peer; the buffer's contents are then undefined and nothing else changed.
         """
-        self._read_inner(self.pseudo_grad)
-        torch.sub(self.outer, self.pseudo_grad, out=self.pseudo_grad)
+        self._pseudo_gradient()
         mean.mean_buckets_(self.pseudo_grad, self.buckets)
 
     def agreement_digest(self) -> str:
@@ -149,7 +160,7 @@ class DiLoCo(Stateful):
     @torch.no_grad()
     def _outer_sgd_step(self) -> None:
         """`self.optimizer.step()`, bucket by bucket: the same ops on the same state, so the same
-        bits, but Nesterov's look-ahead (grad + momentum * buffer) is a bucket-sized temporary
+        bits, but Nesterov's look-ahead (grad + momentum * buffer) is an UPDATE_SPAN temporary
         where torch's SGD makes a full-size one."""
         group = self.optimizer.param_groups[0]
         if group["weight_decay"] or group["dampening"] or group["maximize"]:
@@ -159,14 +170,16 @@ class DiLoCo(Stateful):
         fresh = momentum != 0 and state.get("momentum_buffer") is None
         if fresh:  # torch starts the momentum buffer as a copy of the first gradient
             state["momentum_buffer"] = self.pseudo_grad.clone()
-        for bucket in self.buckets:
-            grad = self.pseudo_grad[bucket]
+        # spans small enough that the update's four passes over a span run in cache
+        for start in range(0, self.outer.numel(), UPDATE_SPAN):
+            span = slice(start, start + UPDATE_SPAN)
+            grad = self.pseudo_grad[span]
             if momentum != 0:
-                buffer = state["momentum_buffer"][bucket]
+                buffer = state["momentum_buffer"][span]
                 if not fresh:
                     buffer.mul_(momentum).add_(grad)
                 grad = grad.add(buffer, alpha=momentum) if nesterov else buffer
-            self.outer[bucket].add_(grad, alpha=-lr)
+            self.outer[span].add_(grad, alpha=-lr)
 
     @torch.no_grad()
     def broadcast_state(self, group: dist.ProcessGroup, source: int) -> None:
