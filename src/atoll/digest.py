@@ -106,6 +106,6 @@ def _gather_rows(param: DTensor, digests: torch.Tensor) -> torch.Tensor:
     device = param.to_local().device
     padded = torch.zeros(per_rank, ROW_DIGEST_BYTES, dtype=torch.uint8, device=device)
     padded[: digests.shape[0]] = digests.to(device)
-    gathered = torch.empty(world * per_rank, ROW_DIGEST_BYTES, dtype=torch.uint8, device=device)
-    dist.all_gather_into_tensor(gathered, padded, group=mesh.get_group())
-    return gathered[: param.shape[0]].cpu()
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=mesh.get_group())
+    return torch.cat(gathered)[: param.shape[0]].cpu()
