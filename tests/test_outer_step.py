@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from atoll.diloco import DiLoCo
 
 WORKER = Path(__file__).with_name("outer_step_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -61,3 +64,17 @@ def test_average_digest_and_apply_make_no_full_size_temporary():
     assert result["pseudo_grad_mean"] < 0  # outer - inner after the inner weights grew by 0.01
     # a torch.cat of the inner shards, a .tobytes() digest or a clone of the buffer would each add 200 MB
     assert result["grown"] < result["buffer"] // 4, result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: pinned outer buffers and device shard copies")
+def test_outer_buffers_are_pinned_and_round_trip_device_shards():
+    model = torch.nn.Linear(64, 32, bias=False).cuda()
+    diloco = DiLoCo(model, lr=1.0, momentum=0.0, nesterov=False)
+    assert diloco.outer.is_pinned() and diloco.pseudo_grad.is_pinned()
+    torch.testing.assert_close(diloco.outer.view(32, 64), model.weight.detach().cpu(), rtol=0, atol=0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    diloco._pseudo_gradient()
+    assert torch.all(diloco.pseudo_grad == -1.0)
+    diloco._scatter_outer()
+    torch.testing.assert_close(model.weight.detach().cpu(), diloco.outer.view(32, 64), rtol=0, atol=0)

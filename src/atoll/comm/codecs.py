@@ -3,8 +3,9 @@
 A codec turns a 1-D fp32 tensor into a self-describing uint8 payload and back: `decode` needs
 only the bytes and the element count, and `encoded_size(numel)` is fixed by the element count,
 so a receiver preallocates its buffers. Every codec is vectorised torch (intra-op threads on CPU;
-the same code runs on CUDA tensors, untested here) and deterministic: decoding the same bytes
-gives the same bits on every island, which the ring relies on.
+int8 also runs cache-sized spans on a thread pool; the same code runs on CUDA tensors, untested
+here) and deterministic: decoding the same bytes gives the same bits on every island, which the
+ring relies on.
 
 - fp32: the bytes of the values (exact).
 - bf16, fp16: rounded to nearest. fp16 overflows to inf past 65504 and loses precision below
