@@ -10,7 +10,6 @@ argv[1] is the mode:
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
