@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from atoll.comm.codecs import CODECS, INT8_BLOCK, get_codec
+from atoll.comm.codecs import CODECS, INT8_BLOCK, Int8Codec, get_codec
 from atoll.config import CommConfig
 
 LENGTHS = [0, 1, 7, 63, 64, 65, 1009]
@@ -155,3 +155,13 @@ def test_wrong_payload_or_name_is_refused_in_one_line():
         codec.encode(torch.zeros(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="choose one of fp32, bf16, fp16, int8, codebook8"):
         get_codec("int4")
+
+
+def test_int8_spans_on_the_thread_pool_give_the_bits_of_one_span():
+    values = torch.randn(3 * Int8Codec.SPAN_BLOCKS * INT8_BLOCK + 100, generator=torch.Generator().manual_seed(1))
+    values[5 * INT8_BLOCK : 6 * INT8_BLOCK] = 0.0  # an all-zero block in the first span
+    one_span = Int8Codec()
+    one_span.SPAN_BLOCKS = 10**9
+    payload = Int8Codec().encode(values)
+    assert torch.equal(payload, one_span.encode(values))
+    assert torch.equal(Int8Codec().decode(payload, values.numel()), one_span.decode(payload, values.numel()))

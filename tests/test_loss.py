@@ -1,9 +1,10 @@
-"""Tests of lm_loss: cross-entropy in float32, ignored targets, and a length-independent z-loss."""
+"""Tests of lm_loss and chunked_lm_loss: cross-entropy in float32, ignored targets, a length-independent z-loss."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from atoll.model import lm_loss
+from atoll.model import chunked_lm_loss, lm_loss
 
 
 def make_batch(batch: int = 2, seq: int = 8, vocab: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +74,32 @@ def test_total_is_ce_plus_weighted_z_and_gradient_reaches_logits():
     total.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 64, None])
+@pytest.mark.parametrize("z_loss_weight", [0.0, 1e-2])
+def test_chunked_loss_and_its_gradients_equal_the_plain_loss(chunk_tokens, z_loss_weight):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 25, 16, generator=gen).requires_grad_()
+    head = (torch.randn(300, 16, generator=gen) * 2).requires_grad_()
+    targets = torch.randint(0, 300, (2, 25), generator=gen)
+    targets[0, :5] = -100
+    plain = lm_loss(hidden @ head.T, targets, z_loss_weight=z_loss_weight)
+    plain_grads = torch.autograd.grad(plain[0], (hidden, head))
+    chunked = chunked_lm_loss(hidden, head, targets, z_loss_weight=z_loss_weight, chunk_tokens=chunk_tokens)
+    chunked_grads = torch.autograd.grad(chunked[0], (hidden, head))
+    for got, want in zip(chunked, plain):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert chunked[2] > 0
+
+
+def test_chunked_loss_without_grad_matches_and_all_ignored_gives_zero():
+    hidden, head = torch.randn(1, 9, 8), torch.randn(40, 8)
+    targets = torch.randint(0, 40, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_lm_loss(hidden, head, targets, chunk_tokens=4)[1],
+                                   lm_loss(hidden @ head.T, targets)[1], rtol=1e-6, atol=1e-6)
+    total, ce, z = chunked_lm_loss(hidden, head, torch.full_like(targets, -100), z_loss_weight=1.0, chunk_tokens=4)
+    assert total.item() == ce.item() == z.item() == 0.0

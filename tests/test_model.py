@@ -198,3 +198,21 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients():
     assert torch.equal(loss_plain, loss_ckpt)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=0)
+
+
+def test_forward_with_targets_gives_the_loss_and_gradients_of_the_logits_route():
+    tokens = random_tokens(DEBUG)
+    results = []
+    for with_targets in (False, True):
+        torch.manual_seed(0)
+        model = Llama(DEBUG)
+        if with_targets:
+            loss = model(tokens[:, :-1], tokens[:, 1:], z_loss_weight=1e-4)[0]
+        else:
+            loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:], z_loss_weight=1e-4)[0]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_logits, grads_logits), (loss_targets, grads_targets) = results
+    torch.testing.assert_close(loss_targets, loss_logits, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_logits.items():
+        torch.testing.assert_close(grads_targets[name], grad, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,18 @@
-"""Digests of model weights: how processes and islands prove they hold identical tensors."""
+"""Digests of model weights: how processes and islands prove they hold identical tensors.
+
+A digest is sha256 over a header per tensor (name, dtype, shape) and the XXH3-128 digests of the
+tensor's pieces. Why not sha256 over the bytes: without SHA extensions this CPU hashes 0.2 GB/s
+per core (it would cost tens of seconds per outer step at 10B), XXH3 hashes 6.5 GB/s per core
+from the tensor's own memory (no copy). These digests detect *accidental* divergence between
+processes that run the same code (a bug, nondeterminism, a bad transfer): a 128-bit hash with
+full avalanche makes an accidental collision a 2^-128 event. They are not a defence against a
+malicious island, which could report any digest it likes; authenticity is the run token's job.
+
+- `tensor_digest`: tensors hashed whole, in PIECE_BYTES pieces (e.g. an outer-weight buffer).
+- `model_digest`: the full model's digest from each rank's shards without gathering them: every
+  row (slice along dim 0) is one piece, so the digest does not depend on how rows are sharded;
+  the ranks exchange only the 16-byte row digests.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +20,16 @@ import hashlib
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
+import xxhash
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from atoll.island import local_rows
+
+PIECE_BYTES = 2**22
+"""Bytes per XXH3-128 piece in tensor_digest (a device tensor is copied to the host one piece at a time)."""
+ROW_DIGEST_BYTES = 16
 
 
 def digest_to_tensor(digest: str) -> torch.Tensor:
@@ -18,11 +42,70 @@ def tensor_to_digest(tensor: torch.Tensor) -> str:
     return bytes(tensor.cpu().tolist()).hex()
 
 
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def _header(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> bytes:
+    return f"{name}|{tensor.dtype}|{shape}|".encode()
+
+
 def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over (name, dtype, shape, raw bytes) of each tensor, in the order given."""
+    """Digest of (name, dtype, shape, values) of each tensor, in the order given.
+
+    CPU tensors are hashed in place; others are copied to the host PIECE_BYTES at a time.
+    """
     h = hashlib.sha256()
     for name, tensor in tensors:
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        t = tensor.detach().contiguous().reshape(-1)
+        h.update(_header(name, t, tuple(t.shape)))
+        step = max(1, PIECE_BYTES // t.element_size())
+        for start in range(0, t.numel(), step):
+            piece = t[start : start + step]
+            h.update(xxhash.xxh3_128_digest(_bytes(piece.cpu() if piece.device.type != "cpu" else piece)))
     return h.hexdigest()
+
+
+def _row_digests(local: torch.Tensor) -> torch.Tensor:
+    """XXH3-128 of each row of a (CPU copy of a) shard: uint8 [rows, 16]."""
+    host = local.detach().cpu().contiguous()
+    rows = host.shape[0] if host.dim() else 1
+    raw = _bytes(host.reshape(rows, -1))
+    row_bytes = len(raw) // rows if rows else 0
+    out = bytearray(rows * ROW_DIGEST_BYTES)
+    for i in range(rows):
+        out[i * ROW_DIGEST_BYTES : (i + 1) * ROW_DIGEST_BYTES] = xxhash.xxh3_128_digest(raw[i * row_bytes : (i + 1) * row_bytes])
+    return torch.frombuffer(out, dtype=torch.uint8).view(rows, ROW_DIGEST_BYTES) if rows else torch.empty(0, ROW_DIGEST_BYTES, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def model_digest(model: nn.Module) -> str:
+    """Digest of the full model's parameters (state_dict order), the same on every rank and for
+    any number of ranks, computed from this rank's shards.
+
+    Under FSDP2 it is a collective over each parameter's mesh: every rank must call it. Host
+    memory is one shard of one parameter (copied from the device) plus its row digests.
+    """
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        local = local_rows(param)[0]
+        digests = _row_digests(local)
+        if isinstance(param, DTensor) and any(p.is_shard() for p in param.placements):
+            digests = _gather_rows(param, digests)
+        h.update(_header(name, local, tuple(param.shape)))
+        h.update(_bytes(digests.contiguous()))
+    return h.hexdigest()
+
+
+def _gather_rows(param: DTensor, digests: torch.Tensor) -> torch.Tensor:
+    """Every rank's row digests of a dim-0 sharded parameter, in row order."""
+    mesh = param.device_mesh
+    world = mesh.size()
+    per_rank = -(-param.shape[0] // world)
+    device = param.to_local().device
+    padded = torch.zeros(per_rank, ROW_DIGEST_BYTES, dtype=torch.uint8, device=device)
+    padded[: digests.shape[0]] = digests.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=mesh.get_group())
+    return torch.cat(gathered)[: param.shape[0]].cpu()

@@ -6,8 +6,10 @@ The outer weights and the outer momentum live in fp32 CPU memory as flat buffers
 process's local shard, so DiLoCo costs no accelerator memory. The pseudo-gradient is
 outer − inner; it is averaged across islands in per-layer buckets by `GlobalMean` (the encoded
 ring over this local rank's global groups, bit-identical on every island);
-`torch.optim.SGD(nesterov=True)` steps the flat outer buffer; the result overwrites the inner
-weights. The inner optimizer's state is kept across outer steps.
+`torch.optim.SGD(nesterov=True)` holds the outer step's settings and momentum, and its update is
+applied bucket by bucket; the result overwrites the inner weights. Host memory per rank is the
+three flat buffers (outer weights, pseudo-gradient, momentum: 12 bytes per parameter of the shard)
+plus bucket-sized temporaries; nothing full-size is made on the way. The inner optimizer's state is kept across outer steps.
 
 Also here: `average_gradients`, the data-parallel baseline that averages every step's gradients
 across islands over the same groups.
@@ -37,6 +39,9 @@ from atoll.comm.allreduce import GlobalMean
 from atoll.digest import tensor_digest
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
+UPDATE_SPAN = 2**18
+"""Values per span of the outer update (1 MiB of fp32 per buffer): elementwise ops, so the span
+changes no bit, only how often the same data comes back from memory."""
 
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:
@@ -71,11 +76,17 @@ class DiLoCo(Stateful):
     def __init__(self, model: nn.Module, lr: float, momentum: float, nesterov: bool) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
-        self.shards = [local_shard(p) for _, p in named]
-        self.sizes = [s.numel() for s in self.shards]
+        # parameters, not their local views: FSDP2's lazy init may re-allocate a shard (older torch,
+        # uneven sharding), so a view taken now could go stale; `_shards` reads them at each use
+        self.params = [p for _, p in named]
+        self.sizes = [s.numel() for s in self._shards()]
         self.buckets = layer_buckets(self.names, self.sizes)
-        self.outer = self._gather_inner()
-        self.pseudo_grad = torch.zeros_like(self.outer)
+        # 12 bytes per parameter of the shard: outer weights, pseudo-gradient, momentum (created by
+        # SGD's first step). The two that cross to the device are pinned on CUDA (DMA copies).
+        pin = any(s.is_cuda for s in self._shards())
+        self.outer = torch.empty(sum(self.sizes), pin_memory=pin)
+        self._read_inner(self.outer)
+        self.pseudo_grad = torch.zeros(sum(self.sizes), pin_memory=pin)
         self.outer.grad = self.pseudo_grad
         self.lr, self.momentum = lr, momentum
         self.optimizer = torch.optim.SGD(
@@ -92,27 +103,44 @@ class DiLoCo(Stateful):
             group["lr"] = 1.0 - (1.0 - self.lr) * weight
             group["momentum"] = self.momentum * weight
 
+    def _shards(self) -> list[torch.Tensor]:
+        return [local_shard(p) for p in self.params]
+
     @torch.no_grad()
-    def _gather_inner(self) -> torch.Tensor:
-        """The inner weights' local shards as one flat fp32 CPU tensor."""
-        return torch.cat([s.detach().reshape(-1).to("cpu", torch.float32) for s in self.shards])
+    def _pseudo_gradient(self) -> None:
+        """pseudo_grad = outer − inner: one pass per CPU shard; a device shard is copied into the buffer first."""
+        shards = self._shards()
+        on_device = [s.device.type != "cpu" or s.dtype != torch.float32 for s in shards]
+        if any(on_device):
+            self._read_inner(self.pseudo_grad)
+        for shard, outer, out, copied in zip(shards, self.outer.split(self.sizes), self.pseudo_grad.split(self.sizes), on_device):
+            torch.sub(outer, out if copied else shard.detach().reshape(-1), out=out)
+
+    @torch.no_grad()
+    def _read_inner(self, out: torch.Tensor) -> None:
+        """Copy the inner weights' local shards into the flat fp32 CPU buffer `out`, shard by shard."""
+        for shard, chunk in zip(self._shards(), out.split(self.sizes)):
+            chunk.view_as(shard).copy_(shard.detach(), non_blocking=True)
+        if any(s.is_cuda for s in self._shards()):
+            torch.cuda.synchronize()
 
     @torch.no_grad()
     def _scatter_outer(self) -> None:
         """Overwrite the inner weights with the outer weights."""
-        for shard, chunk in zip(self.shards, self.outer.split(self.sizes)):
-            shard.copy_(chunk.view_as(shard))
+        for shard, chunk in zip(self._shards(), self.outer.split(self.sizes)):
+            shard.copy_(chunk.view_as(shard), non_blocking=True)
+        if any(s.is_cuda for s in self._shards()):
+            torch.cuda.synchronize()
 
     @torch.no_grad()
     def average(self, mean: GlobalMean) -> None:
         """Recompute the pseudo-gradient (outer − inner) and average it across islands in per-layer buckets.
 
-        Raises the collective's error (RingError) on a dead or silent peer; the buffer's contents
-        are then undefined and nothing else changed.
+        Computed shard by shard into the pseudo-gradient buffer (no full-size temporary). Raises the collective's error (RingError) on a dead or silent
+        peer; the buffer's contents are then undefined and nothing else changed.
         """
-        torch.sub(self.outer, self._gather_inner(), out=self.pseudo_grad)
-        for bucket in self.buckets:
-            mean.mean_(self.pseudo_grad[bucket])
+        self._pseudo_gradient()
+        mean.mean_buckets_(self.pseudo_grad, self.buckets)
 
     def agreement_digest(self) -> str:
         """Digest of the outer weights and the averaged pseudo-gradient: equal on all islands iff
@@ -125,9 +153,33 @@ class DiLoCo(Stateful):
 
         Returns the digest of the new outer weights (this rank's shard).
         """
-        self.optimizer.step()
+        self._outer_sgd_step()
         self._scatter_outer()
         return tensor_digest([("outer", self.outer)])
+
+    @torch.no_grad()
+    def _outer_sgd_step(self) -> None:
+        """`self.optimizer.step()`, bucket by bucket: the same ops on the same state, so the same
+        bits, but Nesterov's look-ahead (grad + momentum * buffer) is an UPDATE_SPAN temporary
+        where torch's SGD makes a full-size one."""
+        group = self.optimizer.param_groups[0]
+        if group["weight_decay"] or group["dampening"] or group["maximize"]:
+            raise ValueError("the outer SGD step supports neither weight decay, dampening nor maximize")
+        lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        state = self.optimizer.state[self.outer]
+        fresh = momentum != 0 and state.get("momentum_buffer") is None
+        if fresh:  # torch starts the momentum buffer as a copy of the first gradient
+            state["momentum_buffer"] = self.pseudo_grad.clone()
+        # spans small enough that the update's four passes over a span run in cache
+        for start in range(0, self.outer.numel(), UPDATE_SPAN):
+            span = slice(start, start + UPDATE_SPAN)
+            grad = self.pseudo_grad[span]
+            if momentum != 0:
+                buffer = state["momentum_buffer"][span]
+                if not fresh:
+                    buffer.mul_(momentum).add_(grad)
+                grad = grad.add(buffer, alpha=momentum) if nesterov else buffer
+            self.outer[span].add_(grad, alpha=-lr)
 
     @torch.no_grad()
     def broadcast_state(self, group: dist.ProcessGroup, source: int) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from atoll.errors import UserError
 
@@ -86,15 +87,39 @@ def shard_model(model: nn.Module, island: Island) -> nn.Module:
     """FSDP2 over the local group: each transformer block is one unit, then the root.
 
     A 1-rank island is left unsharded (FSDP would only add copies). On CUDA, parameters are
-    gathered in bf16 and gradients reduced in fp32.
+    gathered in bf16 and gradients reduced in fp32. Works on a model built on the meta device
+    (nothing is allocated; `to_empty` then materialises only this rank's shards). The root
+    (embedding, final norm, head) stays gathered after forward: backward needs it at once.
     """
     if island.world == 1:
         return model
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if island.mixed_precision else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     return model
+
+
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This process's part of a parameter and the index of its first row (dim 0) in the full one.
+
+    FSDP2 shards dim 0 like `torch.chunk`: rank r holds rows [r * ceil(n / W), ...), possibly
+    none. A plain tensor or a replicated DTensor is all of itself, from row 0. Raises ValueError
+    for any other layout (atoll only shards dim 0 over the island's 1-D mesh).
+    """
+    if not isinstance(param, DTensor):
+        return param, 0
+    local = param.to_local()
+    if all(isinstance(p, Replicate) for p in param.placements):
+        return local, 0
+    if param.device_mesh.ndim != 1 or param.placements != (Shard(0),):
+        raise ValueError(f"only dim-0 sharding over a 1-D mesh is supported, got {param.placements}")
+    rows = param.shape[0]
+    per_rank = -(-rows // param.device_mesh.size())
+    start = min(param.device_mesh.get_local_rank() * per_rank, rows)
+    if local.shape[0] != min(per_rank, rows - start):
+        raise ValueError(f"local shard of {local.shape[0]} rows does not match chunked sharding of {rows} rows")
+    return local, start
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

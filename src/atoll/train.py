@@ -27,7 +27,7 @@ from atoll.atomic import atomic_write
 from atoll.checkpoint import Checkpointer, ModelOptimizerState
 from atoll.config import JobConfig, dump_config
 from atoll.data import BatchSource, TrainingData, iter_eval_batches, load_training_data, weighted_mean
-from atoll.digest import tensor_digest
+from atoll.digest import model_digest
 from atoll.errors import UserError
 from atoll.export import load_hf_weights
 from atoll.faults import FaultInjector
@@ -141,23 +141,33 @@ def accumulation_steps(cfg: JobConfig, island: Island) -> int:
 
 
 def build_model(args: ModelArgs, cfg: JobConfig, island: Island) -> tuple[nn.Module, str]:
-    """Seeded init on CPU (same weights on every process), or model.init_from's weights, then AC,
-    compile, device and FSDP2.
+    """Build on the meta device, apply AC, compile and FSDP2, then initialise each rank's shard in place.
 
-    Returns the model and the sha256 digest of its initial weights.
+    Start-up memory per rank is O(shard) on host and device. The weights depend only on
+    train.seed (the same full weights for any number of local ranks), and so does the returned
+    digest of the full initial weights, computed from the shards (`model_digest`). With
+    model.init_from the weights come from a Hugging Face directory, loaded into a full model on
+    CPU before sharding (so that path costs the full model's memory once per rank).
     """
     torch.manual_seed(cfg.train.seed)
-    model = Llama(args)
-    if cfg.model.init_from:
+    if cfg.model.init_from:  # a full model on CPU, filled from the HF files, then sharded
+        model = Llama(args)
         load_hf_weights(model, Path(cfg.model.init_from))
-    digest = tensor_digest(model.state_dict().items())
+    else:
+        with torch.device("meta"):
+            model = Llama(args)
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.model.compile:
         for block in model.layers:
             block.compile()
-    model.to(island.device)
-    return shard_model(model, island), digest
+    model = shard_model(model, island)
+    if cfg.model.init_from:
+        model.to(island.device)
+    else:
+        model.to_empty(device=island.device)
+        model.init_weights()
+    return model, model_digest(model)
 
 
 def train_step(
@@ -172,18 +182,20 @@ def train_step(
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step over this rank's share of the global batch, in `accum` micro-batches.
 
-    `after_backward` runs once the island's gradients are complete (the ddp baseline averages
-    them across islands there). Returns the rank's mean loss (cross-entropy, before z-loss) and
-    the global gradient norm.
+    Under FSDP2 every micro-batch's gradients are reduce-scattered at once, so a rank only ever
+    holds sharded gradients (skipping the sync would keep unsharded fp32 gradients of the whole
+    model between micro-batches). The loss is chunked over the vocabulary inside the model's
+    forward. `after_backward` runs once the island's gradients are complete (the ddp baseline
+    averages them across islands there). Returns the rank's mean loss (cross-entropy, before
+    z-loss, a device tensor: reading it is the caller's host sync) and the global gradient norm.
     """
-    sharded = island.world > 1
+    if island.device.type == "cuda":  # page-locked, so the copies below are really asynchronous
+        inputs, targets = inputs.pin_memory(), targets.pin_memory()
     ce_sum = torch.zeros((), device=island.device)
-    for i, (inp, tgt) in enumerate(zip(inputs.chunk(accum), targets.chunk(accum))):
-        if sharded:  # reduce-scatter gradients only once, after the last micro-batch
-            model.set_requires_gradient_sync(i == accum - 1)
+    for inp, tgt in zip(inputs.chunk(accum), targets.chunk(accum)):
         with autocast(island):
-            logits = model(inp.to(island.device, non_blocking=True))
-        total, ce, _ = lm_loss(logits, tgt.to(island.device, non_blocking=True), cfg.train.z_loss_weight)
+            total, ce, _ = model(inp.to(island.device, non_blocking=True), tgt.to(island.device, non_blocking=True),
+                                 z_loss_weight=cfg.train.z_loss_weight)
         (total / accum).backward()
         ce_sum += ce.detach()
     after_backward()

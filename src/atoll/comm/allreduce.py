@@ -3,17 +3,19 @@
 `GlobalMean` averages a flat fp32 CPU buffer across the islands of the current epoch. The buffer
 is split into K contiguous parts, one per stream (`comm.streams` process groups per local rank),
 and each part goes through atoll's pipelined ring (`comm/ring.py`) in the configured codec; the K
-rings run at the same time in threads, so one process can keep K connections busy. Bytes are
-counted as the ring puts them on the wire (encoded sizes).
+rings run at the same time in threads, so one process can keep K connections busy. `mean_buckets_`
+averages many slices (DiLoCo's per-layer buckets) with one thread per stream for all of them.
+Bytes are counted as the ring puts them on the wire (encoded sizes).
 
 Failure semantics: a dead peer (closed socket) makes the rings raise `RingError` at once, a silent
 one after `deadline_s` without progress; `mean_` raises only after every stream's ring has
 stopped, the buffer's contents are then undefined and the groups unusable (the epoch ends).
 A gloo wait cannot be interrupted, so a peer that hangs mid-ring would hold the others until
 `deadline_s`; with an `abandoned` check (the mesh passes "was this epoch dissolved?", which the
-coordinator decides at the heartbeat timeout) the rings run on a copy in a thread that `mean_`
-leaves behind as soon as the check says so, raising RingError; the left thread ends at its own
-deadline and never writes into the caller's buffer.
+coordinator decides at the heartbeat timeout) the rings run on a work buffer (one bucket's part
+per stream) in a thread that `mean_` leaves behind as soon as the check says so, raising RingError;
+the left thread ends at its own deadline (or its next bucket) and never writes into the caller's
+buffer after that.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from atoll.comm.codecs import Codec
 from atoll.comm.ring import RingError, ring_all_reduce_mean_
 
 ABANDON_POLL_S = 0.2
-"""How often a running mean_ asks its `abandoned` check (a local flag on the island's leader)."""
+"""How often a running mean_ asks its `abandoned` check (one coordinator store lookup each)."""
 ABANDONED = "rings abandoned"
 """The words of the RingError raised when an epoch ends under running rings (not the island's own failure)."""
 
@@ -84,29 +86,78 @@ class GlobalMean:
         Bit-identical on every island. Returns only when every stream's ring has finished; if any
         failed, raises its RingError and the tensor's contents are undefined.
         """
-        sequence = self.calls
-        self.calls += 1
-        moved = self._rings(tensor, sequence) if self.abandoned is None else self._rings_abandonable(tensor, sequence)
+        self.mean_buckets_(tensor, [slice(0, tensor.numel())])
+
+    def mean_buckets_(self, tensor: torch.Tensor, buckets: list[slice]) -> None:
+        """mean_ of each slice of a contiguous 1-D CPU fp32 tensor, one ring after another.
+
+        The same results, ring tags and failure semantics as one mean_ per bucket, without the
+        per-bucket overhead: one thread per stream runs all buckets back to back (a failed
+        stream stops the others at their next bucket); with an `abandoned` check, one poll loop
+        covers all buckets and the rings run on one work buffer per stream the size of the
+        largest bucket's part, copied back bucket by bucket while this call still waits (never
+        after it has given up), so no copy of the whole tensor is made.
+        """
+        first = self.calls
+        self.calls += len(buckets)
+        if self.abandoned is None:
+            moved = self._streams(tensor, buckets, first, threading.Event(), None)
+        else:
+            moved = self._streams_abandonable(tensor, buckets, first)
         for sent, recv in moved:
             self.wire.add(sent, recv)
 
-    def _rings(self, tensor: torch.Tensor, sequence: int) -> list[tuple[int, int]]:
-        parts = tensor.tensor_split(len(self.groups))
-        if len(self.groups) == 1:
-            return [self._ring(parts[0], self.groups[0], sequence)]
-        # leaving the pool's block joins every ring, so none still writes into `tensor` after a failure
-        with ThreadPoolExecutor(len(self.groups), thread_name_prefix="atoll-ring") as pool:
-            futures = [pool.submit(self._ring, part, group, sequence) for part, group in zip(parts, self.groups)]
+    def _streams(
+        self, tensor: torch.Tensor, buckets: list[slice], first: int, stop: threading.Event,
+        deliver: Callable[[torch.Tensor, torch.Tensor], None] | None,
+    ) -> list[tuple[int, int]]:
+        """Stream k averages part k of every bucket on group k, in place or (deliver given) on a work buffer."""
+        streams = len(self.groups)
+
+        def stream(k: int) -> tuple[int, int]:
+            sent = recv = 0
+            parts = [tensor[bucket].tensor_split(streams)[k] for bucket in buckets]
+            work = torch.empty(max((p.numel() for p in parts), default=0)) if deliver is not None else None
+            for i, part in enumerate(parts):
+                if stop.is_set():  # another stream failed or the caller left: its error is what counts
+                    raise RingError("ring stopped: another stream of this all-reduce failed or it was abandoned")
+                target = part if work is None else work[: part.numel()].copy_(part)
+                try:
+                    moved = ring_all_reduce_mean_(target, self.groups[k], self.codec, self.deadline_s, self.chunk_bytes, first + i, self.key)
+                except BaseException:
+                    stop.set()
+                    raise
+                if deliver is not None:
+                    deliver(part, target)
+                sent, recv = sent + moved[0], recv + moved[1]
+            return sent, recv
+
+        if streams == 1:
+            return [stream(0)]
+        # leaving the pool's block joins every stream, so none still writes into `tensor` after a failure
+        with ThreadPoolExecutor(streams, thread_name_prefix="atoll-ring") as pool:
+            futures = [pool.submit(stream, k) for k in range(streams)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        # the first stream that failed for a reason of its own, not one that only stopped for it
+        for error in sorted(errors, key=lambda e: str(e).startswith("ring stopped")):
+            raise error
         return [future.result() for future in futures]
 
-    def _rings_abandonable(self, tensor: torch.Tensor, sequence: int) -> list[tuple[int, int]]:
-        """_rings on a copy in a daemon thread, given up as soon as `abandoned()` says so."""
-        work = tensor.clone()
+    def _streams_abandonable(self, tensor: torch.Tensor, buckets: list[slice], first: int) -> list[tuple[int, int]]:
+        """_streams on work buffers in a daemon thread, given up as soon as `abandoned()` says so."""
+        stop = threading.Event()
+        delivering = threading.Lock()
         outcome: list = []
+
+        def deliver(part: torch.Tensor, work: torch.Tensor) -> None:
+            with delivering:
+                if stop.is_set():
+                    raise RingError("ring abandoned: its result is no longer wanted")
+                part.copy_(work)
 
         def run() -> None:
             try:
-                outcome.append(self._rings(work, sequence))
+                outcome.append(self._streams(tensor, buckets, first, stop, deliver))
             except BaseException as err:  # handed to the caller's thread below
                 outcome.append(err)
 
@@ -115,11 +166,9 @@ class GlobalMean:
         while thread.is_alive():
             thread.join(ABANDON_POLL_S)
             if thread.is_alive() and self.abandoned():
+                with delivering:  # after this, the left thread never writes into `tensor`
+                    stop.set()
                 raise RingError(f"the epoch ended while its rings were running (a peer was dropped): {ABANDONED}")
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
-        tensor.copy_(work)
         return outcome[0]
-
-    def _ring(self, part: torch.Tensor, group: dist.ProcessGroup, sequence: int) -> tuple[int, int]:
-        return ring_all_reduce_mean_(part, group, self.codec, self.deadline_s, self.chunk_bytes, sequence, self.key)

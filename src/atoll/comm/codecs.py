@@ -3,8 +3,9 @@
 A codec turns a 1-D fp32 tensor into a self-describing uint8 payload and back: `decode` needs
 only the bytes and the element count, and `encoded_size(numel)` is fixed by the element count,
 so a receiver preallocates its buffers. Every codec is vectorised torch (intra-op threads on CPU;
-the same code runs on CUDA tensors, untested here) and deterministic: decoding the same bytes
-gives the same bits on every island, which the ring relies on.
+int8 also runs cache-sized spans on a thread pool; the same code runs on CUDA tensors, untested
+here) and deterministic: decoding the same bytes gives the same bits on every island, which the
+ring relies on.
 
 - fp32: the bytes of the values (exact).
 - bf16, fp16: rounded to nearest. fp16 overflows to inf past 65504 and loses precision below
@@ -33,6 +34,8 @@ and in codebook8 it makes the whole payload NaN (its sigma is NaN).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -121,9 +124,16 @@ def _blocks(flat: torch.Tensor, block: int) -> list[torch.Tensor]:
 
 
 class Int8Codec(Codec):
-    """Blockwise absmax int8. Payload: [bf16 scale per block][int8 code per value]."""
+    """Blockwise absmax int8. Payload: [bf16 scale per block][int8 code per value].
+
+    Encode and decode work through the tensor in spans of SPAN_BLOCKS blocks (2 MiB of fp32) on
+    a thread pool: each op of the recipe then reads and writes cache-resident data, instead of
+    making ten passes over main memory, and the spans run on every core. Spans are independent,
+    so the bits do not depend on the thread count.
+    """
 
     name = "int8"
+    SPAN_BLOCKS = 8192
 
     def __init__(self, block: int = INT8_BLOCK) -> None:
         self.block = block
@@ -138,34 +148,62 @@ class Int8Codec(Codec):
         head = SCALE_BYTES * self._blocks_of(numel)
         return data[:head].view(torch.bfloat16), data[head:].view(torch.int8)
 
+    def _spans(self, values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """(value rows, code rows, scales) of every span: 2-D views, the partial last block as its own row."""
+        spans = []
+        row = 0
+        for rows, code_rows in zip(_blocks(values, self.block), _blocks(codes, self.block)):
+            for start in range(0, rows.shape[0], self.SPAN_BLOCKS):
+                stop = start + self.SPAN_BLOCKS
+                spans.append((rows[start:stop], code_rows[start:stop], scales[row + start : row + min(stop, rows.shape[0])]))
+            row += rows.shape[0]
+        return spans
+
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         self._check(values)
         numel = values.numel()
         out = torch.empty(self.encoded_size(numel), dtype=torch.uint8, device=values.device)
         scales, codes = self._split(out, numel)
-        row = 0
-        for rows, code_rows in zip(_blocks(values, self.block), _blocks(codes, self.block)):
-            # amax and amin separately: measured 2x faster than aminmax over 64-value rows on CPU
-            absmax = torch.maximum(rows.amax(1), rows.amin(1).neg())
-            scale = (absmax * (INT8_SCALE_HEADROOM / INT8_LEVELS)).to(torch.bfloat16)
-            scales[row : row + len(scale)] = scale
-            row += len(scale)
-            # an all-zero block has scale 0: its codes are 0, not 0/0
-            inverse = torch.where(scale > 0, scale.float().reciprocal(), 0.0)
-            code_rows.copy_(torch.mul(rows, inverse[:, None]).round_())
+        _run(_encode_span, self._spans(values, codes, scales))
         return out
 
     def decode(self, data: torch.Tensor, numel: int) -> torch.Tensor:
         self._check_payload(data, numel)
         scales, codes = self._split(data, numel)
         out = torch.empty(numel, dtype=torch.float32, device=data.device)
-        row = 0
-        for code_rows, out_rows in zip(_blocks(codes, self.block), _blocks(out, self.block)):
-            scale = scales[row : row + len(code_rows)].float()
-            row += len(code_rows)
-            # convert, then scale in place: measured 2x faster than a mixed-dtype mul into `out`
-            out_rows.copy_(code_rows).mul_(scale[:, None])
+        _run(_decode_span, self._spans(out, codes, scales))
         return out
+
+
+def _encode_span(rows: torch.Tensor, code_rows: torch.Tensor, scales: torch.Tensor) -> None:
+    # amax and amin separately: measured 2x faster than aminmax over 64-value rows on CPU
+    absmax = torch.maximum(rows.amax(1), rows.amin(1).neg())
+    scale = (absmax * (INT8_SCALE_HEADROOM / INT8_LEVELS)).to(torch.bfloat16)
+    scales.copy_(scale)
+    # an all-zero block has scale 0: its codes are 0, not 0/0
+    inverse = torch.where(scale > 0, scale.float().reciprocal(), 0.0)
+    code_rows.copy_(torch.mul(rows, inverse[:, None]).round_())
+
+
+def _decode_span(out_rows: torch.Tensor, code_rows: torch.Tensor, scales: torch.Tensor) -> None:
+    # convert, then scale in place: measured 2x faster than a mixed-dtype mul into `out`
+    out_rows.copy_(code_rows).mul_(scales.float()[:, None])
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _run(work: Callable[..., None], spans: list[tuple[torch.Tensor, ...]]) -> None:
+    """work(*span) for every span: inline for one span (or on CUDA), else on the codec pool."""
+    global _POOL
+    if len(spans) <= 1 or spans[0][0].device.type != "cpu":
+        for span in spans:
+            work(*span)
+        return
+    if _POOL is None:  # one pool per process, as wide as torch's intra-op pool
+        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="atoll-codec")
+    for future in [_POOL.submit(work, *span) for span in spans]:
+        future.result()
 
 
 class Codebook8Codec(Codec):

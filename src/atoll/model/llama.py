@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from atoll.model.init import fill_shard_, normal_shard_
+from atoll.model.loss import chunked_lm_loss
+
 
 @dataclass
 class ModelArgs:
@@ -170,35 +173,43 @@ class Llama(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and the RoPE table in place, from the global torch RNG.
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every parameter and the RoPE table in place.
 
         Embeddings and linear weights: normal(0, 0.02). Residual output projections (attention.wo,
         feed_forward.w2): normal(0, 0.02 / sqrt(2 * n_layers)), so the residual stream's variance
         does not grow with depth (GPT-2). Output head: normal(0, dim ** -0.5), which gives unit-std
-        logits from the unit-RMS final norm. RMSNorm weights: 1. Draw order is fixed, so the same
-        seed gives the same weights on every process.
+        logits from the unit-RMS final norm. RMSNorm weights: 1.
+
+        The values are a function of `seed` and the parameter names only (`atoll.model.init`):
+        on a model sharded by FSDP2 each rank fills its own shard, and the full weights are the
+        same for any number of ranks. seed None draws one from the global torch RNG, so
+        `torch.manual_seed(s)` followed by any build route gives the same weights.
         """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
         args = self.args
         self.rope.copy_(rope_table(args.head_dim, args.max_seq_len, args.rope_theta,
                                    device=self.rope.device))
-        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
         residual_std = 0.02 / math.sqrt(2 * args.n_layers)
-        for block in self.layers:
-            attn, ffn = block.attention, block.feed_forward
-            for linear in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
-                nn.init.normal_(linear.weight, std=0.02)
-            for linear in (attn.wo, ffn.w2):
-                nn.init.normal_(linear.weight, std=residual_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        nn.init.normal_(self.output.weight, std=args.dim ** -0.5)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                fill_shard_(param, 1.0)
+            elif name == "output.weight":
+                normal_shard_(param, args.dim ** -0.5, seed, name)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                normal_shard_(param, residual_std, seed, name)
+            else:
+                normal_shard_(param, 0.02, seed, name)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, targets: Tensor | None = None,
+                z_loss_weight: float = 0.0) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Logits [B, T, vocab_size] in the compute dtype for token ids [B, T], T <= max_seq_len.
 
-        Position t attends to positions <= t only. Raises ValueError if T > max_seq_len.
+        With `targets` [B, T], returns the loss (total, ce, z) of `chunked_lm_loss` instead, which
+        never holds the logits of every position at once (the head's matmul runs inside forward,
+        so FSDP2 has its weight gathered). Position t attends to positions <= t only. Raises
+        ValueError if T > max_seq_len.
         """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
@@ -207,7 +218,10 @@ class Llama(nn.Module):
         rope = self.rope[:T]
         for layer in self.layers:
             h = layer(h, rope)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)
+        return chunked_lm_loss(h, self.output.weight, targets, z_loss_weight)
 
 
 def apply_activation_checkpointing(model: Llama) -> None:
