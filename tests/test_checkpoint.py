@@ -237,3 +237,11 @@ def test_the_run_dir_lock_names_its_owner_and_is_free_again_after_release(tmp_pa
         RunDirLock(tmp_path, "paris")
     lock.release()
     RunDirLock(tmp_path, "paris").release()
+
+
+def test_an_island_restarted_under_its_id_waits_for_its_previous_process_then_gives_up(tmp_path):
+    lock = RunDirLock(tmp_path, "berlin")
+    with pytest.raises(UserError, match="in use by island 'berlin'"):
+        RunDirLock(tmp_path, "berlin", same_island_wait_s=0.5)
+    lock.release()
+    RunDirLock(tmp_path, "berlin", same_island_wait_s=0.5).release()

@@ -23,26 +23,38 @@ from atoll.errors import UserError
 LOCK = ".atoll.lock"
 RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
+SAME_ISLAND_WAIT_S = 30.0
+"""How long an island restarted under its id waits for its previous process to release the lock."""
 
 
 class RunDirLock:
     """An exclusive lock on a run directory, held until `release` or the process's death."""
 
-    def __init__(self, run_dir: Path, island_id: str | None) -> None:
-        """Take the lock; raises UserError naming the live owner if another process holds it."""
+    def __init__(self, run_dir: Path, island_id: str | None, same_island_wait_s: float = SAME_ISLAND_WAIT_S) -> None:
+        """Take the lock; raises UserError naming the live owner if another process holds it.
+
+        When the owner is the same island (an island restarted under its id while its previous
+        process is still exiting), waits up to `same_island_wait_s` for it to go first.
+        """
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / LOCK
         self._file: TextIO | None = self.path.open("a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            owner = _describe_owner(self._file.read())
-            self._file.close()
-            self._file = None
-            raise UserError(
-                f"run dir {run_dir} is in use by {owner}: stop that process, or pass another --run-dir"
-            ) from None
+        deadline = time.monotonic() + same_island_wait_s
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                self._file.seek(0)
+                text = self._file.read()
+                if island_id is not None and _owner_island(text) == island_id and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                self._file.close()
+                self._file = None
+                raise UserError(
+                    f"run dir {run_dir} is in use by {_describe_owner(text)}: stop that process, or pass another --run-dir"
+                ) from None
         self._file.seek(0)
         self._file.truncate()
         owner = {"island_id": island_id, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
@@ -55,6 +67,13 @@ class RunDirLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+def _owner_island(text: str) -> str | None:
+    try:
+        return json.loads(text).get("island_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _describe_owner(text: str) -> str:
