@@ -138,7 +138,6 @@ class ResumePoint:
 
     path: Path
     timeline: int
-    run_id: str
     outer_digest: str | None
 
 
@@ -190,7 +189,7 @@ def open_checkpoints(checkpointer: Checkpointer, resume: str | None, cfg: JobCon
     checkpointer.timeline = answer["timeline"]
     if "path" not in answer:
         return None
-    return ResumePoint(Path(answer["path"]), answer["timeline"], answer["run_id"], answer["outer_digest"])
+    return ResumePoint(Path(answer["path"]), answer["timeline"], answer["outer_digest"])
 
 
 def describe_save(report: SaveReport) -> str:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -328,11 +329,11 @@ class Checkpointer:
         """Restore `state` in place from the checkpoint at `path` (verify it first: find_resumable).
 
         Raises UserError in one line when the checkpoint does not fit `state` (another model
-        size, another number of local ranks' keys missing).
+        size, a key it lacks).
         """
         try:
             dcp.load(state, checkpoint_id=path)
-        except (dcp.api.CheckpointException, RuntimeError, KeyError) as err:
+        except CheckpointException as err:
             first = str(err).strip().splitlines()
             raise UserError(f"checkpoint {path} does not fit this run (another config?): {first[-1] if first else type(err).__name__}") from None
 
