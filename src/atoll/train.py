@@ -383,14 +383,24 @@ def load_data(cfg: JobConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
 
 def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle) -> TrainResult:
     lock = claim_run_dir(run_dir, resume, ident, island)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader,
+        asynchronous=cfg.checkpoint.asynchronous, remote_url=cfg.checkpoint.remote,
+    )
     try:
-        return _train_in(cfg, run_dir, resume, island, ident, deathrattle)
+        return _train_in(cfg, run_dir, resume, island, ident, deathrattle, checkpointer)
+    except BaseException:
+        with contextlib.suppress(Exception):  # finish the save in flight: nothing saved is lost
+            checkpointer.close()
+        raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_in(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle) -> TrainResult:
+def _train_in(
+    cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle, checkpointer: Checkpointer,
+) -> TrainResult:
     tokenizer, train_tokens, val_tokens = load_data(cfg)
     args = model_args(cfg, tokenizer.vocab_size)
     seq_len = sequence_length(cfg)
@@ -411,10 +421,6 @@ def _train_in(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island,
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState()
     sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader))
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader,
-        asynchronous=cfg.checkpoint.asynchronous, remote_url=cfg.checkpoint.remote,
-    )
     stateful = {
         "model_optimizer": ModelOptimizerState(model, optimizer),
         "train": state,
@@ -459,65 +465,61 @@ def _train_in(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island,
         f"({accum} accumulation step(s)); run dir {run_dir}"
         + (f"; resumed at step {state.step} from {resumed.path} (timeline {resumed.timeline})" if resumed is not None else "")
     )
+
     loss_value = float("nan")
     val_loss = None
     window_start, window_tokens = time.perf_counter(), 0
-    try:
-        while state.step < cfg.train.steps:
-            lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
-            set_lr(optimizer, lr)
-            inputs, targets = sync.next_batch(loader)
-            loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward)
-            state.step += 1
-            state.tokens += cfg.train.global_batch * seq_len
-            window_tokens += cfg.train.global_batch * seq_len
+    while state.step < cfg.train.steps:
+        lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
+        set_lr(optimizer, lr)
+        inputs, targets = sync.next_batch(loader)
+        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward)
+        state.step += 1
+        state.tokens += cfg.train.global_batch * seq_len
+        window_tokens += cfg.train.global_batch * seq_len
 
-            is_last = state.step == cfg.train.steps
-            record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
-            outer_digest = record.get("outer_digest", outer_digest)
-            for note in sync.drain_notes():
-                log.info(f"atoll: {note}")
-            if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
-                eval_start = time.perf_counter()
-                val_loss = evaluate(model, val_tokens, seq_len, cfg, island)
-                record["val_loss"] = val_loss
-                paused = time.perf_counter() - eval_start  # throughput and compute_s count training only
-                window_start += paused
-                sync.pause(paused)
-            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end):
-                started = checkpointer.save(state.step, stateful, checkpoint_facts(sync, outer_digest))
-                if started.waited_s > 0.01:
-                    log.info(f"atoll: checkpoint: the previous save was still being written; training waited {started.waited_s:.2f}s "
-                             "for it (a save takes longer than checkpoint.every steps)")
-                if is_last:
-                    checkpointer.wait()  # the last record reports the last save's total time
-                record["checkpoint_blocked_s"] = started.blocked_s
-                window_start += started.blocked_s
-                sync.pause(started.blocked_s)
-            if state.step % cfg.metrics.log_every == 0 or is_last or record:
-                for done in checkpointer.completed():  # leader-local: never decides whether to log
-                    log.info(describe_save(done))
-                    record.update(checkpoint_step=done.step, checkpoint_s=done.total_s)
-                loss_value = float(all_reduce_mean(loss))
-                tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-                log.log({
-                    "step": state.step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": state.tokens,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": flops_tok * tokens_per_s / (peak * island.world) if peak else None,
-                    **sync.log_fields(),
-                    **record,  # an outer step's own epoch and world size win over the current ones
-                })
-                window_start, window_tokens = time.perf_counter(), 0
-        for done in checkpointer.close():
-            log.info(describe_save(done))
-    except BaseException:
-        with contextlib.suppress(Exception):  # finish the save in flight: nothing saved is lost
-            checkpointer.close()
-        raise
+        is_last = state.step == cfg.train.steps
+        record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
+        outer_digest = record.get("outer_digest", outer_digest)
+        for note in sync.drain_notes():
+            log.info(f"atoll: {note}")
+        if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
+            eval_start = time.perf_counter()
+            val_loss = evaluate(model, val_tokens, seq_len, cfg, island)
+            record["val_loss"] = val_loss
+            paused = time.perf_counter() - eval_start  # throughput and compute_s count training only
+            window_start += paused
+            sync.pause(paused)
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end):
+            started = checkpointer.save(state.step, stateful, checkpoint_facts(sync, outer_digest))
+            if started.waited_s > 0.01:
+                log.info(f"atoll: checkpoint: the previous save was still being written; training waited {started.waited_s:.2f}s "
+                         "for it (a save takes longer than checkpoint.every steps)")
+            if is_last:
+                checkpointer.wait()  # the last record reports the last save's total time
+            record["checkpoint_blocked_s"] = started.blocked_s
+            window_start += started.blocked_s
+            sync.pause(started.blocked_s)
+        if state.step % cfg.metrics.log_every == 0 or is_last or record:
+            for done in checkpointer.completed():  # leader-local: never decides whether to log
+                log.info(describe_save(done))
+                record.update(checkpoint_step=done.step, checkpoint_s=done.total_s)
+            loss_value = float(all_reduce_mean(loss))
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            log.log({
+                "step": state.step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": state.tokens,
+                "tokens_per_s": tokens_per_s,
+                "mfu": flops_tok * tokens_per_s / (peak * island.world) if peak else None,
+                **sync.log_fields(),
+                **record,  # an outer step's own epoch and world size win over the current ones
+            })
+            window_start, window_tokens = time.perf_counter(), 0
+    for done in checkpointer.close():
+        log.info(describe_save(done))
     log.info(f"atoll: done: {state.step} steps, loss {loss_value:.4f}"
              + (f", val_loss {val_loss:.4f}" if val_loss is not None else "") + f"; run dir {run_dir}")
     log.close()
