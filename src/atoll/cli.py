@@ -213,17 +213,20 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.print_config:
         print(config_toml(cfg), end="")
         return 0
-    from atoll.launch import default_run_dir, run_torchrun, under_torchrun
+    from atoll.launch import default_run_dir, generated_island_id, run_torchrun, under_torchrun
 
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     run_dir = args.run_dir
-    if run_dir is None and args.resume not in (None, "latest"):
+    if run_dir is None and args.resume not in (None, "latest") and "://" not in args.resume:
         run_dir = run_dir_of(Path(args.resume))
     if run_dir is None and args.resume == "latest":
         raise UserError("--resume latest needs --run-dir of the run to continue")
     if args.nproc > 1 and not under_torchrun():
-        run_dir = run_dir or default_run_dir(cfg.train.run_name)
+        if cfg.mesh.coordinator and not cfg.mesh.island_id:  # chosen once, so the default run dir can name it
+            cfg.mesh.island_id = generated_island_id()
+            rest = [*rest, "--mesh.island_id", cfg.mesh.island_id]
+        run_dir = run_dir or default_run_dir(cfg.train.run_name, cfg.mesh.island_id if cfg.mesh.coordinator else None)
         passthrough = [*([args.config] if args.config else []), *rest, "--run-dir", str(run_dir)]
         if args.resume is not None:
             passthrough += ["--resume", args.resume]

@@ -169,7 +169,12 @@ class CheckpointConfig(Section):
     at_end: bool = True
     """Save a checkpoint when training finishes."""
     keep: int = Field(default=2, gt=0)
-    """How many of the newest checkpoints to keep on disk."""
+    """How many of the newest checkpoints the current timeline wrote to keep on disk; checkpoints
+    of other timelines (the one a rollback resumed from, abandoned ones) are never pruned."""
+    asynchronous: bool = True
+    """Stage the state to host memory and write it in the background (false: write before training goes on)."""
+    remote: str | None = None
+    """A fsspec URL (s3://bucket/run/island-0, file:///mnt/x, ...) that receives a copy of every checkpoint, manifest last."""
 
 
 class MetricsConfig(Section):

@@ -203,12 +203,29 @@ class DiLoCo(Stateful):
         self._scatter_outer()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"outer": self.outer.detach().clone(), "optimizer": self.optimizer.state_dict()}
+        """The outer weights and the outer momentum as fixed keys (the live buffers: copy before changing them).
+
+        The momentum is always present, zeros with has_momentum 0 before the first outer step:
+        DCP loads only the keys the destination already has, so a key that exists only after a
+        step would never be restored. The learning rate and momentum factor are not state: they
+        come from the config (and `anneal`) at every outer step.
+        """
+        buffer = self.optimizer.state[self.outer].get("momentum_buffer")
+        return {
+            "outer": self.outer.detach(),
+            "momentum": buffer if buffer is not None else torch.zeros_like(self.outer),
+            "has_momentum": int(buffer is not None),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the outer weights and momentum (in place); the inner weights are the caller's."""
         with torch.no_grad():
             self.outer.copy_(state_dict["outer"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        state = self.optimizer.state[self.outer]
+        if int(state_dict["has_momentum"]):
+            state["momentum_buffer"] = state_dict["momentum"].detach().clone()
+        else:
+            state.pop("momentum_buffer", None)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ naming every differing key with both values (`atoll.mesh.membership.fingerprint_
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from atoll import __version__
@@ -21,8 +22,13 @@ def job_fingerprint(cfg: JobConfig, args: ModelArgs, tokenizer: Any, seq_len: in
     return {
         "atoll_version": __version__,
         "model": {k: v for k, v in dataclasses.asdict(args).items() if k != "max_seq_len"},
-        "tokenizer": f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{cfg.data.tokenizer}",
-        "data": cfg.data.model_dump(mode="json", exclude={"cache_dir"}),
+        "tokenizer": f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{Path(cfg.data.tokenizer).name}",
+        # what is read, not where each machine keeps it (paths, caches and workers are local)
+        "data": {
+            "source": cfg.data.source if not cfg.data.sources else None,
+            "sources": [[s.name, s.weight, s.text_field] for s in cfg.data.sources],
+            "val_fraction": cfg.data.val_fraction,
+        },
         "seq_len": seq_len,
         "global_batch": cfg.train.global_batch,
         "steps": cfg.train.steps,

@@ -7,10 +7,12 @@ the user's arguments through unchanged. Under torchrun each rank reads RANK/WORL
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
-from datetime import datetime
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from atoll.island import RANK_ENV
@@ -24,10 +26,16 @@ def under_torchrun() -> bool:
     return RANK_ENV in os.environ
 
 
-def default_run_dir(run_name: str) -> Path:
-    """runs/<run_name>-<UTC timestamp> under the current directory."""
-    stamp = datetime.utcnow().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{run_name}-{stamp}"
+def default_run_dir(run_name: str, island_id: str | None = None) -> Path:
+    """runs/<run_name>-<UTC timestamp>, plus -<island id> for an island of a mesh, under the
+    current directory: two islands started in the same second never share a directory."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / (f"{run_name}-{stamp}" + (f"-{island_id}" if island_id else ""))
+
+
+def generated_island_id() -> str:
+    """hostname-<8 random hex digits>: the island id of an island that was not given one."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
 def run_torchrun(nproc: int, train_args: list[str]) -> int:

@@ -7,6 +7,7 @@ N the parameters that take part in matmuls (all but the input embedding).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
+from atoll.atomic import atomic_write
 from atoll.model import ModelArgs
 
 # Dense bf16 tensor-core peak FLOP/s by device-name fragment, most specific first.
@@ -46,6 +48,36 @@ def detect_peak_flops(device: torch.device) -> float | None:
         if fragment in name:
             return flops
     return None
+
+
+ABANDONED_SUFFIX = ".abandoned.jsonl"
+
+
+def abandon_metrics_after(path: Path, step: int, timeline: int) -> int:
+    """Move the records past `step` out of metrics.jsonl, so a run resumed at `step` continues
+    it without duplicated steps; returns how many moved.
+
+    They are appended, tagged with `abandoned_by_timeline`, to metrics.abandoned.jsonl beside it
+    (fsynced) before metrics.jsonl is atomically rewritten, so a crash in between duplicates
+    records there, never loses one. Lines that are not JSON (a torn last line) are dropped.
+    """
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        (moved if record.get("step", 0) > step else keep).append(record)
+    if not moved:
+        return 0
+    with path.with_name(path.name.removesuffix(".jsonl") + ABANDONED_SUFFIX).open("a") as f:
+        f.writelines(json.dumps({**r, "abandoned_by_timeline": timeline}) + "\n" for r in moved)
+        f.flush()
+        os.fsync(f.fileno())
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
+    return len(moved)
 
 
 class MetricsLog:

@@ -7,13 +7,13 @@ metrics) and runs `train_step()` until `train.steps`. Everything it keeps across
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import signal
-import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.atomic import atomic_write
-from atoll.checkpoint import Checkpointer, ModelOptimizerState
+from atoll.checkpoint import Checkpointer, ModelOptimizerState, RunDirLock, SaveReport, check_fresh_run_dir
 from atoll.config import JobConfig, dump_config
 from atoll.data import BatchSource, TrainingData, iter_eval_batches, load_training_data, weighted_mean
 from atoll.digest import model_digest
@@ -40,10 +40,10 @@ from atoll.island import (
     start_island,
     stop_island,
 )
-from atoll.launch import default_run_dir, exit_with_launcher
 from atoll.fingerprint import job_fingerprint
+from atoll.launch import default_run_dir, exit_with_launcher, generated_island_id
 from atoll.mesh.member import MeshMember, join_mesh
-from atoll.metrics import MetricsLog, detect_peak_flops, flops_per_token
+from atoll.metrics import MetricsLog, abandon_metrics_after, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss
 from atoll.model.llama import apply_activation_checkpointing
 from atoll.optim import build_optimizer, clip_grad_norm, lr_factor, outer_anneal_weight, set_lr
@@ -87,6 +87,109 @@ class RankState(Stateful):
         torch.set_rng_state(state_dict["rng"])
         if "cuda_rng" in state_dict:
             torch.cuda.set_rng_state(state_dict["cuda_rng"], self.device)
+
+
+class OuterProgress(Stateful):
+    """The outer-step count, so a resumed island's outer steps continue instead of restarting at 1.
+
+    Contract with `IslandSync`: it keeps the count of committed or skipped outer steps in the
+    integer attribute `outer_steps` (0 when the island trains alone).
+    """
+
+    def __init__(self, sync: IslandSync) -> None:
+        self.sync = sync
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"outer_steps": int(getattr(self.sync, "outer_steps", 0))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sync.outer_steps = int(state_dict["outer_steps"])
+
+
+def checkpoint_facts(sync: IslandSync, outer_digest: str | None) -> dict[str, Any]:
+    """The manifest's mesh fields: outer step, epoch, members and the digest of the outer weights.
+
+    Contract with `IslandSync`: `outer_steps` (int) and, in a mesh, `member.epoch` with
+    `number` (int) and `members` (island ids); an island alone reports epoch None and no members.
+    """
+    epoch = getattr(getattr(sync, "member", None), "epoch", None)
+    return {
+        "outer_step": int(getattr(sync, "outer_steps", 0)),
+        "epoch": epoch.number if epoch is not None else None,
+        "members": list(epoch.members) if epoch is not None else [],
+        "outer_digest": outer_digest,
+    }
+
+
+def config_fingerprint(cfg: JobConfig) -> str:
+    """sha256 of the resolved config (recorded in every manifest, compared on resume)."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues from, the same on every local rank."""
+
+    path: Path
+    timeline: int
+    outer_digest: str | None
+
+
+def claim_run_dir(run_dir: Path, resume: str | None, ident: str | None, island: Island) -> RunDirLock | None:
+    """The leader locks the run directory; a fresh run refuses one that holds another run.
+
+    Every local rank raises the same UserError when the leader's claim fails.
+    """
+    lock, error = None, ""
+    if island.is_leader:
+        try:
+            lock = RunDirLock(run_dir, ident)
+            if resume is None:
+                check_fresh_run_dir(run_dir, ident)
+        except UserError as err:
+            error = str(err)
+            if lock is not None:
+                lock.release()
+    error = broadcast_text(error, island)
+    if error:
+        raise UserError(error)
+    return lock
+
+
+def open_checkpoints(checkpointer: Checkpointer, resume: str | None, cfg: JobConfig, ident: str | None, island: Island) -> ResumePoint | None:
+    """Find and verify the checkpoint to resume from (leader), fix the timeline, tell every rank.
+
+    The leader prints one line per newer checkpoint that did not verify, and what verifying the
+    chosen one cost. Raises UserError on every rank when nothing usable is found.
+    """
+    fingerprint = config_fingerprint(cfg)
+    answer: dict[str, Any] = {}
+    if island.is_leader:
+        try:
+            found = checkpointer.find_resumable(resume, report=lambda line: print(f"atoll: {line}", flush=True)) if resume else None
+            checkpointer.start(found.path if found else None, found.manifest.run_id if found else None, ident, fingerprint)
+            answer = {"timeline": checkpointer.timeline, "run_id": checkpointer.identity.run_id}
+            if found is not None:
+                m = found.manifest
+                print(f"atoll: verified {found.path} ({len(m.files)} files, {sum(f['bytes'] for f in m.files.values()) / 1e6:.1f} MB, "
+                      f"sha256) in {found.verify_s:.2f}s" + ("" if m.config_fingerprint == fingerprint else "; note: the config differs from the checkpoint's"), flush=True)
+                answer.update(path=str(found.path), outer_digest=m.outer_digest)
+        except UserError as err:
+            answer = {"error": str(err)}
+    answer = json.loads(broadcast_text(json.dumps(answer), island))
+    if "error" in answer:
+        raise UserError(answer["error"])
+    checkpointer.identity = dataclasses.replace(checkpointer.identity, run_id=answer["run_id"], island_id=ident, config_fingerprint=fingerprint)
+    checkpointer.timeline = answer["timeline"]
+    if "path" not in answer:
+        return None
+    return ResumePoint(Path(answer["path"]), answer["timeline"], answer["outer_digest"])
+
+
+def describe_save(report: SaveReport) -> str:
+    """The log line of a finished save."""
+    return (f"checkpoint saved: {report.path} ({report.bytes / 1e6:.1f} MB in {report.total_s:.2f}s, "
+            f"training blocked {report.blocked_s:.3f}s)")
 
 
 @dataclass
@@ -229,7 +332,7 @@ def evaluate(model: nn.Module, data: TrainingData, seq_len: int, cfg: JobConfig,
 
 def island_id(cfg: JobConfig, island: Island) -> str:
     """The configured island id, or hostname-<random> chosen by local rank 0 for every local rank."""
-    chosen = cfg.mesh.island_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    chosen = cfg.mesh.island_id or generated_island_id()
     return broadcast_text(chosen, island)
 
 
@@ -252,7 +355,9 @@ class Deathrattle:
 def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None) -> TrainResult:
     """Train one island as configured, writing config, metrics and checkpoints into run_dir.
 
-    run_dir None means runs/<train.run_name>-<timestamp>, with local rank 0's timestamp.
+    run_dir None means runs/<train.run_name>-<timestamp>[-<island id>], with local rank 0's
+    timestamp. A fresh run refuses a run_dir that holds another run, and any run refuses one that
+    another live process holds (UserError).
     An island in a mesh leaves with a deathrattle when it finishes, raises or gets SIGTERM
     (turned into SystemExit here), so the coordinator drops it at once; only SIGKILL, a hang or a
     lost machine go unannounced (the peers' broken collectives or the heartbeat timeout tell).
@@ -263,8 +368,9 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
     if cfg.mesh.coordinator:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        run_dir = Path(broadcast_text(str(run_dir or default_run_dir(cfg.train.run_name)), island))
-        result = _train(cfg, run_dir, resume, island, deathrattle)
+        ident = island_id(cfg, island) if cfg.mesh.coordinator else cfg.mesh.island_id
+        run_dir = Path(broadcast_text(str(run_dir or default_run_dir(cfg.train.run_name, ident)), island))
+        result = _train(cfg, run_dir, resume, island, ident, deathrattle)
     except BaseException as err:
         deathrattle(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": "))
         raise
@@ -274,15 +380,34 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
     return result
 
 
-def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, deathrattle: Deathrattle) -> TrainResult:
+def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle) -> TrainResult:
+    lock = claim_run_dir(run_dir, resume, ident, island)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader,
+        asynchronous=cfg.checkpoint.asynchronous, remote_url=cfg.checkpoint.remote,
+    )
+    try:
+        return _train_in(cfg, run_dir, resume, island, ident, deathrattle, checkpointer)
+    except BaseException:
+        with contextlib.suppress(Exception):  # finish the save in flight: nothing saved is lost
+            checkpointer.close()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(
+    cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle, checkpointer: Checkpointer,
+) -> TrainResult:
     data = load_training_data(cfg.data, lambda line: print(line, flush=True) if island.is_leader else None)
     args = model_args(cfg, data.tokenizer.vocab_size)
     seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
     member = None
     if cfg.mesh.coordinator:
-        fingerprint = job_fingerprint(cfg, args, tokenizer, seq_len)
-        member = join_mesh(cfg.mesh, island_id(cfg, island), island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None)
+        fingerprint = job_fingerprint(cfg, args, data.tokenizer, seq_len)
+        member = join_mesh(cfg.mesh, ident, island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None)
         deathrattle.member = member
     loader = data.loader(seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)
     if cfg.eval.every:  # checks now that each validation split holds a global batch, not at the first eval
@@ -293,15 +418,24 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState()
     sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader))
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader)
     stateful = {
         "model_optimizer": ModelOptimizerState(model, optimizer),
         "train": state,
+        "outer_progress": OuterProgress(sync),
         f"rank{island.rank}": RankState(loader, island.device),
         **sync.stateful(),
     }
-    if resume is not None:
-        checkpointer.load(checkpointer.resolve(resume), stateful)
+    resumed = open_checkpoints(checkpointer, resume, cfg, ident, island)
+    outer_digest = None
+    if resumed is not None:
+        checkpointer.load(resumed.path, stateful)
+        outer_digest = resumed.outer_digest
+        if state.step >= cfg.train.steps:
+            if island.is_leader:
+                print(f"atoll: the run is complete: {resumed.path} is at step {state.step} of train.steps {cfg.train.steps}; nothing to do", flush=True)
+            return TrainResult(run_dir, state.step, float("nan"), None, init_digest)
+        if island.is_leader:
+            abandon_metrics_after(run_dir / "metrics.jsonl", state.step, resumed.timeline)
     sync.start()
 
     params = count_params(args)
@@ -314,6 +448,8 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
             "local_ranks": island.world,
             "device": island.device.type,
             "start_step": state.step,
+            "run_id": checkpointer.identity.run_id,
+            "timeline": checkpointer.timeline,
             "island_id": member.island_id if member else None,
             "islands": list(member.epoch.members) if member else None,
             "mode": sync.mode,
@@ -325,7 +461,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
         f"atoll: {cfg.model.name} model ({params['total'] / 1e6:.2f}M params, init sha256 {init_digest[:12]}) "
         f"on {island.world} local rank(s), {island.device.type}; batch {cfg.train.global_batch}x{seq_len} tokens "
         f"({accum} accumulation step(s)); run dir {run_dir}"
-        + (f"; resumed at step {state.step}" if resume is not None else "")
+        + (f"; resumed at step {state.step} from {resumed.path} (timeline {resumed.timeline})" if resumed is not None else "")
     )
     for line in data.summaries:
         log.info(f"atoll: data: {line}")
@@ -344,6 +480,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
 
         is_last = state.step == cfg.train.steps
         record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
+        outer_digest = record.get("outer_digest", outer_digest)
         for note in [*sync.drain_notes(), *loader.drain_notes()]:
             log.info(f"atoll: {note}")
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
@@ -356,7 +493,20 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
             paused = time.perf_counter() - eval_start  # throughput and compute_s count training only
             window_start += paused
             sync.pause(paused)
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end):
+            started = checkpointer.save(state.step, stateful, checkpoint_facts(sync, outer_digest))
+            if started.waited_s > 0.01:
+                log.info(f"atoll: checkpoint: the previous save was still being written; training waited {started.waited_s:.2f}s "
+                         "for it (a save takes longer than checkpoint.every steps)")
+            if is_last:
+                checkpointer.wait()  # the last record reports the last save's total time
+            record["checkpoint_blocked_s"] = started.blocked_s
+            window_start += started.blocked_s
+            sync.pause(started.blocked_s)
         if state.step % cfg.metrics.log_every == 0 or is_last or record:
+            for done in checkpointer.completed():  # leader-local: never decides whether to log
+                log.info(describe_save(done))
+                record.update(checkpoint_step=done.step, checkpoint_s=done.total_s)
             loss_value = float(all_reduce_mean(loss))
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             log.log({
@@ -372,12 +522,8 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
                 **record,  # an outer step's own epoch and world size win over the current ones
             })
             window_start, window_tokens = time.perf_counter(), 0
-        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end):
-            save_start = time.perf_counter()
-            log.info(f"checkpoint saved: {checkpointer.save(state.step, stateful)}")
-            paused = time.perf_counter() - save_start
-            window_start += paused
-            sync.pause(paused)
+    for done in checkpointer.close():
+        log.info(describe_save(done))
     log.info(f"atoll: done: {state.step} steps, loss {loss_value:.4f}"
              + (f", val_loss {val_loss:.4f}" if val_loss is not None else "") + f"; run dir {run_dir}")
     log.close()

@@ -1,32 +1,57 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): staged, written in the background,
+published atomically, verified on load.
 
-Layout: `<dir>/step-00000100/` is one complete checkpoint (DCP shards plus `.metadata`). A save is
-written to `step-00000100.partial/`, fsynced by DCP, and renamed only after every local rank has
-finished, so a crash mid-save never replaces or corrupts the last good checkpoint: `.partial`
+Layout: `<dir>/step-00000100/` is one complete checkpoint: the DCP shards of every local rank,
+DCP's `.metadata`, and `manifest.json` (written last, with the sha256 of every other file; see
+`atoll.checkpoint.manifest`). Checkpoints of later timelines carry a suffix (`step-00000150-t1`,
+see `atoll.checkpoint.timeline`).
+
+A save, collective over the island's local ranks:
+1. waits for the previous save if it is still being written (at most one in flight; the wait is
+   reported, and counts as blocked time: a save that cannot keep up slows training down rather
+   than queueing copies of the state without bound),
+2. stages the state into host memory (DCP's `DefaultStager`: a copy into buffers reused from
+   one save to the next, pinned when CUDA is present): training is blocked only for this copy,
+3. returns to training; a background thread writes the staged copy with `dcp.save` over a gloo
+   group of its own (so its collectives never interleave with training's) into
+   `step-N.partial/`, then the leader hashes the files, writes the manifest, renames the
+   directory to `step-N`, prunes, and optionally uploads the checkpoint through fsspec.
+A crash at any moment leaves every earlier complete checkpoint as it was: `.partial`
 directories are never loaded and are cleared by the next save.
 
-What goes in is a dict of `Stateful` objects (anything with state_dict/load_state_dict); the
-trainer decides what they are. Per-rank state (data position, RNG) goes under a per-rank key.
+Loading verifies the manifest first. `find_resumable` walks the current timeline's history from
+the newest checkpoint down, reporting each one that does not verify in one line and falling
+back to the next.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim import Optimizer
 
 from atoll.atomic import fsync_dir
+from atoll.checkpoint import remote, timeline
+from atoll.checkpoint.manifest import CorruptCheckpoint, Manifest, checkpoint_bytes, verify, write_manifest
+from atoll.checkpoint.timeline import Timeline, checkpoint_name, is_complete, parse_name
 from atoll.errors import UserError
 
-STEP_PREFIX = "step-"
 PARTIAL_SUFFIX = ".partial"
 DCP_METADATA = ".metadata"
 
@@ -52,73 +77,269 @@ class ModelOptimizerState(Stateful):
 
 
 def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
+    """The directory name of timeline 0's checkpoint at `step`."""
+    return checkpoint_name(step, 0)
 
 
-def is_complete(path: Path) -> bool:
-    """A checkpoint directory that finished saving (renamed, with DCP metadata)."""
-    return path.is_dir() and path.name.startswith(STEP_PREFIX) and not path.name.endswith(PARTIAL_SUFFIX) and (path / DCP_METADATA).is_file()
+@dataclass
+class SaveReport:
+    """One save, as the metrics record it."""
+
+    step: int
+    path: Path
+    blocked_s: float
+    """Time training was blocked: waiting for the previous save, then staging to host memory."""
+    waited_s: float
+    """The part of blocked_s spent waiting for the previous save to finish writing."""
+    total_s: float = 0.0
+    """From the start of the save to the checkpoint being published (and uploaded)."""
+    bytes: int = 0
+
+
+@dataclass
+class Resumable:
+    """A verified checkpoint to resume from, with what it cost to verify."""
+
+    path: Path
+    manifest: Manifest
+    verify_s: float
+    skipped: list[str]
+    """One line per newer checkpoint that did not verify."""
+
+
+def newest_verified(directory: Path, report: Callable[[str], None] = lambda _: None) -> Resumable | None:
+    """The newest checkpoint of `directory`'s current timeline history that verifies, or None.
+
+    `directory` is a checkpoint directory (`<run>/checkpoints`) or a run directory. Each newer
+    checkpoint that fails verification is passed to `report` as one line naming the file; it is
+    left on disk untouched. Reads files only: no collectives, safe to call from any one process.
+    """
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    timelines = timeline.load_registry(directory)
+    skipped: list[str] = []
+    for path in reversed(timeline.lineage(directory, timelines, timelines[-1].id)):
+        start = time.perf_counter()
+        try:
+            manifest = verify(path)
+        except CorruptCheckpoint as err:
+            skipped.append(f"checkpoint {path}: {err}; falling back to an older checkpoint")
+            report(skipped[-1])
+            continue
+        return Resumable(path, manifest, time.perf_counter() - start, skipped)
+    return None
 
 
 class Checkpointer:
-    """Saves and loads the island's checkpoints under one directory.
+    """Saves and loads one island's checkpoints under one directory.
 
-    Every method is collective over the island's local group: all local ranks call it together.
+    `save`, `load`, `wait` and `close` are collective over the island's local group: all local
+    ranks call them together. Only the leader touches shared files (manifest, rename, pruning,
+    timeline registry, upload). `asynchronous=False` writes inside `save` (the benchmark's
+    baseline). `remote`, a fsspec URL, receives a copy of every checkpoint after it is published.
     """
 
-    def __init__(self, directory: Path, keep: int, is_leader: bool) -> None:
+    def __init__(
+        self, directory: Path, keep: int, is_leader: bool, *, asynchronous: bool = True, remote_url: str | None = None,
+    ) -> None:
         self.directory = directory
         self.keep = keep
         self.is_leader = is_leader
+        self.asynchronous = asynchronous
+        self.remote_url = remote_url.rstrip("/") if remote_url else None
+        self.timeline = 0
+        self.identity = Manifest(run_id=uuid.uuid4().hex, island_id=None, step=0)
+        self._group: dist.ProcessGroup | None = None
+        self._stager: DefaultStager | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: Future[SaveReport] | None = None
+        self._done: list[SaveReport] = []
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write a complete checkpoint for `step` and prune old ones; returns its directory."""
-        final = self.directory / step_dir_name(step)
+    # --- timelines --------------------------------------------------------------------------------
+
+    def start(self, resumed_from: Path | None, run_id: str | None = None, island_id: str | None = None, config_fingerprint: str | None = None) -> None:
+        """Fix the timeline this run writes and the identity its manifests carry (leader writes the registry).
+
+        Fresh run: timeline 0. Resumed from the newest checkpoint of the current timeline's
+        history: that timeline continues. Resumed from anything older here, or from a checkpoint
+        elsewhere into a directory that already has a history: a new timeline. Island leader
+        only (it reads and writes the registry); the other local ranks take `timeline` and
+        `identity` from it (see `atoll.train.open_checkpoints`).
+        """
+        self.identity = Manifest(run_id=run_id or uuid.uuid4().hex, island_id=island_id, step=0, config_fingerprint=config_fingerprint)
+        had_registry = (self.directory / timeline.REGISTRY).is_file()
+        timelines = timeline.load_registry(self.directory)
+        history = timeline.lineage(self.directory, timelines, timelines[-1].id)
+        if resumed_from is None or (history and history[-1].resolve() == resumed_from.resolve()):
+            changed = False  # the current timeline continues
+        elif not history and not had_registry:
+            timelines, changed = [Timeline(0, origin=str(resumed_from))], True
+        else:
+            here = resumed_from.resolve().parent == self.directory.resolve()
+            new = Timeline(max(t.id for t in timelines) + 1, parent=resumed_from.name if here else None, origin=None if here else str(resumed_from))
+            timelines, changed = [*timelines, new], True
+        self.timeline = timelines[-1].id
+        if self.is_leader and (changed or not had_registry):
+            timeline.save_registry(self.directory, timelines)
+
+    def latest(self) -> Path | None:
+        """The newest complete (not necessarily verified) checkpoint of the current timeline's history."""
+        timelines = timeline.load_registry(self.directory)
+        found = timeline.lineage(self.directory, timelines, timelines[-1].id)
+        return found[-1] if found else None
+
+    def find_resumable(self, spec: str, report: Callable[[str], None]) -> Resumable:
+        """Turn `--resume` (latest, a checkpoint directory, a run directory, or a fsspec URL of a
+        checkpoint) into a verified checkpoint. Leader only: it reads and hashes files.
+
+        latest / a run directory: the newest checkpoint of its history that verifies; each newer
+        one that does not is passed to `report` in one line. An explicit checkpoint must verify
+        itself. A URL is downloaded (verified) into this directory first. Raises UserError in
+        one line when nothing usable is found.
+        """
+        if "://" in spec:
+            return self._fetch(spec)
+        if spec == "latest":
+            where = self.directory
+        else:
+            path = Path(spec).expanduser()
+            if parse_name(path.name) is not None:
+                if not is_complete(path):
+                    raise UserError(f"--resume {spec}: not a complete checkpoint (no manifest.json); resume from its run directory to use the newest good one")
+                start = time.perf_counter()
+                try:
+                    manifest = verify(path)
+                except CorruptCheckpoint as err:
+                    raise UserError(f"--resume {spec}: {err}; pass an older checkpoint or the run directory") from None
+                return Resumable(path, manifest, time.perf_counter() - start, [])
+            where = path
+        found = newest_verified(where, report)
+        if found is None:
+            raise UserError(f"--resume {spec}: no checkpoint that verifies in {where}; pass --run-dir of an earlier run or another checkpoint")
+        return found
+
+    def _fetch(self, url: str) -> Resumable:
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if parse_name(name) is None:
+            raise UserError(f"--resume {url}: a remote checkpoint URL must end in its step directory (step-NNNNNNNN)")
+        local = self.directory / f"fetched-{name}" / name
+        start = time.perf_counter()
+        if not is_complete(local):
+            try:
+                manifest = remote.download(url, local)
+            except CorruptCheckpoint as err:
+                raise UserError(f"--resume {url}: {err}") from None
+            except (OSError, ValueError) as err:
+                raise UserError(f"--resume {url}: cannot read it ({err})") from None
+            return Resumable(local, manifest, time.perf_counter() - start, [])
+        return Resumable(local, verify(local), time.perf_counter() - start, [])
+
+    # --- save -------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict[str, Any], facts: dict[str, Any] | None = None) -> SaveReport:
+        """Checkpoint `state` (Statefuls or plain dicts of tensors) at `step`.
+
+        `facts` fills the manifest's outer_step, epoch, members and outer_digest. Returns as soon
+        as the state is staged (asynchronous) or written (not); the report's total_s is known
+        when the save completes (`completed`, `wait`). Raises UserError if the previous save
+        failed on an OSError (disk full, permissions), naming the path.
+        """
+        start = time.perf_counter()
+        previous = self.wait()  # at most one save in flight: the staging buffers are reused
+        waited = time.perf_counter() - start if previous is not None else 0.0
+        final = self.directory / checkpoint_name(step, self.timeline)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if self.is_leader:
             self.directory.mkdir(parents=True, exist_ok=True)
             for leftover in self.directory.glob(f"*{PARTIAL_SUFFIX}"):  # from crashed saves
                 shutil.rmtree(leftover)
+        self._ensure_started()
         dist.barrier()
-        dcp.save(state, checkpoint_id=partial)
-        dist.barrier()
+        plain = {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
+        staged = self._stager.stage(plain) if self.asynchronous else plain
+        manifest = replace(self.identity, step=step, timeline=self.timeline, **(facts or {}))
+        report = SaveReport(step, final, blocked_s=0.0, waited_s=waited)
+        if self.asynchronous:
+            report.blocked_s = time.perf_counter() - start
+            self._in_flight = self._writer.submit(self._write, staged, partial, final, manifest, report, start)
+            return report
+        self._write(staged, partial, final, manifest, report, start)
+        report.blocked_s = report.total_s
+        self._done.append(report)
+        return report
+
+    def _write(self, staged: dict[str, Any], partial: Path, final: Path, manifest: Manifest, report: SaveReport, start: float) -> SaveReport:
+        # DCP's last phase gathers every rank's write results before the leader writes .metadata,
+        # so once dcp.save returns on the leader every rank's shards are on disk (and fsynced).
+        dcp.save(staged, checkpoint_id=partial, process_group=self._group)
         if self.is_leader:
+            manifest.created = time.time()
+            write_manifest(partial, manifest)
+            report.bytes = checkpoint_bytes(manifest)
             _replace_dir(partial, final)
             self._prune()
-        dist.barrier()
-        return final
+            if self.remote_url:
+                remote.upload(final, f"{self.remote_url}/{final.name}")
+        report.total_s = time.perf_counter() - start
+        return report
+
+    def _ensure_started(self) -> None:
+        """The writer's own gloo group, stager and thread, created at the first save (collective)."""
+        if self._group is not None:
+            return
+        self._group = dist.new_group(backend="gloo")
+        if self.asynchronous:
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=cuda))
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-checkpoint")
+
+    def wait(self) -> SaveReport | None:
+        """Block until the save in flight (if any) is written; returns its report, or None."""
+        if self._in_flight is None:
+            return None
+        future, self._in_flight = self._in_flight, None
+        try:
+            report = future.result()
+        except OSError as err:
+            raise UserError(f"checkpoint into {self.directory} failed: {err.strerror or err} ({err.filename or ''}); free space or fix permissions, then --resume") from None
+        self._done.append(report)
+        return report
+
+    def completed(self) -> list[SaveReport]:
+        """Reports of saves that finished since the last call (never blocks)."""
+        if self._in_flight is not None and self._in_flight.done():
+            self.wait()
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> list[SaveReport]:
+        """Finish the save in flight and release the writer; returns the reports not yet collected."""
+        self.wait()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        done, self._done = self._done, []
+        return done
+
+    # --- load -------------------------------------------------------------------------------------
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
-        """Restore `state` in place from the checkpoint at `path`."""
-        dcp.load(state, checkpoint_id=path)
+        """Restore `state` in place from the checkpoint at `path` (verify it first: find_resumable).
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        done = self._complete()
-        return done[-1] if done else None
-
-    def resolve(self, spec: str) -> Path:
-        """Turn `--resume` (latest, a checkpoint directory, or a run directory) into a checkpoint path."""
-        if spec == "latest":
-            found = self.latest()
-            if found is None:
-                raise UserError(f"--resume latest: no complete checkpoint in {self.directory}; pass --run-dir of an earlier run")
-            return found
-        path = Path(spec).expanduser()
-        if is_complete(path):
-            return path
-        found = Checkpointer(path / "checkpoints", self.keep, self.is_leader).latest()
-        if found is None:
-            raise UserError(f"--resume {spec}: not a checkpoint (step-N directory) nor a run directory holding one")
-        return found
-
-    def _complete(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.iterdir() if is_complete(p))
+        Raises UserError in one line when the checkpoint does not fit `state` (another model
+        size, a key it lacks).
+        """
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except CheckpointException as err:
+            first = str(err).strip().splitlines()
+            raise UserError(f"checkpoint {path} does not fit this run (another config?): {first[-1] if first else type(err).__name__}") from None
 
     def _prune(self) -> None:
-        for old in self._complete()[: -self.keep]:
+        for old in timeline.own_checkpoints(self.directory, self.timeline)[: -self.keep]:
             shutil.rmtree(old)
 
 

@@ -1,0 +1,181 @@
+"""Checkpoint operations as an operator meets them, with real processes and hard timeouts:
+rollback, a corrupt latest, a fresh run into a used directory, two islands in one directory,
+and kill -9 during a background save."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import read_metrics, run_atoll
+
+from atoll.checkpoint import Checkpointer, newest_verified
+
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+def train_args(run_dir: Path, cache_dir: str, steps: int, *extra: str) -> list[str]:
+    return [
+        "train", "configs/debug.toml", "--run-dir", str(run_dir), "--train.steps", str(steps),
+        "--train.global_batch", "8", "--train.seq_len", "64", "--schedule.warmup_steps", "2",
+        "--eval.every", "0", "--metrics.log_every", "2", "--checkpoint.every", "4", "--checkpoint.keep", "3",
+        "--data.cache_dir", cache_dir, *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache_dir) -> Path:
+    """A run of 12 steps with checkpoints at 4, 8 and 12; tests work on copies of it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_atoll(train_args(run_dir, cache_dir, 12), TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+
+
+def test_rollback_keeps_the_checkpoint_it_came_from_and_metrics_continue_without_duplicates(finished_run, tmp_path, cache_dir):
+    run_dir = copy_of(finished_run, tmp_path)
+    result = run_atoll(train_args(run_dir, cache_dir, 24, "--resume", str(run_dir / "checkpoints" / "step-00000004")), TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "resumed at step 4" in result.stdout and "(timeline 1)" in result.stdout
+    # keep 3 pruned the new timeline's own 8-t1 and 12-t1, never the old timeline's checkpoints
+    assert checkpoint_names(run_dir) == [
+        "step-00000004", "step-00000008", "step-00000012", "step-00000016-t1", "step-00000020-t1", "step-00000024-t1",
+    ]
+    assert Checkpointer(run_dir / "checkpoints", 3, True).latest().name == "step-00000024-t1"
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(2, 25, 2))
+    abandoned = [json.loads(line)["step"] for line in (run_dir / "metrics.abandoned.jsonl").read_text().splitlines()]
+    assert abandoned == [6, 8, 10, 12]
+    blocked = [r for r in read_metrics(run_dir) if "checkpoint_blocked_s" in r]
+    assert [r["step"] for r in blocked] == [4, 8, 12, 16, 20, 24] and all(r["checkpoint_blocked_s"] >= 0 for r in blocked)
+    assert read_metrics(run_dir)[-1]["checkpoint_step"] == 24 and read_metrics(run_dir)[-1]["checkpoint_s"] > 0
+
+    again = run_atoll(train_args(run_dir, cache_dir, 24, "--resume"), TIMEOUT)
+    assert again.returncode == 0, again.stderr
+    assert "the run is complete" in again.stdout and "step 24 of train.steps 24" in again.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == steps
+
+
+def test_flipped_bytes_and_a_truncated_shard_in_latest_fall_back_with_one_line_each(finished_run, tmp_path, cache_dir):
+    run_dir = copy_of(finished_run, tmp_path)
+    shard = run_dir / "checkpoints" / "step-00000012" / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    truncated = run_dir / "checkpoints" / "step-00000008" / "__0_0.distcp"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+
+    result = run_atoll(train_args(run_dir, cache_dir, 12, "--resume"), TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    reports = [line for line in result.stdout.splitlines() if "falling back" in line]
+    assert len(reports) == 2, result.stdout
+    assert "step-00000012" in reports[0] and "__0_0.distcp" in reports[0] and "sha256" in reports[0]
+    assert "step-00000008" in reports[1] and "__0_0.distcp" in reports[1] and "truncated" in reports[1]
+    assert "resumed at step 4" in result.stdout
+    assert "Traceback" not in result.stderr and all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(run_dir))
+    assert (run_dir / "checkpoints" / "step-00000012").is_dir()  # kept for inspection, never loaded
+    assert Checkpointer(run_dir / "checkpoints", 3, True).latest().name == "step-00000012-t1"
+
+
+def test_fresh_run_into_a_used_directory_is_refused_in_one_line(finished_run, tmp_path, cache_dir):
+    run_dir = copy_of(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".atoll.lock"}
+    result = run_atoll(train_args(run_dir, cache_dir, 12), TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr and "--run-dir" in result.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".atoll.lock"}
+    assert after == before
+
+
+def test_a_second_island_in_a_directory_in_use_is_refused_by_the_lock(tmp_path, cache_dir):
+    run_dir = tmp_path / "shared"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "atoll.cli", *train_args(run_dir, cache_dir, 100000, "--island-id", "berlin")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / ".atoll.lock").is_file() or not (run_dir / ".atoll.lock").read_text():
+            assert time.monotonic() < deadline and first.poll() is None, "the first island never took the lock"
+            time.sleep(0.2)
+        second = run_atoll(train_args(run_dir, cache_dir, 12, "--island-id", "paris", "--resume"), TIMEOUT)
+        assert second.returncode == 2
+        assert f"in use by island 'berlin' (pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert first.poll() is None  # the first island trains on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    from atoll.checkpoint import Checkpointer
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    checkpointer = Checkpointer(Path(sys.argv[1]), keep=2, is_leader=True)
+    checkpointer.start(None)
+    state = {"w": {"t": torch.ones(16 << 20)}}  # 64 MiB: the write and hash outlast the kill
+    checkpointer.save(1, state)
+    checkpointer.wait()
+    state["w"]["t"].fill_(2.0)
+    checkpointer.save(2, state)
+    print("staged", flush=True)
+    checkpointer.wait()
+    print("written", flush=True)
+""")
+
+
+def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    directory = tmp_path / "checkpoints"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "staged", child.stderr.read()
+        os.killpg(child.pid, signal.SIGKILL)  # the save of step 2 is being written in the background
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)
+    assert not (directory / "step-00000002").exists(), "the kill came too late: step 2 was already published"
+    found = newest_verified(directory)
+    assert found is not None and found.path.name == "step-00000001"
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        state = {"w": {"t": torch.zeros(16 << 20)}}
+        Checkpointer(directory, keep=2, is_leader=True).load(found.path, state)
+        assert bool((state["w"]["t"] == 1.0).all())
+    finally:
+        dist.destroy_process_group()
