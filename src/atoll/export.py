@@ -43,7 +43,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from atoll.atomic import atomic_write, fsync_dir
-from atoll.checkpoint.sharded import STEP_PREFIX, is_complete
+from atoll.checkpoint import newest_verified
+from atoll.checkpoint.timeline import is_complete, parse_name
 from atoll.config import JobConfig, load_config
 from atoll.data import BYTE_TOKENIZER_SPEC, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from atoll.errors import UserError
@@ -433,7 +434,7 @@ class RunCheckpoint:
 
     @property
     def step(self) -> int:
-        return int(self.checkpoint.name.removeprefix(STEP_PREFIX))
+        return parse_name(self.checkpoint.name)[0]
 
     def reader(self) -> CheckpointReader:
         return CheckpointReader(self.checkpoint, param_shapes(self.args))
@@ -459,9 +460,11 @@ def param_shapes(args: ModelArgs) -> dict[str, torch.Size]:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    directory = run_dir / "checkpoints"
-    done = sorted(p for p in directory.iterdir() if is_complete(p)) if directory.is_dir() else []
-    return done[-1] if done else None
+    """The run's newest checkpoint that verifies (its current timeline's), or None."""
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    found = newest_verified(run_dir / "checkpoints", lambda line: print(f"atoll: {line}", flush=True))
+    return found.path if found else None
 
 
 def find_checkpoint(path: Path) -> RunCheckpoint:
@@ -477,7 +480,7 @@ def find_checkpoint(path: Path) -> RunCheckpoint:
         if checkpoint is None and islands:
             found = [(c, island) for island in islands if (c := _latest_checkpoint(island)) is not None]
             if found:
-                checkpoint, run_dir = max(found, key=lambda ci: ci[0].name)
+                checkpoint, run_dir = max(found, key=lambda ci: parse_name(ci[0].name))
                 print(f"atoll: {path} holds {len(islands)} island(s); using {run_dir.name}'s latest checkpoint", file=sys.stderr)
         if checkpoint is None:
             raise UserError(f"{path}: no complete checkpoint (checkpoints/step-N) found; pass a run directory, "
