@@ -62,7 +62,7 @@ from atoll.data import PackedLoader
 from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.diloco import DiLoCo, average_gradients
 from atoll.faults import FaultInjector
-from atoll.island import Island, all_ranks_ok, broadcast_ints
+from atoll.island import Island, all_ranks_ok
 from atoll.mesh.groups import global_groups
 from atoll.mesh.member import COMMIT, RESYNC, MeshMember
 from atoll.mesh.membership import Epoch
