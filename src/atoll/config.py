@@ -95,6 +95,10 @@ class TrainConfig(Section):
     """auto picks cuda when available (NCCL, bf16 mixed precision), else cpu (gloo, fp32)."""
     run_name: str = "atoll"
     """Name used in the default run directory runs/<run_name>-<timestamp>."""
+    max_skipped_inner: int = Field(default=3, ge=0)
+    """An inner step whose loss or gradient norm is NaN or infinite is skipped (no optimizer step;
+    metrics count skipped_inner). More than this many in a row reset the island's weights to the
+    outer weights (DiLoCo), or stop the run with one line when there are none (alone, ddp)."""
 
 
 class EvalConfig(Section):

@@ -37,6 +37,7 @@ from atoll.data import (
 from atoll.digest import tensor_digest
 from atoll.errors import UserError
 from atoll.faults import FaultInjector
+from atoll.guard import InnerGuard
 from atoll.island import (
     Island,
     all_reduce_mean,
@@ -172,12 +173,15 @@ def train_step(
     cfg: JobConfig,
     island: Island,
     after_backward: Callable[[], None],
+    guard: InnerGuard,
+    step: int,
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step over this rank's share of the global batch, in `accum` micro-batches.
 
     `after_backward` runs once the island's gradients are complete (the ddp baseline averages
-    them across islands there). Returns the rank's mean loss (cross-entropy, before z-loss) and
-    the global gradient norm.
+    them across islands there); `guard` skips the optimizer step of inner step `step` (1-based)
+    on a non-finite loss or gradient norm. Returns the rank's mean loss (cross-entropy, before
+    z-loss) and the global gradient norm.
     """
     sharded = island.world > 1
     ce_sum = torch.zeros((), device=island.device)
@@ -191,7 +195,8 @@ def train_step(
         ce_sum += ce.detach()
     after_backward()
     grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
-    optimizer.step()
+    if guard.allows_step(step, ce_sum, grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return ce_sum / accum, grad_norm
 
@@ -323,6 +328,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
     flops_tok = flops_per_token(args, params["non_embedding"], seq_len)
     peak = cfg.metrics.peak_flops or detect_peak_flops(island.device)
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.metrics.progress, island.is_leader)
+    guard = InnerGuard(cfg.train.max_skipped_inner, island, sync.diloco, log.info)
     log.info(
         f"atoll: {cfg.model.name} model ({params['total'] / 1e6:.2f}M params, init sha256 {init_digest[:12]}) "
         f"on {island.world} local rank(s), {island.device.type}; batch {cfg.train.global_batch}x{seq_len} tokens "
@@ -337,7 +343,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
         lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
         set_lr(optimizer, lr)
         inputs, targets = sync.next_batch(loader)
-        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward)
+        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward, guard, state.step + 1)
         state.step += 1
         state.tokens += cfg.train.global_batch * seq_len
         window_tokens += cfg.train.global_batch * seq_len
@@ -361,6 +367,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
                 "loss": loss_value,
                 "lr": lr,
                 "grad_norm": grad_norm,
+                "skipped_inner": guard.skipped,
                 "tokens": state.tokens,
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_tok * tokens_per_s / (peak * island.world) if peak else None,
