@@ -10,7 +10,8 @@ of its own on the emulated network; the namespaces are deleted when the run ends
 If the delay line itself dies, the islands fail at their store or collective timeouts.
 
 Rehearsing failures: a `Scenario` (a TOML file, `--scenario`, and/or `--fault`/`--start` flags)
-kills (-9), stops (SIGSTOP) or terminates islands at given inner steps or as a given outer step's
+kills (-9), stops (SIGSTOP) or terminates islands, or makes their weights NaN or scales them, at
+given inner steps or as a given outer step's
 all-reduce starts (each island fires its own faults, see `atoll.faults`), and starts new or
 returning islands, or signals them from outside (`cont` wakes a stopped island; one the run has
 dropped meanwhile exits, saying so), once the run has logged a given outer step. Islands with
@@ -78,8 +79,8 @@ class Scenario:
 
         [[fault]]
         island = "island-1"
-        action = "kill"          # kill (-9), stop (SIGSTOP) or term (SIGTERM: a clean leave)
-        at = "allreduce:2"       # or "inner:N": after inner step N
+        action = "kill"          # kill (-9), stop (SIGSTOP), term (SIGTERM: a clean leave), nan or scale (weights)
+        at = "allreduce:2"       # or "inner:N": after inner step N; scale takes a factor, "inner:8:100"
 
         [[start]]
         island = "island-3"      # a new id, or an id that left earlier (it comes back)

@@ -300,7 +300,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, de
     check_same_on_all_ranks(init_digest, island, "initial weights digest")
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState()
-    sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader))
+    sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader, model))
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader)
     stateful = {
         "model_optimizer": ModelOptimizerState(model, optimizer),
