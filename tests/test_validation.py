@@ -19,7 +19,8 @@ from atoll.diloco import DiLoCo
 from atoll.island import Island
 from atoll.validation import ContributionStats, average_accepted, decide, island_stats
 
-PROCESS_TIMEOUT_S = 60
+PROCESS_TIMEOUT_S = 150
+"""Spawning three processes that import torch takes over a minute on a loaded 2-core machine."""
 ONE_RANK = Island(rank=0, world=1, device=torch.device("cpu"))
 
 
@@ -131,7 +132,7 @@ def _island(rank: int, world: int, port: int, results) -> None:
                 p.view(-1)[0] = float("nan")
     mean = GlobalMean([group], get_codec("fp32"), deadline_s=30.0, chunk_bytes=1 << 20)
     decision = average_accepted(diloco, mean, ONE_RANK, DilocoConfig(), [f"island-{r}" for r in range(world)])
-    results.put((rank, decision, diloco.pseudo_grad.clone()))
+    results.put((rank, decision, diloco.pseudo_grad.tolist()))  # plain floats: a tensor would be shared through fds that die with this process
 
 
 def test_the_mean_is_over_the_accepted_islands_and_the_same_on_every_island():
@@ -153,5 +154,5 @@ def test_the_mean_is_over_the_accepted_islands_and_the_same_on_every_island():
     decisions = [d for _, d, _ in out]
     assert all(d == decisions[0] for d in decisions) and decisions[0].rejected == {"island-1": "non-finite"}
     averaged = [g for _, _, g in out]
-    assert all(torch.equal(g, averaged[0]) for g in averaged)
-    torch.testing.assert_close(averaged[0], torch.full_like(averaged[0], 2.0))  # (1 + 3) / 2: island-1 left out
+    assert all(g == averaged[0] for g in averaged)  # bit-identical, the rejected island's included
+    assert averaged[0] == pytest.approx([2.0] * len(averaged[0]), rel=1e-6)  # (1 + 3) / 2: island-1 left out
