@@ -66,7 +66,7 @@ def test_train_step_does_not_step_the_optimizer_on_a_nan_loss():
     with torch.no_grad():
         model.output.weight[0, 0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
-    loss, grad_norm = train_step(model, optimizer, inputs, targets, 1, cfg, ONE_RANK, lambda: None, g, 1)
+    loss, _ = train_step(model, optimizer, inputs, targets, 1, cfg, ONE_RANK, lambda: None, g, 1)
     assert torch.isnan(loss) and g.skipped == 1
     assert not optimizer.state  # AdamW never saw the NaN step
     for after, was in zip(model.parameters(), before):
