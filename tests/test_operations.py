@@ -94,7 +94,8 @@ def test_killing_a_launcher_of_two_local_ranks_leaves_no_rank_running(tmp_path, 
     launcher = atoll(["train", *TRAIN_ARGS, "--nproc", "2", "--train.steps", "100000", "--data.cache_dir", cache,
                       "--run-dir", str(run_dir / "alone")], run_dir / "launcher.log")
     try:
-        wait_for(lambda: len(outer_steps(run_dir, "alone")) >= 1 or launcher.poll() is not None, TIMEOUT_S, "training to start")
+        metrics = run_dir / "alone" / "metrics.jsonl"
+        wait_for(lambda: (metrics.is_file() and metrics.stat().st_size > 0) or launcher.poll() is not None, TIMEOUT_S, "training to start")
         assert launcher.poll() is None, logs(run_dir)
         ranks = leftover_processes(run_dir)
         assert len(ranks) >= 3  # the launcher, torchrun and two ranks

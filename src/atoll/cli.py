@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--scenario", type=Path, metavar="FILE", help="a TOML file of faults, late starts and signals (format below)")
         sim.add_argument(
             "--fault", action="append", default=[], metavar="ISLAND=ACTION@POINT:N",
-            help="inject a fault: ACTION kill|stop|term at POINT inner:N (after inner step N) or allreduce:S (as outer step S averages), e.g. island-1=kill@allreduce:2",
+            help="inject a fault: ACTION kill|stop|term|nan|scale at POINT inner:N (after inner step N) or allreduce:S (as outer step S averages); "
+            "nan makes the island's weights NaN, scale@POINT:N:F multiplies them by F; e.g. island-1=kill@allreduce:2, island-2=scale@inner:8:100",
         )
         sim.add_argument("--start", action="append", default=[], metavar="ISLAND@OUTER", help="start an island (new or returning) once outer step OUTER is logged, e.g. island-3@2")
         sim.add_argument(

@@ -154,6 +154,10 @@ class TrainConfig(Section):
     """auto picks cuda when available (NCCL, bf16 mixed precision), else cpu (gloo, fp32)."""
     run_name: str = "atoll"
     """Name used in the default run directory runs/<run_name>-<timestamp>."""
+    max_skipped_inner: int = Field(default=3, ge=0)
+    """An inner step whose loss or gradient norm is NaN or infinite is skipped (no optimizer step;
+    metrics count skipped_inner). More than this many in a row reset the island's weights to the
+    outer weights (DiLoCo), or stop the run with one line when there are none (alone, ddp)."""
 
 
 class EvalConfig(Section):
@@ -246,6 +250,13 @@ class DilocoConfig(Section):
     into a plain average of the islands' annealed weights, instead of momentum carrying large
     stale pseudo-gradients through the decay (measured by benchmarks/convergence.py: +12.5%
     validation loss against data-parallel without it, -0.02% with it)."""
+    max_norm_ratio: float = Field(default=5.0, gt=1)
+    """Reject an island's pseudo-gradient when its norm, or one per-layer bucket's norm, exceeds this
+    many times the median of the other islands' (non-finite ones are always rejected); rejected
+    islands contribute zeros and the mean is over the accepted ones (see atoll.validation)."""
+    min_accepted: int = Field(default=1, ge=1)
+    """Fewer accepted contributions than this (capped at the number of islands) skip the outer step
+    on every island alike: outer weights unchanged, inner weights reset to them."""
 
 
 class CommConfig(Section):

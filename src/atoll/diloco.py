@@ -139,7 +139,28 @@ class DiLoCo(Stateful):
         Computed shard by shard into the pseudo-gradient buffer (no full-size temporary). Raises the collective's error (RingError) on a dead or silent
         peer; the buffer's contents are then undefined and nothing else changed.
         """
+        self.pseudo_gradient()
+        self.mean_pseudo_gradient(mean)
+
+    @torch.no_grad()
+    def pseudo_gradient(self) -> torch.Tensor:
+        """Recompute outer − inner into the pseudo-gradient buffer and return it (the first half of `average`)."""
         self._pseudo_gradient()
+        return self.pseudo_grad
+
+    @torch.no_grad()
+    def scale_contribution(self, factor: float) -> None:
+        """Multiply the pseudo-gradient buffer by `factor` before the ring (see `atoll.validation`);
+        0 writes zeros, which also clears NaN and inf (0 x NaN is NaN)."""
+        if factor == 0:
+            self.pseudo_grad.zero_()
+        elif factor != 1:
+            self.pseudo_grad.mul_(factor)
+
+    @torch.no_grad()
+    def mean_pseudo_gradient(self, mean: GlobalMean) -> None:
+        """Average the pseudo-gradient buffer as it is across islands (the second half of `average`);
+        fails as `average` does."""
         mean.mean_buckets_(self.pseudo_grad, self.buckets)
 
     def agreement_digest(self) -> str:
@@ -180,6 +201,13 @@ class DiLoCo(Stateful):
                     buffer.mul_(momentum).add_(grad)
                 grad = grad.add(buffer, alpha=momentum) if nesterov else buffer
             self.outer[span].add_(grad, alpha=-lr)
+
+    @torch.no_grad()
+    def restore_inner(self) -> str:
+        """Overwrite the inner weights with the outer weights, which stay as they are (a skipped
+        outer step, or an island reset after non-finite inner steps); returns the outer digest."""
+        self._scatter_outer()
+        return tensor_digest([("outer", self.outer)])
 
     @torch.no_grad()
     def broadcast_state(self, group: dist.ProcessGroup, source: int) -> None:

@@ -1,16 +1,19 @@
-"""Fault injection: an island kills, stops or terminates itself at a scripted point.
+"""Fault injection: an island kills, stops or terminates itself, or corrupts its weights, at a scripted point.
 
 `atoll simulate --scenario` (see `atoll.simulate`) hands each island its faults in the
-environment variable ATOLL_FAULTS, e.g. "kill@inner:7,stop@allreduce:3":
+environment variable ATOLL_FAULTS, e.g. "kill@inner:7,stop@allreduce:3,scale@inner:8:100":
 
     kill    SIGKILL to the island's process group (a crash: no deathrattle, sockets close)
     stop    SIGSTOP to the island's process group (a hang: no heartbeat, sockets stay open)
     term    SIGTERM (a clean exit: the island writes its deathrattle and leaves)
+    nan     every weight of local rank 0's shard becomes NaN (what an overflow or a bad kernel does)
+    scale   local rank 0's weights are multiplied by F, written `scale@POINT:N:F` (a runaway island)
 
 at one of two points: `inner:N`, right after inner step N, or `allreduce:S`, when outer step S's
-all-reduce starts (after the boundary barrier, with every peer already inside its ring). Only the
-island's local rank 0 fires, once per fault. Deterministic by construction, as torchft's
-injector is: the same scenario makes the same failures at the same steps.
+all-reduce starts (after the boundary barrier, with every peer already inside its ring; a weights
+fault there still comes before the pseudo-gradient). Only the island's local rank 0 fires, once
+per fault. Deterministic by construction, as torchft's injector is: the same scenario makes the
+same failures at the same steps.
 """
 
 from __future__ import annotations
@@ -20,42 +23,61 @@ import signal
 import time
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from atoll.diloco import local_shard
 from atoll.errors import UserError
 
 FAULTS_ENV = "ATOLL_FAULTS"
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
+WEIGHT_ACTIONS = ("nan", "scale")
+"""Faults that corrupt the weights instead of signalling the process."""
 POINTS = ("inner", "allreduce")
 
 
 @dataclass(frozen=True)
 class Fault:
     action: str
-    """kill, stop or term."""
+    """kill, stop, term, nan or scale."""
     point: str
     """inner (after inner step `at`) or allreduce (as outer step `at` averages)."""
     at: int
+    factor: float | None = None
+    """scale only: what the weights are multiplied by."""
 
     def to_text(self) -> str:
-        return f"{self.action}@{self.point}:{self.at}"
+        return f"{self.action}@{self.point}:{self.at}" + (f":{self.factor!r}" if self.factor is not None else "")
 
 
 def parse_faults(text: str) -> list[Fault]:
-    """"kill@inner:7,stop@allreduce:3" -> Faults; a malformed entry is a UserError."""
+    """"kill@inner:7,stop@allreduce:3,scale@inner:8:100" -> Faults; a malformed entry is a UserError."""
     faults = []
     for entry in filter(None, (e.strip() for e in text.split(","))):
         action, _, rest = entry.partition("@")
         point, _, at = rest.partition(":")
-        if action not in ACTIONS or point not in POINTS or not at.isdigit():
-            raise UserError(f"fault {entry!r} is not ACTION@POINT:N with ACTION in {sorted(ACTIONS)} and POINT in {list(POINTS)}")
-        faults.append(Fault(action, point, int(at)))
+        at, _, factor = at.partition(":")
+        if action not in (*ACTIONS, *WEIGHT_ACTIONS) or point not in POINTS or not at.isdigit() or bool(factor) != (action == "scale"):
+            raise UserError(
+                f"fault {entry!r} is not ACTION@POINT:N (or scale@POINT:N:FACTOR) with ACTION in "
+                f"{sorted([*ACTIONS, *WEIGHT_ACTIONS])} and POINT in {list(POINTS)}"
+            )
+        try:
+            faults.append(Fault(action, point, int(at), float(factor) if factor else None))
+        except ValueError:
+            raise UserError(f"fault {entry!r}: the scale factor {factor!r} is not a number") from None
     return faults
 
 
 class FaultInjector:
-    """Fires this island's scripted faults (inert without ATOLL_FAULTS, and on local ranks > 0)."""
+    """Fires this island's scripted faults (inert without ATOLL_FAULTS, and on local ranks > 0).
 
-    def __init__(self, enabled: bool) -> None:
+    `model` is what nan and scale corrupt (this rank's local shards).
+    """
+
+    def __init__(self, enabled: bool, model: nn.Module | None = None) -> None:
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, "")) if enabled else []
+        self.model = model
 
     def at(self, point: str, n: int) -> None:
         """Called by the training loop at each inner step and each all-reduce start."""
@@ -64,7 +86,20 @@ class FaultInjector:
                 self.faults.remove(fault)
                 # the wall time lets benchmarks/recovery.py measure from the fault itself
                 print(f"atoll: injecting {fault.to_text()} at {time.time():.3f}", flush=True)
-                if fault.action == "term":
+                if fault.action in WEIGHT_ACTIONS:
+                    self._corrupt(fault)
+                elif fault.action == "term":
                     os.kill(os.getpid(), signal.SIGTERM)
                 else:
                     os.killpg(os.getpgrp(), ACTIONS[fault.action])
+
+    @torch.no_grad()
+    def _corrupt(self, fault: Fault) -> None:
+        if self.model is None:
+            raise RuntimeError(f"fault {fault.to_text()} needs the model: give FaultInjector the model")
+        for param in self.model.parameters():
+            shard = local_shard(param)
+            if fault.action == "nan":
+                shard.fill_(float("nan"))
+            else:
+                shard.mul_(fault.factor)

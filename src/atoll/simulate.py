@@ -10,11 +10,13 @@ of its own on the emulated network; the namespaces are deleted when the run ends
 If the delay line itself dies, the islands fail at their store or collective timeouts.
 
 Rehearsing failures: a `Scenario` (a TOML file, `--scenario`, and/or `--fault`/`--start` flags)
-kills (-9), stops (SIGSTOP) or terminates islands at given inner steps or as a given outer step's
+kills (-9), stops (SIGSTOP) or terminates islands, or makes their weights NaN or scales them, at
+given inner steps or as a given outer step's
 all-reduce starts (each island fires its own faults, see `atoll.faults`), and starts new or
 returning islands, or signals them from outside (`cont` wakes a stopped island; one the run has
 dropped meanwhile exits, saying so), once the run has logged a given outer step. Islands with
-faults or signals are expendable:
+signals or faults that end or stop them are expendable (nan and scale do neither: those islands
+must finish like the others):
 their death or hang is not a run failure, and the run succeeds when every other island finishes;
 islands still stopped then are killed. The coordinator writes the membership event log to
 RUN_DIR/membership.jsonl.
@@ -39,7 +41,7 @@ from typing import IO
 from atoll.comm.allreduce import ring_bytes
 from atoll.config import MeshConfig
 from atoll.errors import UserError
-from atoll.faults import FAULTS_ENV, Fault, parse_faults
+from atoll.faults import FAULTS_ENV, WEIGHT_ACTIONS, Fault, parse_faults
 from atoll.mesh.auth import TOKEN_ENV, new_token, run_token
 from atoll.mesh.coordinator import Coordinator
 from atoll.mesh.membership import Rules
@@ -82,8 +84,8 @@ class Scenario:
 
         [[fault]]
         island = "island-1"
-        action = "kill"          # kill (-9), stop (SIGSTOP) or term (SIGTERM: a clean leave)
-        at = "allreduce:2"       # or "inner:N": after inner step N
+        action = "kill"          # kill (-9), stop (SIGSTOP), term (SIGTERM: a clean leave), nan or scale (weights)
+        at = "allreduce:2"       # or "inner:N": after inner step N; scale takes a factor, "inner:8:100"
 
         [[start]]
         island = "island-3"      # a new id, or an id that left earlier (it comes back)
@@ -172,7 +174,7 @@ def simulate(
 
     `wan`, when given (not yet started), is started here and closed before returning. `mesh`
     gives the coordinator its heartbeat timeout and report grace; `scenario` scripts faults and
-    late starts (islands with faults may die or hang without failing the run).
+    late starts (islands with kill, stop or term faults may die or hang without failing the run).
     """
     # SIGTERM must unwind through the finally below, or the islands (own sessions) outlive us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -188,7 +190,8 @@ def simulate(
     retired: list[subprocess.Popen] = []
     relays = []
     coordinator = None
-    expendable = set(scenario.faults) | {s.island for s in scenario.signals}
+    expendable = {island for island, faults in scenario.faults.items() if any(f.action not in WEIGHT_ACTIONS for f in faults)}
+    expendable |= {s.island for s in scenario.signals}
     failed: list[str] = []
 
     def launch(index: int, name: str) -> None:

@@ -13,7 +13,9 @@ tells its other local ranks what it saw, so the whole island moves as one):
 1. Boundary barrier "outer-s" of the current epoch. Waiting is unbounded while the peers are
    alive; a dead or hung peer is dropped by the coordinator (deathrattle at once, heartbeat
    timeout otherwise), which dissolves the epoch; the waiters then enter the next one.
-2. Average: recompute the pseudo-gradient (the inner weights have not changed) and run the ring.
+2. Average: recompute the pseudo-gradient (the inner weights have not changed), share its
+   statistics and reject non-finite or outlying contributions identically on every island
+   (`atoll.validation`; too few accepted skips the step), and run the ring over the rest.
    A RingError (dead peer at once; silent peer once the coordinator dissolves the epoch at the
    heartbeat timeout, or at the ring deadline) is reported to the coordinator. Either way the island posts its result: ok with a digest of (outer weights,
    averaged pseudo-gradient), or fail.
@@ -66,6 +68,7 @@ from atoll.island import Island, all_ranks_ok
 from atoll.mesh.groups import global_groups
 from atoll.mesh.member import COMMIT, RESYNC, MeshMember
 from atoll.mesh.membership import Epoch
+from atoll.validation import Decision, average_accepted, decision_fields
 
 if TYPE_CHECKING:
     from atoll.train import TrainState
@@ -117,6 +120,8 @@ class IslandSync:
         self.skipped_in_a_row = 0
         self.ring_s = 0.0
         """Seconds of the last outer step spent in the rings themselves (the rest is protocol and waiting)."""
+        self.validation: Decision | None = None
+        """The last committed outer step's decision on contributions (None: it ran out of attempts)."""
         self.notes: list[str] = []
         self._phase_start = time.perf_counter()
         self._sync_s = 0.0
@@ -165,11 +170,14 @@ class IslandSync:
         start = time.perf_counter()
         outer_step = self.outer_steps + 1
         self.ring_s = 0.0
+        self.validation = None
         skipped, digest, attempts, epoch = self._outer_step(outer_step)
         sync_s = time.perf_counter() - start
         self._phase_start = time.perf_counter()
-        if skipped:
+        if skipped and self.validation is None:
             self.notes.append(f"outer step {outer_step} skipped after {attempts} failed attempts")
+        if self.validation is not None and (note := self.validation.note(outer_step)):
+            self.notes.append(note)
         return {
             "outer_step": outer_step,
             "compute_s": compute_s,
@@ -181,6 +189,7 @@ class IslandSync:
             "world_size": epoch.world,
             "attempts": attempts,
             "skipped": skipped,
+            **decision_fields(self.validation),
         }
 
     def log_fields(self) -> dict[str, Any]:
@@ -235,7 +244,7 @@ class IslandSync:
             error = ""
             ring_start = time.perf_counter()
             try:
-                self.diloco.average(self.mean)
+                decision = average_accepted(self.diloco, self.mean, self.island, self.cfg.diloco, self.member.epoch.members)
             except RuntimeError as err:  # RingError, or gloo's own error on a broken group
                 error = str(err).splitlines()[0]
             self.ring_s += time.perf_counter() - ring_start
@@ -245,12 +254,13 @@ class IslandSync:
             attempts += 1
             epoch = self.member.epoch
             if outcome.kind == COMMIT:
-                digest = self.island_digest(self.diloco.apply())
+                self.validation = decision  # set on every island: all posted ok
+                digest = self.island_digest(self.diloco.apply() if decision.applies else self.diloco.restore_inner())
                 self.outer_steps = outer_step  # before entering: a joiner receives it
                 self.skipped_in_a_row = 0
                 if outcome.next_epoch != epoch.number:
                     self._enter(outcome.next_epoch)
-                return False, digest, attempts, epoch
+                return decision.skip, digest, attempts, epoch
             if outcome.kind == RESYNC:
                 self._resync(outer_step, outcome.source)
                 round_ += 1

@@ -31,6 +31,7 @@ from atoll.digest import model_digest
 from atoll.errors import UserError
 from atoll.export import load_hf_weights
 from atoll.faults import FaultInjector
+from atoll.guard import InnerGuard
 from atoll.island import (
     Island,
     all_reduce_mean,
@@ -282,6 +283,8 @@ def train_step(
     cfg: JobConfig,
     island: Island,
     after_backward: Callable[[], None],
+    guard: InnerGuard,
+    step: int,
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step over this rank's share of the global batch, in `accum` micro-batches.
 
@@ -289,7 +292,8 @@ def train_step(
     holds sharded gradients (skipping the sync would keep unsharded fp32 gradients of the whole
     model between micro-batches). The loss is chunked over the vocabulary inside the model's
     forward. `after_backward` runs once the island's gradients are complete (the ddp baseline
-    averages them across islands there). Returns the rank's mean loss (cross-entropy, before
+    averages them across islands there); `guard` skips the optimizer step of inner step `step`
+    (1-based) on a non-finite loss or gradient norm. Returns the rank's mean loss (cross-entropy, before
     z-loss, a device tensor: reading it is the caller's host sync) and the global gradient norm.
     """
     if island.device.type == "cuda":  # page-locked, so the copies below are really asynchronous
@@ -303,7 +307,8 @@ def train_step(
         ce_sum += ce.detach()
     after_backward()
     grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
-    optimizer.step()
+    if guard.allows_step(step, ce_sum, grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return ce_sum / accum, grad_norm
 
@@ -417,7 +422,7 @@ def _train_in(
     check_same_on_all_ranks(init_digest, island, "initial weights digest")
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState()
-    sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader))
+    sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader, model))
     stateful = {
         "model_optimizer": ModelOptimizerState(model, optimizer),
         "train": state,
@@ -457,6 +462,7 @@ def _train_in(
     flops_tok = flops_per_token(args, params["non_embedding"], seq_len)
     peak = cfg.metrics.peak_flops or detect_peak_flops(island.device)
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.metrics.progress, island.is_leader)
+    guard = InnerGuard(cfg.train.max_skipped_inner, island, sync.diloco, log.info)
     log.info(
         f"atoll: {cfg.model.name} model ({params['total'] / 1e6:.2f}M params, init sha256 {init_digest[:12]}) "
         f"on {island.world} local rank(s), {island.device.type}; batch {cfg.train.global_batch}x{seq_len} tokens "
@@ -473,7 +479,7 @@ def _train_in(
         lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
         set_lr(optimizer, lr)
         inputs, targets = sync.next_batch(loader)
-        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward)
+        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward, guard, state.step + 1)
         state.step += 1
         state.tokens += cfg.train.global_batch * seq_len
         window_tokens += cfg.train.global_batch * seq_len
@@ -514,6 +520,7 @@ def _train_in(
                 "loss": loss_value,
                 "lr": lr,
                 "grad_norm": grad_norm,
+                "skipped_inner": guard.skipped,
                 "tokens": state.tokens,
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_tok * tokens_per_s / (peak * island.world) if peak else None,
