@@ -24,7 +24,8 @@ applies the same averaged update and stays bit-identical with the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import median_high
 from typing import Any
@@ -32,10 +33,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from atoll.comm.allreduce import GlobalMean
+from atoll.comm.allreduce import ABANDONED, GlobalMean
+from atoll.comm.ring import RingError
 from atoll.config import DilocoConfig
 from atoll.diloco import DiLoCo
 from atoll.island import Island
+
+STATS_POLL_S = 0.05
+"""How often a wait for the other islands' statistics checks whether the epoch was dissolved."""
 
 
 @dataclass(frozen=True)
@@ -141,15 +146,35 @@ def island_stats(pseudo_grad: torch.Tensor, buckets: Sequence[slice], island: Is
     )
 
 
-def gather_stats(mine: ContributionStats, group: dist.ProcessGroup) -> list[ContributionStats]:
+def gather_stats(
+    mine: ContributionStats, group: dist.ProcessGroup, abandoned: Callable[[], bool] | None = None,
+) -> list[ContributionStats]:
     """Every island's stats, indexed by its rank in `group` (the epoch's order), the same on all.
 
     Raises RuntimeError (gloo) on a dead peer at once and on a silent one at the group's timeout
     (mesh.collective_timeout_s); the caller treats it as a failed attempt, like a broken ring.
+    With `abandoned`, a wait on a hung peer is left (RingError) as soon as the epoch is dissolved,
+    as the rings are: a gloo wait cannot be interrupted, so it runs in a daemon thread that is
+    left behind (it writes only into its own buffers).
     """
     payload = mine.to_tensor()
     everyone = [torch.empty_like(payload) for _ in range(group.size())]
-    group.allgather([everyone], [payload]).wait()
+    failure: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            group.allgather([everyone], [payload]).wait()
+        except BaseException as err:  # handed to the caller's thread below
+            failure.append(err)
+
+    thread = threading.Thread(target=wait, name="atoll-stats", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(STATS_POLL_S)
+        if thread.is_alive() and abandoned is not None and abandoned():
+            raise RingError(f"the epoch ended while the contribution statistics were being shared: {ABANDONED}")
+    if failure:
+        raise failure[0]
     return [ContributionStats.from_tensor(t) for t in everyone]
 
 
@@ -163,7 +188,7 @@ def average_accepted(diloco: DiLoCo, mean: GlobalMean, island: Island, cfg: Dilo
     pseudo-gradient buffer has changed then, and the next attempt recomputes it.
     """
     pseudo_grad = diloco.pseudo_gradient()
-    table = gather_stats(island_stats(pseudo_grad, diloco.buckets, island), mean.control_group)
+    table = gather_stats(island_stats(pseudo_grad, diloco.buckets, island), mean.control_group, mean.abandoned)
     decision = decide(dict(zip(members, table)), cfg.max_norm_ratio, cfg.min_accepted)
     diloco.scale_contribution(decision.factor(members[mean.control_group.rank()]))
     if decision.applies:
