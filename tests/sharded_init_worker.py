@@ -14,6 +14,7 @@ import sys
 import torch
 
 from atoll.config import JobConfig
+from atoll.guard import InnerGuard
 from atoll.island import Island, local_rows, start_island, stop_island
 from atoll.model import ModelArgs
 from atoll.train import build_model, train_step
@@ -34,7 +35,8 @@ def stepped_weights(args: ModelArgs, cfg: JobConfig, island: Island, accum: int)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     tokens = torch.randint(0, args.vocab_size, (8, 33), generator=torch.Generator().manual_seed(5))
     mine = tokens.chunk(island.world)[island.rank]
-    train_step(model, optimizer, mine[:, :-1], mine[:, 1:], accum, cfg, island, lambda: None)
+    guard = InnerGuard(cfg.train.max_skipped_inner, island, None, print)
+    train_step(model, optimizer, mine[:, :-1], mine[:, 1:], accum, cfg, island, lambda: None, guard, 1)
     full = torch.cat([p.full_tensor().reshape(-1) if hasattr(p, "full_tensor") else p.reshape(-1) for p in model.parameters()])
     return full[::97].tolist()
 

@@ -113,14 +113,14 @@ def test_an_island_killed_and_restarted_under_its_id_rejoins_and_ends_identical(
     run_dir.mkdir()
     coord = Coordinator(LOOPBACK, 0, 3, Rules(heartbeat_timeout_s=3), run_dir / "membership.jsonl", TOKEN).start()
     try:
-        procs = {name: island(coord.address, name, run_dir, 80, cache) for name in ("a", "b", "c")}
+        procs = {name: island(coord.address, name, run_dir, 320, cache) for name in ("a", "b", "c")}
         wait_for(lambda: len(outer_steps(run_dir, "b")) >= 2, TIMEOUT_S, "outer step 2")
         os.killpg(procs["b"].pid, signal.SIGKILL)
         procs["b"].wait()
         time.sleep(1.0)  # restarted within 2 s, well before the 3 s heartbeat timeout
         first_life = outer_steps(run_dir, "b")
         (run_dir / "b").rename(run_dir / "b-first-life")
-        again = island(coord.address, "b", run_dir, 80, cache)
+        again = island(coord.address, "b", run_dir, 320, cache)
         codes = finish([procs["a"], procs["c"], again], run_dir)
     finally:
         coord.stop()

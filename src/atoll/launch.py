@@ -66,14 +66,20 @@ def exit_with_launcher() -> None:
         return
 
     def watch() -> None:
-        while True:
-            try:
-                os.kill(int(launcher), 0)
-            except ProcessLookupError:
-                print(f"atoll: the launcher (pid {launcher}) is gone; local rank exits", file=sys.stderr, flush=True)
-                os._exit(1)
-            except PermissionError:
-                pass  # alive, owned by someone else
+        while launcher_alive(int(launcher)):
             threading.Event().wait(LAUNCHER_CHECK_S)
+        print(f"atoll: the launcher (pid {launcher}) is gone; local rank exits", file=sys.stderr, flush=True)
+        os._exit(1)
 
     threading.Thread(target=watch, name="atoll-launcher-watch", daemon=True).start()
+
+
+def launcher_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /proc to read: presume alive rather than kill a healthy rank
