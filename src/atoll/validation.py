@@ -24,7 +24,6 @@ applies the same averaged update and stays bit-identical with the others.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import median_high
@@ -33,14 +32,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from atoll.comm.allreduce import ABANDONED, GlobalMean
-from atoll.comm.ring import RingError
+from atoll.comm.allreduce import GlobalMean, run_abandonable
 from atoll.config import DilocoConfig
 from atoll.diloco import DiLoCo
 from atoll.island import Island
-
-STATS_POLL_S = 0.05
-"""How often a wait for the other islands' statistics checks whether the epoch was dissolved."""
 
 
 @dataclass(frozen=True)
@@ -159,22 +154,14 @@ def gather_stats(
     """
     payload = mine.to_tensor()
     everyone = [torch.empty_like(payload) for _ in range(group.size())]
-    failure: list[BaseException] = []
 
-    def wait() -> None:
-        try:
-            group.allgather([everyone], [payload]).wait()
-        except BaseException as err:  # handed to the caller's thread below
-            failure.append(err)
+    def gather() -> None:
+        group.allgather([everyone], [payload]).wait()
 
-    thread = threading.Thread(target=wait, name="atoll-stats", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(STATS_POLL_S)
-        if thread.is_alive() and abandoned is not None and abandoned():
-            raise RingError(f"the epoch ended while the contribution statistics were being shared: {ABANDONED}")
-    if failure:
-        raise failure[0]
+    if abandoned is None:
+        gather()
+    else:
+        run_abandonable(gather, abandoned, "the contribution statistics were being shared")
     return [ContributionStats.from_tensor(t) for t in everyone]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +36,34 @@ ABANDON_POLL_S = 0.2
 """How often a running mean_ asks its `abandoned` check (one coordinator store lookup each)."""
 ABANDONED = "rings abandoned"
 """The words of the RingError raised when an epoch ends under running rings (not the island's own failure)."""
+
+
+T = TypeVar("T")
+
+
+def run_abandonable(work: Callable[[], T], abandoned: Callable[[], bool], what: str, give_up: Callable[[], None] = lambda: None) -> T:
+    """`work()` in a daemon thread: its result, or its error re-raised here; but as soon as
+    `abandoned()` says the epoch is over, `give_up()` runs and RingError(... ABANDONED) is raised,
+    leaving the thread behind (a gloo wait cannot be interrupted). `work` must not write into
+    the caller's memory once `give_up` has returned."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as err:  # handed to the caller's thread below
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, name="atoll-abandonable", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(ABANDON_POLL_S)
+        if thread.is_alive() and abandoned():
+            give_up()
+            raise RingError(f"the epoch ended while {what}: {ABANDONED}")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 @dataclass
@@ -147,7 +176,6 @@ class GlobalMean:
         """_streams on work buffers in a daemon thread, given up as soon as `abandoned()` says so."""
         stop = threading.Event()
         delivering = threading.Lock()
-        outcome: list = []
 
         def deliver(part: torch.Tensor, work: torch.Tensor) -> None:
             with delivering:
@@ -155,20 +183,11 @@ class GlobalMean:
                     raise RingError("ring abandoned: its result is no longer wanted")
                 part.copy_(work)
 
-        def run() -> None:
-            try:
-                outcome.append(self._streams(tensor, buckets, first, stop, deliver))
-            except BaseException as err:  # handed to the caller's thread below
-                outcome.append(err)
+        def run() -> list[tuple[int, int]]:
+            return self._streams(tensor, buckets, first, stop, deliver)
 
-        thread = threading.Thread(target=run, name="atoll-mean", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(ABANDON_POLL_S)
-            if thread.is_alive() and self.abandoned():
-                with delivering:  # after this, the left thread never writes into `tensor`
-                    stop.set()
-                raise RingError(f"the epoch ended while its rings were running (a peer was dropped): {ABANDONED}")
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]
+        def give_up() -> None:
+            with delivering:  # after this, the left thread never writes into `tensor`
+                stop.set()
+
+        return run_abandonable(run, self.abandoned, "its rings were running (a peer was dropped)", give_up)

@@ -183,7 +183,6 @@ class Heartbeat:
         self._client = client
         self._interval_s = interval_s
         self.latest = -1
-        self.known = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="atoll-heartbeat", daemon=True)
         self._thread.start()
@@ -193,7 +192,6 @@ class Heartbeat:
             try:
                 answer = self._client.call("beat", {"interval": self._interval_s})
                 self.latest = max(self.latest, int(answer["latest"]))
-                self.known = bool(answer["known"])
             except (RuntimeError, UserError):
                 pass
             self._stop.wait(self._interval_s)
