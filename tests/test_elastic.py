@@ -77,15 +77,19 @@ def test_a_tie_between_digests_resyncs_from_the_first_member():
     assert decide(Epoch(0, ("a", "b"), 1, "start", ("inc-a", "inc-b")), v, (0, 0), 101.0, RULES).source == 0
 
 
-def test_joiners_are_admitted_at_the_commit_in_id_order():
-    v = {**views("b", "c", "d"), **views("a")}
+def test_ready_joiners_are_admitted_at_a_boundary_in_id_order_never_at_a_commit():
+    v = {**views("b", "c", "d"), **views("a", "e")}
     epoch = Epoch(4, ("b", "c", "d"), 1, "start", ("inc-b", "inc-c", "inc-d"))
-    assert decide(epoch, v, (0, 0), 101.0, RULES).epoch is None  # not between outer steps
+    v["a"].ready = 2  # fetched the state of outer step 2; e is still fetching
+    assert decide(epoch, v, (0, 0), 101.0, RULES).epoch is None  # the members are training
     for island in "bcd":
-        v[island].result = StepResult(2, True, "d")
-    decision = decide(epoch, v, (0, 0), 101.0, RULES)
-    assert decision.outcome == "commit"
-    assert decision.epoch.members == ("a", "b", "c", "d") and decision.epoch.number == 5
+        v[island].result = StepResult(3, True, "d")
+    decision = decide(epoch, v, (0, 0), 101.0, RULES, at_boundary=True)
+    assert decision.outcome == "commit" and decision.epoch is None  # a commit admits no one
+    for island in "bcd":
+        v[island].result = None
+    decision = decide(epoch, v, (3, 0), 101.0, RULES, at_boundary=True)
+    assert decision.epoch.members == ("a", "b", "c", "d") and decision.epoch.number == 5 and decision.epoch.reason == "joined"
     assert decision.epoch.incarnations == ("inc-a", "inc-b", "inc-c", "inc-d")
     assert decision.joined == ("a",)
 
@@ -207,8 +211,10 @@ def cache_dir(tmp_path_factory) -> str:
 
 def simulate(
     run_dir: Path, cache_dir: str, islands: int, steps: int, faults: list[str] = (), starts: list[str] = (), extra: list[str] = (),
+    output: list[str] | None = None,
 ) -> dict[str, list[dict]]:
-    """Run a scenario; returns each island's outer-step records (both lives of a returning island)."""
+    """Run a scenario; returns each island's outer-step records (both lives of a returning island),
+    and appends what it printed to `output`."""
     args = [
         "simulate", "--islands", str(islands), "--run-dir", str(run_dir), "configs/debug.toml",
         "--train.steps", str(steps), "--diloco.inner_steps", "4", "--schedule.warmup_steps", "2",
@@ -219,6 +225,8 @@ def simulate(
     ]
     try:
         result = run_atoll(args, TIMEOUT_S)
+        if output is not None:
+            output.append(result.stdout)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     finally:
         left = leftover_processes(run_dir)
@@ -328,15 +336,28 @@ def test_two_failures_in_one_epoch_leave_the_other_two_in_step(tmp_path, cache_d
     assert sorted(left) == ["island-1", "island-2"]
 
 
-def test_a_fourth_island_joins_mid_run_and_matches_the_others(tmp_path, cache_dir):
-    outer = simulate(tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, starts=["island-3@1"])
+def test_a_joiner_fetches_the_state_from_live_islands_and_survives_a_source_dying_mid_transfer(tmp_path, cache_dir):
+    # island-1 serves two chunks of the joiner's transfer, then dies (SIGKILL): the joiner finishes
+    # from island-0 and island-2, verified chunk by chunk, and enters without anyone broadcasting
+    output: list[str] = []
+    outer = simulate(
+        tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, faults=["island-1=kill@serve:2"], starts=["island-3@1"],
+        extra=["--diloco.inner_steps", "8", "--mesh.transfer_chunk_mb", "0.1"], output=output,
+    )
 
     steps = assert_live_islands_agree(outer)
-    joined = outer["island-3"][0]["outer_step"]
-    end = JOIN_OUTER_STEPS + 1
-    assert 1 < joined < end and [r["outer_step"] for r in outer["island-3"]] == list(range(joined, end))
-    assert [steps[s]["world_size"] for s in range(1, end)] == [3] * (joined - 1) + [4] * (end - joined)
-    assert membership(tmp_path / "run")[1]["joined"] == ["island-3"]
+    joiner = [line for line in output[0].splitlines() if line.startswith("[island-3]")]
+    fetched = [line for line in joiner if "fetched the state of outer step" in line]
+    assert len(fetched) == 1 and "dropped 'island-1'" in fetched[0], "\n".join(joiner[:5])
+    assert "from 'island-0'" in fetched[0] and "from 'island-2'" in fetched[0]
+    assert any("took the run's progress" in line for line in joiner)  # three integers on entering
+    assert not any("took the run's state" in line for line in joiner)  # no broadcast: the members never stalled
+    first, end = outer["island-3"][0], 4 * JOIN_OUTER_STEPS // 8 + 1
+    assert [r["outer_step"] for r in outer["island-3"]] == list(range(first["outer_step"], end))
+    # its first outer step is the one being averaged where it entered: it contributes nothing to it
+    assert first["world_size"] == 3 and first["contribution_norms"]["island-3"] == 0.0 and first["rejected"] == []
+    assert steps[end - 1]["world_size"] == 3 and "island-1" not in steps[end - 1]["contribution_norms"]
+    assert [e["joined"] for e in membership(tmp_path / "run") if e["joined"]][-1] == ["island-3"]
 
 
 def test_an_island_that_left_rejoins_with_the_same_id(tmp_path, cache_dir):

@@ -246,9 +246,13 @@ def test_a_new_incarnation_replaces_a_dead_member_at_once_and_never_enters_its_e
         again, beat_again = joined(coord.address, "a")  # the restarted process: a joiner
         answer = again.call("admission", {"after": -1, "wait_s": 0.3}, 0.3)
         assert "epoch" not in answer  # epoch 0 and 1 were formed before it registered
+        assert answer["fetch"] == {"step": 0, "sources": []}  # b serves no state in this test
+        assert again.call("ready", {"step": -1}) == {}
         assert b.call("result", {"epoch": 1, "step": 1, "round": 0, "ok": True, "digest": "d", "wait_s": 5}, 5)["outcome"] == "commit"
+        assert "epoch" not in again.call("admission", {"after": -1, "wait_s": 0.3}, 0.3)  # not at a commit
+        assert b.call("barrier", {"epoch": 1, "name": "outer-2", "wait_s": 5}, 5) == {"dissolved": True}  # b at the boundary
         epoch = admitted(again)
-        assert epoch.members == ("a", "b") and epoch.has("a", again.incarnation)
+        assert epoch.members == ("a", "b") and epoch.has("a", again.incarnation) and epoch.reason == "joined"
         beat_again.stop(), beat_b.stop()
     finally:
         coord.stop()

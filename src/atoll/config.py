@@ -232,6 +232,13 @@ class MeshConfig(Section):
     outer_attempts: int = Field(default=3, ge=1)
     """Attempts at averaging one outer step (each among the survivors of the last); when all fail,
     every island skips the outer step identically (metrics say skipped) and training goes on."""
+    serve_host: str | None = None
+    """Address this island's state servers listen on, and joiners reach them at (see
+    atoll.comm.transfer); None: this host's address on the route to the coordinator."""
+    transfer_chunk_mb: float = Field(default=8.0, gt=0)
+    """Size of a state transfer's chunks (each checked against its sha256; a dead source costs one chunk)."""
+    transfer_attempts: int = Field(default=3, ge=1)
+    """Fetches a joiner tries before it takes the run's state by broadcast on entering (stalling the members)."""
 
 
 class DilocoConfig(Section):

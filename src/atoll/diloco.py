@@ -230,6 +230,24 @@ class DiLoCo(Stateful):
             group.broadcast(tensor, source).wait()
         self._scatter_outer()
 
+    def served_buffers(self) -> dict[str, torch.Tensor]:
+        """The live outer weights and momentum (if any yet), as a state transfer serves them."""
+        buffer = self.optimizer.state[self.outer].get("momentum_buffer")
+        return {"outer": self.outer, **({"momentum": buffer} if buffer is not None else {})}
+
+    def transfer_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers for a state transfer to fill: the outer weights and a momentum buffer; then `took_state`."""
+        state = self.optimizer.state[self.outer]
+        return {"outer": self.outer, "momentum": state.setdefault("momentum_buffer", torch.zeros_like(self.outer))}
+
+    @torch.no_grad()
+    def took_state(self, has_momentum: bool) -> None:
+        """A state transfer filled `transfer_buffers()`: keep the momentum only if the source had one,
+        and copy the outer weights into the inner weights."""
+        if not has_momentum:
+            self.optimizer.state[self.outer].pop("momentum_buffer", None)
+        self._scatter_outer()
+
     def state_dict(self) -> dict[str, Any]:
         """The outer weights and the outer momentum as fixed keys (the live buffers: copy before changing them).
 

@@ -9,9 +9,10 @@ environment variable ATOLL_FAULTS, e.g. "kill@inner:7,stop@allreduce:3,scale@inn
     nan     every weight of local rank 0's shard becomes NaN (what an overflow or a bad kernel does)
     scale   local rank 0's weights are multiplied by F, written `scale@POINT:N:F` (a runaway island)
 
-at one of two points: `inner:N`, right after inner step N, or `allreduce:S`, when outer step S's
+at one of three points: `inner:N`, right after inner step N; `allreduce:S`, when outer step S's
 all-reduce starts (after the boundary barrier, with every peer already inside its ring; a weights
-fault there still comes before the pseudo-gradient). Only the island's local rank 0 fires, once
+fault there still comes before the pseudo-gradient); or `serve:C`, when the island's state server
+has served its C-th chunk to a joiner (a source dying mid-transfer). Only the island's local rank 0 fires, once
 per fault. Deterministic by construction, as torchft's injector is: the same scenario makes the
 same failures at the same steps.
 """
@@ -33,7 +34,7 @@ FAULTS_ENV = "ATOLL_FAULTS"
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
 WEIGHT_ACTIONS = ("nan", "scale")
 """Faults that corrupt the weights instead of signalling the process."""
-POINTS = ("inner", "allreduce")
+POINTS = ("inner", "allreduce", "serve")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Fault:
     action: str
     """kill, stop, term, nan or scale."""
     point: str
-    """inner (after inner step `at`) or allreduce (as outer step `at` averages)."""
+    """inner (after inner step `at`), allreduce (as outer step `at` averages) or serve (after chunk `at` served)."""
     at: int
     factor: float | None = None
     """scale only: what the weights are multiplied by."""
@@ -80,7 +81,7 @@ class FaultInjector:
         self.model = model
 
     def at(self, point: str, n: int) -> None:
-        """Called by the training loop at each inner step and each all-reduce start."""
+        """Called by the training loop at each inner step and each all-reduce start, and by the state server per chunk."""
         for fault in list(self.faults):
             if fault.point == point and fault.at == n:
                 self.faults.remove(fault)

@@ -162,6 +162,15 @@ def broadcast_ints(values: list[int], island: Island) -> list[int]:
     return [int(v) for v in payload.tolist()]
 
 
+def gather_ints(value: int, island: Island) -> list[int]:
+    """Every local rank's integer, in rank order, on every rank (over the control group)."""
+    if island.world == 1:
+        return [value]
+    everyone = [torch.zeros(1, dtype=torch.int64) for _ in range(island.world)]
+    dist.all_gather(everyone, torch.tensor([value], dtype=torch.int64), group=island.control)
+    return [int(t.item()) for t in everyone]
+
+
 def all_ranks_ok(ok: bool, island: Island) -> bool:
     """True only if every local rank says ok (so the island acts as one)."""
     if island.world == 1:

@@ -30,14 +30,24 @@ tells its other local ranks what it saw, so the whole island moves as one):
    attempts every island skips the step: all survivors saw the same aborts, so all skip it.
    mesh.max_skipped_in_a_row skipped steps in a row stop the run (islands training alone are
    not a run); mesh.enter_attempts bounds the epochs in a row an island fails to enter.
-5. A commit may name a new epoch that admits joiners: everyone enters it right away.
+
+Joining a running run (`start`): the joiner has built its model before it registered. The
+coordinator tells it where the members serve their state; it fetches the outer weights, momentum
+and progress of the last committed outer step from all of them at once, in the background of
+their training (`atoll.comm.transfer`: chunked, sha256-checked, token holders only), tells the
+coordinator it is ready, and is admitted when a member reaches the next boundary barrier: the
+members enter the new epoch from there, and the joiner takes part in that outer step with a zero
+contribution (it has not trained; `atoll.validation` leaves it out of the mean). A fetch that
+fails `mesh.transfer_attempts` times falls back to a broadcast on entering.
 
 Entering an epoch: barrier "enter", build its global groups (new store prefix; the old ones are
-dropped), then every member says whether it holds the run's state; if one does not (a joiner),
-the first member that does broadcasts the outer weights, the outer momentum and the progress
-(inner step, outer step, run-wide sample cursor) over the new global group, raw tensors only.
-An epoch in which nobody holds the state after the run has started stops with one line: it
-never silently restarts the run from the initial weights.
+dropped), then every member says whether it holds the run's state and at which outer step; if
+one does not, or holds an older one (an island resumed from an older checkpoint, a joiner whose
+fetch failed), the holder with the most progress broadcasts the outer weights, the outer
+momentum and the progress (inner step, outer step, run-wide sample cursor) over the new global
+group, raw tensors only; a joiner that fetched the state receives only the progress (three
+integers). An epoch in which nobody holds the state after the run has started stops with one
+line: it never silently restarts the run from the initial weights.
 The joiner's inner weights become the outer weights, and its AdamW starts fresh: the inner
 optimizer's state is each island's own in DiLoCo (islands' AdamW states differ anyway), and
 sending it would triple the transfer. A failure while entering is reported like a failed step.
@@ -49,8 +59,10 @@ global_batch samples from cursor + i x global_batch, and a joiner receives the c
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -59,14 +71,15 @@ from torch import nn
 
 from atoll.comm.allreduce import GlobalMean, WireStats
 from atoll.comm.codecs import get_codec
+from atoll.comm.transfer import ServedState, Source, TransferError, fetch_state
 from atoll.config import JobConfig
 from atoll.data import PackedLoader
 from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.diloco import DiLoCo, average_gradients
 from atoll.faults import FaultInjector
-from atoll.island import Island, all_ranks_ok
+from atoll.island import Island, all_ranks_ok, broadcast_ints
 from atoll.mesh.groups import global_groups
-from atoll.mesh.member import COMMIT, RESYNC, MeshMember
+from atoll.mesh.member import COMMIT, NOT_ADMITTED, RESYNC, MeshMember
 from atoll.mesh.membership import Epoch
 from atoll.validation import Decision, average_accepted, decision_fields
 
@@ -95,12 +108,15 @@ def island_first_sample(run_samples: int, island_index: int, global_batch: int) 
 class IslandSync:
     """Cross-island synchronisation for one local rank; inert when `member` is None.
 
-    `start()` enters the member's epoch (a joiner receives the run's state there): call it after
-    restoring a checkpoint, so that the live state wins over a resumed island's older one.
+    `start()` enters the member's epoch (a joiner first fetches the run's state): call it after
+    restoring a checkpoint, so that the live state wins over a resumed island's older one. Then,
+    if `owes_outer_step`, call `join_outer_step` before training. `served` is what this rank's
+    state server serves to joiners (kept current here), or None.
     """
 
     def __init__(
         self, cfg: JobConfig, model: nn.Module, member: MeshMember | None, island: Island, state: TrainState, faults: FaultInjector,
+        served: ServedState | None = None,
     ) -> None:
         self.cfg = cfg
         self.member = member
@@ -123,6 +139,10 @@ class IslandSync:
         self.validation: Decision | None = None
         """The last committed outer step's decision on contributions (None: it ran out of attempts)."""
         self.notes: list[str] = []
+        self.served = served
+        self.fresh = False
+        """This island joined at the current boundary and has not trained since it took the state."""
+        self.owes_outer_step = False
         self._phase_start = time.perf_counter()
         self._sync_s = 0.0
         if member is not None:
@@ -130,10 +150,22 @@ class IslandSync:
 
     def start(self) -> None:
         """Enter the member's epoch (nothing when alone). In epoch 0 every island holds a state
-        (its checkpoint's, or the seeded initial weights) and the newest wins; a later joiner takes
-        the live state even when it resumed from a checkpoint."""
-        if self.member is not None:
-            self._enter(self.member.epoch.number)
+        (its checkpoint's, or the seeded initial weights) and the newest wins; a joiner fetches the
+        live state first (even when it resumed from a checkpoint), and owes the outer step being
+        averaged at the boundary where it was admitted."""
+        if self.member is None:
+            return
+        joining = self.member.epoch.number == NOT_ADMITTED
+        if joining:
+            self._fetch_until_admitted()
+        self._enter(self.member.epoch.number)
+        self.fresh = self.owes_outer_step = joining and self.diloco is not None
+        self._publish()
+
+    def join_outer_step(self, anneal_weight: float = 1.0) -> dict[str, Any]:
+        """A joiner's first outer step: the one being averaged where it entered, with no contribution."""
+        self.owes_outer_step = False
+        return self._outer_record(anneal_weight)
 
     # --- the training loop's side ----------------------------------------------------------------
 
@@ -164,6 +196,9 @@ class IslandSync:
         self.faults.at("inner", step)
         if self.diloco is None or (step % self.inner_steps and not is_last):
             return {}
+        return self._outer_record(anneal_weight)
+
+    def _outer_record(self, anneal_weight: float) -> dict[str, Any]:
         if self.cfg.diloco.anneal_with_schedule:
             self.diloco.anneal(anneal_weight)
         compute_s = time.perf_counter() - self._phase_start
@@ -244,7 +279,7 @@ class IslandSync:
             error = ""
             ring_start = time.perf_counter()
             try:
-                decision = average_accepted(self.diloco, self.mean, self.island, self.cfg.diloco, self.member.epoch.members)
+                decision = average_accepted(self.diloco, self.mean, self.island, self.cfg.diloco, self.member.epoch.members, self.fresh)
             except RuntimeError as err:  # RingError, or gloo's own error on a broken group
                 error = str(err).splitlines()[0]
             self.ring_s += time.perf_counter() - ring_start
@@ -255,9 +290,11 @@ class IslandSync:
             epoch = self.member.epoch
             if outcome.kind == COMMIT:
                 self.validation = decision  # set on every island: all posted ok
-                digest = self.island_digest(self.diloco.apply() if decision.applies else self.diloco.restore_inner())
-                self.outer_steps = outer_step  # before entering: a joiner receives it
-                self.skipped_in_a_row = 0
+                with self._changing():
+                    shard_digest = self.diloco.apply() if decision.applies else self.diloco.restore_inner()
+                    self.outer_steps = outer_step  # before entering: a joiner receives it
+                digest = self.island_digest(shard_digest)
+                self.skipped_in_a_row, self.fresh = 0, False
                 if outcome.next_epoch != epoch.number:
                     self._enter(outcome.next_epoch)
                 return decision.skip, digest, attempts, epoch
@@ -267,7 +304,8 @@ class IslandSync:
                 continue
             self.notes.append(f"outer step {outer_step} attempt {attempts} aborted in epoch {epoch.number}" + (f": {error}" if error else ""))
             if attempts >= self.cfg.mesh.outer_attempts:
-                self.outer_steps = outer_step
+                with self._changing():
+                    self.outer_steps, self.fresh = outer_step, False
             self._enter(self.member.next_epoch())
             round_ = 0
             if attempts >= self.cfg.mesh.outer_attempts:
@@ -286,7 +324,8 @@ class IslandSync:
         holder = self.member.epoch.members[source]
         self.notes.append(f"outer step {outer_step}: outer weights differed across islands; taking island {holder!r}'s state")
         try:
-            self.diloco.broadcast_state(self.mean.control_group, source)
+            with self._changing():
+                self.diloco.broadcast_state(self.mean.control_group, source)
         except RuntimeError as err:
             self.member.report_failure(f"resync from {holder!r} failed: {str(err).splitlines()[0]}")
 
@@ -330,15 +369,16 @@ class IslandSync:
     def _share_state(self) -> None:
         """Every member ends with the newest state any member holds (raw tensors over the group).
 
-        Members share (holds the run's state?, outer step, inner step). The source is the holder
-        with the most progress (lowest index on a tie); members that do not hold the state (a
-        joiner) or hold an older one (an island resumed from an older checkpoint) receive its outer
-        weights, momentum and progress. A joiner resumed from its checkpoint thus takes the live
-        state, and a whole run resumed from checkpoints continues from the newest of them. An
-        epoch in which nobody holds the state after the run has started raises.
+        Members share (holds the run's state?, outer step, inner step, sample cursor). The source
+        is the holder with the most progress (lowest index on a tie); members that do not hold the
+        state or hold one of an older outer step (an island resumed from an older checkpoint, a
+        joiner whose fetch failed) receive its outer weights and momentum; members whose progress
+        differs receive the progress. A joiner that fetched the state of the current outer step
+        thus receives three integers; a whole run resumed from checkpoints continues from the
+        newest of them. An epoch in which nobody holds the state after the run has started raises.
         """
         group = self.mean.control_group
-        mine = torch.tensor([int(self.has_state), self.outer_steps, self.state.step], dtype=torch.int64)
+        mine = torch.tensor([int(self.has_state), self.outer_steps, self.state.step, self.state.samples], dtype=torch.int64)
         everyone = [torch.empty_like(mine) for _ in range(group.size())]
         group.allgather([everyone], [mine]).wait()
         table = [tuple(int(v) for v in row.tolist()) for row in everyone]
@@ -355,11 +395,69 @@ class IslandSync:
             raise RuntimeError("ddp mode has a fixed membership and cannot admit joiners")
         progress = torch.tensor([self.state.step, self.outer_steps, self.state.samples], dtype=torch.int64)
         group.broadcast(progress, source).wait()
-        self.diloco.broadcast_state(group, source)
+        whole = any(not holds or outer != table[source][1] for holds, outer, *_ in table)
+        if whole:
+            with self._changing():
+                self.diloco.broadcast_state(group, source)
         if (self.state.step, self.outer_steps, self.state.samples) != tuple(int(v) for v in progress.tolist()):
             self.state.step, self.outer_steps, self.state.samples = (int(v) for v in progress.tolist())
+            what = "state (weights and momentum by broadcast)" if whole else "progress"
             self.notes.append(
-                f"took the run's state at inner step {self.state.step}, outer step {self.outer_steps} "
+                f"took the run's {what} at inner step {self.state.step}, outer step {self.outer_steps} "
                 f"from island {self.member.epoch.members[source]!r}"
             )
         self.has_state = True
+
+    # --- serving and fetching the run's state -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Change the outer state (and `outer_steps`) with this rank's state server withdrawn, then serve the new version."""
+        if self.served is None:
+            yield
+            return
+        with self.served.changing():
+            yield
+        self._publish()
+
+    def _publish(self) -> None:
+        """Serve this rank's outer state as of `outer_steps` (when it holds the run's state)."""
+        if self.served is not None and self.diloco is not None and self.has_state:
+            self.served.publish(self.outer_steps, self.diloco.served_buffers(), self.state.step, self.state.samples)
+
+    def _fetch_until_admitted(self) -> None:
+        """A joiner's way in: fetch the state where the coordinator says, say it is ready, wait for
+        admission; again while the state it fetched goes stale (a step was committed meanwhile).
+        After mesh.transfer_attempts failed fetches it says it is ready without a state and takes
+        it by broadcast on entering. Waits for admission are unbounded while the run lives."""
+        attempts = 0
+        while self.member.fetch is not None:
+            step = -1
+            if attempts < self.cfg.mesh.transfer_attempts and self.diloco is not None:
+                attempts += 1
+                step = self._fetch(self.member.fetch)
+            if self.member.post_ready(step):
+                self.member.admit()
+
+    def _fetch(self, where: dict[str, Any]) -> int:
+        """Every local rank fetches its shard of the state from the same local rank of every source
+        (`atoll.comm.transfer.fetch_state`); the outer step it is of, or -1 if any rank failed or the
+        ranks got different versions (the buffers are then not used: `has_state` stays False)."""
+        sources = [Source(s["island"], s["host"], int(s["ports"][self.island.rank])) for s in where["sources"]]
+        version, report, error = -1, None, "no island serves the state"
+        if sources:
+            try:
+                report = fetch_state(sources, self.member.client.key, self.member.island_id, self.diloco.transfer_buffers(), self.cfg.mesh.collective_timeout_s)
+                version = report.manifest.version
+            except TransferError as err:
+                error = str(err)
+        leader_version = broadcast_ints([version], self.island)[0]
+        if not all_ranks_ok(version >= 0 and version == leader_version, self.island):
+            self.notes.append(f"fetching the run's state failed: {error if report is None else 'another local rank failed'}")
+            return -1
+        manifest = report.manifest
+        self.diloco.took_state(any(name == "momentum" for name, _ in manifest.tensors))
+        self.has_state, self.outer_steps = True, manifest.version
+        self.state.step, self.state.samples = manifest.step, manifest.samples
+        self.notes.append(report.describe())
+        return version

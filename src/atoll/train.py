@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.atomic import atomic_write
+from atoll.comm.transfer import ServedState, StateServer, route_address
 from atoll.checkpoint import Checkpointer, ModelOptimizerState, RunDirLock, SaveReport, check_fresh_run_dir
 from atoll.config import JobConfig, dump_config
 from atoll.data import BatchSource, TrainingData, iter_eval_batches, load_training_data, weighted_mean
@@ -37,12 +38,14 @@ from atoll.island import (
     all_reduce_mean,
     broadcast_text,
     check_same_on_all_ranks,
+    gather_ints,
     shard_model,
     start_island,
     stop_island,
 )
 from atoll.fingerprint import job_fingerprint
 from atoll.launch import default_run_dir, exit_with_launcher, generated_island_id
+from atoll.mesh.client import parse_address
 from atoll.mesh.member import MeshMember, join_mesh
 from atoll.metrics import MetricsLog, abandon_metrics_after, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss
@@ -385,44 +388,64 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
     return result
 
 
+def serve_state(cfg: JobConfig, island: Island) -> StateServer | None:
+    """This local rank's server of the run's state to joiners (a DiLoCo island in a mesh), listening
+    on mesh.serve_host or this host's address on the route to the coordinator; None otherwise."""
+    if not cfg.mesh.coordinator or cfg.mesh.mode != "diloco":
+        return None
+    host = cfg.mesh.serve_host or route_address(*parse_address(cfg.mesh.coordinator))
+    faults = FaultInjector(island.is_leader)  # fires only the `serve` point
+    return StateServer(host, ServedState(int(cfg.mesh.transfer_chunk_mb * 1e6)), lambda n: faults.at("serve", n))
+
+
 def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle) -> TrainResult:
     lock = claim_run_dir(run_dir, resume, ident, island)
     checkpointer = Checkpointer(
         run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader,
         asynchronous=cfg.checkpoint.asynchronous, remote_url=cfg.checkpoint.remote,
     )
+    server = serve_state(cfg, island)
     try:
-        return _train_in(cfg, run_dir, resume, island, ident, deathrattle, checkpointer)
+        return _train_in(cfg, run_dir, resume, island, ident, deathrattle, checkpointer, server)
     except BaseException:
         with contextlib.suppress(Exception):  # finish the save in flight: nothing saved is lost
             checkpointer.close()
         raise
     finally:
+        if server is not None:
+            server.stop()
         if lock is not None:
             lock.release()
 
 
 def _train_in(
     cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle, checkpointer: Checkpointer,
+    server: StateServer | None,
 ) -> TrainResult:
     data = load_training_data(cfg.data, lambda line: print(line, flush=True) if island.is_leader else None)
     args = model_args(cfg, data.tokenizer.vocab_size)
     seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
-    member = None
-    if cfg.mesh.coordinator:
-        fingerprint = job_fingerprint(cfg, args, data.tokenizer, seq_len)
-        member = join_mesh(cfg.mesh, ident, island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None)
-        deathrattle.member = member
     loader = data.loader(seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)
     if cfg.eval.every:  # checks now that each validation split holds a global batch, not at the first eval
         data.check_val(seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)
 
     model, init_digest = build_model(args, cfg, island)
     check_same_on_all_ranks(init_digest, island, "initial weights digest")
+    member = None
+    if cfg.mesh.coordinator:  # registers only now: a joiner never makes the run wait for its model to build
+        fingerprint = job_fingerprint(cfg, args, data.tokenizer, seq_len)
+        ports = gather_ints(server.port if server is not None else 0, island)
+        member = join_mesh(
+            cfg.mesh, ident, island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None,
+            ports if server is not None else None, server.host if server is not None else "",
+        )
+        deathrattle.member = member
+        if server is not None:
+            server.key = member.client.key
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState()
-    sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader, model))
+    sync = IslandSync(cfg, model, member, island, state, FaultInjector(island.is_leader, model), server.state if server is not None else None)
     stateful = {
         "model_optimizer": ModelOptimizerState(model, optimizer),
         "train": state,
@@ -463,6 +486,12 @@ def _train_in(
     peak = cfg.metrics.peak_flops or detect_peak_flops(island.device)
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.metrics.progress, island.is_leader)
     guard = InnerGuard(cfg.train.max_skipped_inner, island, sync.diloco, log.info)
+    if sync.owes_outer_step:  # a joiner admitted at a boundary: the outer step being averaged there
+        record = sync.join_outer_step(outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
+        outer_digest = record["outer_digest"]
+        for note in sync.drain_notes():
+            log.info(f"atoll: {note}")
+        log.log({"step": state.step, "tokens": state.tokens, **sync.log_fields(), **record})
     log.info(
         f"atoll: {cfg.model.name} model ({params['total'] / 1e6:.2f}M params, init sha256 {init_digest[:12]}) "
         f"on {island.world} local rank(s), {island.device.type}; batch {cfg.train.global_batch}x{seq_len} tokens "

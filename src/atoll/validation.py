@@ -12,8 +12,11 @@ all-gather them, and every island runs the same pure decision (`decide`) on the 
   upper median of an even count, an actual value, and with two others the larger one, so that
   one outlier cannot make an honest island look large (a median of 0 rejects nothing: islands
   that did not move are no yardstick);
-- if fewer than `diloco.min_accepted` (capped at the number of islands) remain, the step is
-  skipped by every island alike.
+- an island that joined at this boundary (`fresh`: it has not trained since it took the run's
+  state, so its pseudo-gradient is zero) contributes nothing and is no yardstick, without being
+  rejected;
+- if fewer than `diloco.min_accepted` (capped at the number of islands that trained) remain, the
+  step is skipped by every island alike.
 
 Rejected islands contribute zeros (written with `zero_`, since 0 x NaN is NaN) and the accepted
 ones scale theirs by world / accepted before the ring, whose mean divides by the world size, so
@@ -48,15 +51,17 @@ class ContributionStats:
     """L2 norm over the island (NaN or inf when not finite)."""
     bucket_norms: tuple[float, ...]
     """L2 norm of each per-layer bucket (`DiLoCo.buckets`), over the island."""
+    fresh: bool = False
+    """The island joined at this boundary and has not trained: it contributes nothing."""
 
     def to_tensor(self) -> torch.Tensor:
-        """fp64 [finite, norm, bucket norms...]: the all-gathered form."""
-        return torch.tensor([float(self.finite), self.norm, *self.bucket_norms], dtype=torch.float64)
+        """fp64 [finite, norm, bucket norms..., fresh]: the all-gathered form."""
+        return torch.tensor([float(self.finite), self.norm, *self.bucket_norms, float(self.fresh)], dtype=torch.float64)
 
     @staticmethod
     def from_tensor(values: torch.Tensor) -> ContributionStats:
-        finite, norm, *buckets = values.tolist()
-        return ContributionStats(bool(finite), norm, tuple(buckets))
+        finite, norm, *buckets, fresh = values.tolist()
+        return ContributionStats(bool(finite), norm, tuple(buckets), bool(fresh))
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class Decision:
     """Too few accepted: nobody contributes, the outer step is not applied."""
     norms: dict[str, float | None]
     """Every island's pseudo-gradient norm (None when not finite), sorted by id."""
+    fresh: tuple[str, ...] = ()
+    """Islands that joined at this boundary: neither accepted nor rejected, they contribute nothing."""
 
     @property
     def applies(self) -> bool:
@@ -78,9 +85,9 @@ class Decision:
 
     def factor(self, island: str) -> float:
         """What island `island` multiplies its pseudo-gradient by before the ring's mean over all."""
-        if self.skip or island in self.rejected:
+        if self.skip or island in self.rejected or island in self.fresh:
             return 0.0
-        return (len(self.accepted) + len(self.rejected)) / len(self.accepted)
+        return (len(self.accepted) + len(self.rejected) + len(self.fresh)) / len(self.accepted)
 
     def note(self, outer_step: int) -> str | None:
         """A log line when anything was rejected, else None."""
@@ -93,7 +100,8 @@ class Decision:
 
 def decide(stats_by_island: Mapping[str, ContributionStats], max_norm_ratio: float, min_accepted: int) -> Decision:
     """The pure decision rule (see the module docstring); independent of the mapping's order."""
-    islands = sorted(stats_by_island)
+    fresh = tuple(sorted(i for i, stats in stats_by_island.items() if stats.fresh))
+    islands = sorted(i for i in stats_by_island if i not in fresh)
     rejected: dict[str, str] = {}
     for island in islands:
         mine = stats_by_island[island]
@@ -117,12 +125,13 @@ def decide(stats_by_island: Mapping[str, ContributionStats], max_norm_ratio: flo
         accepted=accepted,
         rejected=rejected,
         skip=len(accepted) < min(min_accepted, len(islands)) or not accepted,
-        norms={i: (stats_by_island[i].norm if stats_by_island[i].finite else None) for i in islands},
+        norms={i: (stats_by_island[i].norm if stats_by_island[i].finite else None) for i in sorted(stats_by_island)},
+        fresh=fresh,
     )
 
 
 @torch.no_grad()
-def island_stats(pseudo_grad: torch.Tensor, buckets: Sequence[slice], island: Island) -> ContributionStats:
+def island_stats(pseudo_grad: torch.Tensor, buckets: Sequence[slice], island: Island, fresh: bool = False) -> ContributionStats:
     """Statistics of this island's pseudo-gradient: this rank's shard, summed over the local ranks.
 
     One fp64 pass per bucket: squares of finite fp32 values cannot overflow fp64, so the sums are
@@ -138,6 +147,7 @@ def island_stats(pseudo_grad: torch.Tensor, buckets: Sequence[slice], island: Is
         finite=payload[0].item() == 0,
         norm=math.sqrt(squares.sum().item()),
         bucket_norms=tuple(math.sqrt(s) for s in squares.tolist()),
+        fresh=fresh,
     )
 
 
@@ -165,9 +175,12 @@ def gather_stats(
     return [ContributionStats.from_tensor(t) for t in everyone]
 
 
-def average_accepted(diloco: DiLoCo, mean: GlobalMean, island: Island, cfg: DilocoConfig, members: Sequence[str]) -> Decision:
+def average_accepted(
+    diloco: DiLoCo, mean: GlobalMean, island: Island, cfg: DilocoConfig, members: Sequence[str], fresh: bool = False,
+) -> Decision:
     """The validated version of `DiLoCo.average`: pseudo-gradient, stats shared over
-    `mean.control_group` (whose rank i is `members[i]`), the decision, this island's scaling, and
+    `mean.control_group` (whose rank i is `members[i]`; `fresh`: this island joined at this
+    boundary and contributes nothing), the decision, this island's scaling, and
     the ring over the accepted contributions (no ring when the step is skipped: the buffer is then
     zeros on every island, so the agreement digests still match).
 
@@ -175,7 +188,7 @@ def average_accepted(diloco: DiLoCo, mean: GlobalMean, island: Island, cfg: Dilo
     pseudo-gradient buffer has changed then, and the next attempt recomputes it.
     """
     pseudo_grad = diloco.pseudo_gradient()
-    table = gather_stats(island_stats(pseudo_grad, diloco.buckets, island), mean.control_group, mean.abandoned)
+    table = gather_stats(island_stats(pseudo_grad, diloco.buckets, island, fresh), mean.control_group, mean.abandoned)
     decision = decide(dict(zip(members, table)), cfg.max_norm_ratio, cfg.min_accepted)
     diloco.scale_contribution(decision.factor(members[mean.control_group.rank()]))
     if decision.applies:

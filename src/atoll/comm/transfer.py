@@ -179,6 +179,7 @@ class StateServer:
     """
 
     def __init__(self, host: str, state: ServedState, on_chunk: Callable[[int], None] = lambda n: None) -> None:
+        self.host = host
         self.state = state
         self.key: bytes | None = None
         self.on_chunk = on_chunk

@@ -202,19 +202,21 @@ class Heartbeat:
         self._client.close()
 
 
-def register(client: CoordinatorClient, local_ranks: int, fingerprint: dict[str, Any]) -> None:
-    """Announce this incarnation; a refusal (wrong shape, a different job, a live duplicate id,
-    an ended run) is a UserError saying why."""
-    answer = client.call("register", {"local_ranks": local_ranks, "fingerprint": fingerprint})
+def register(client: CoordinatorClient, local_ranks: int, fingerprint: dict[str, Any], serve: dict[str, Any] | None = None) -> None:
+    """Announce this incarnation (and where its local ranks serve the run's state, if they do); a
+    refusal (wrong shape, a different job, a live duplicate id, an ended run) is a UserError saying why."""
+    answer = client.call("register", {"local_ranks": local_ranks, "fingerprint": fingerprint, "serve": serve or {}})
     if "refused" in answer:
         raise UserError(f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}")
 
 
-def wait_for_admission(client: CoordinatorClient, after: int, log: Callable[[str], None]) -> Epoch:
-    """Block until an epoch newer than `after` has this incarnation as a member, and return it.
+def wait_for_admission(client: CoordinatorClient, after: int, log: Callable[[str], None]) -> Epoch | dict[str, Any]:
+    """Block until an epoch newer than `after` has this incarnation as a member, and return it; or
+    return the coordinator's fetch instructions ({"step", "sources"}) at once when the run has
+    started and this joiner does not hold its state yet.
 
-    Unbounded while the run is alive: a joiner waits for the next outer step however long the
-    inner phase is (saying where the run is every WAIT_LOG_S). An ended run or a refusal is a
+    Unbounded while the run is alive: a ready joiner waits for the next outer step however long
+    the inner phase is (saying where the run is every WAIT_LOG_S). An ended run or a refusal is a
     UserError.
     """
     answer = client.wait("admission", {"after": after}, "admission to the run", log)
@@ -222,7 +224,7 @@ def wait_for_admission(client: CoordinatorClient, after: int, log: Callable[[str
         raise UserError(f"the run of the coordinator at {client.address} has ended ({answer['ended']}): nothing to join")
     if "refused" in answer:
         raise UserError(f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}")
-    return Epoch.from_dict(answer["epoch"])
+    return answer["fetch"] if "fetch" in answer else Epoch.from_dict(answer["epoch"])
 
 
 def connect(address: str, island_id: str, token: str | None, connect_timeout: float, retry_s: float) -> tuple[CoordinatorClient, CoordinatorClient]:

@@ -113,6 +113,7 @@ class Coordinator:
         current = self.epoch.number if self.epoch else -1
         decided = [(s, r) for (e, s, r) in self.outcomes if e == current]
         self.decided = max(decided) if decided else NO_DECISION
+        self.committed = max([s for (_, s, _), o in self.outcomes.items() if o["outcome"] == "commit"], default=0)
         self._barriers: dict[tuple[int, str], set[str]] = {}
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._connections: dict[int, tuple[str, str]] = {}
@@ -232,7 +233,7 @@ class Coordinator:
         return value
 
     def _op_register(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
-        registration = Registration(island, incarnation, int(args["local_ranks"]), dict(args["fingerprint"]))
+        registration = Registration(island, incarnation, int(args["local_ranks"]), dict(args["fingerprint"]), dict(args.get("serve") or {}))
         refusal = self._admissible(registration)
         if refusal:
             self.log(f"coordinator: refused island {island!r}: {refusal}")
@@ -314,17 +315,37 @@ class Coordinator:
                 return {"refused": "the coordinator no longer knows this process (dropped or replaced): restart it to join again"}
             if self.epoch is not None and self.epoch.number > after and self.epoch.has(island, incarnation):
                 return {"epoch": self.epoch.to_dict()}
+            if self.epoch is not None and island not in self.epoch.members and self.views[island].ready is None:
+                return {"fetch": {"step": self.committed, "sources": self._sources()}}
             return None
 
         answer = self._wait(ready, args["wait_s"])
         return answer or {"status": self._where()}
+
+    def _sources(self) -> list[dict[str, Any]]:
+        """Where the current members serve the run's state (those that said where)."""
+        serving = [self.views[m].registration for m in self.epoch.members if m in self.views]
+        return [{"island": r.island_id, "host": r.serve["host"], "ports": r.serve["ports"]} for r in serving if r.serve]
+
+    def _op_ready(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        """A joiner holds the state of outer step `step` (-1: it takes it by broadcast on entering);
+        a state older than the last commit is stale: it fetches again."""
+        step = int(args["step"])
+        if not self._member(island, incarnation) or self.epoch is None or island in self.epoch.members:
+            return {}
+        if 0 <= step < self.committed:
+            return {"stale": self.committed}
+        self.views[island].ready = step
+        self.log(f"coordinator: island {island!r} is ready to enter" + (f" with the state of outer step {step}" if step >= 0 else " (it takes the state by broadcast)"))
+        self._decide()
+        return {}
 
     def _where(self) -> str:
         """Where the run is, for islands waiting to be admitted."""
         if self.epoch is None:
             return f"waiting for {self.min_islands} island(s) to start the run ({len(self.arrivals)} arrived)"
         step = self.decided[0] if self.decided != NO_DECISION else max([s for (e, s, _) in self.outcomes] or [0])
-        return f"the run is at outer step {step} (epoch {self.epoch.number}, {self.epoch.world} island(s)); joiners enter at the next outer step"
+        return f"the run is at outer step {step} (epoch {self.epoch.number}, {self.epoch.world} island(s)); joiners enter at the next outer step's boundary"
 
     def _op_barrier(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
         number, name = int(args["epoch"]), str(args["name"])
@@ -333,6 +354,10 @@ class Coordinator:
             return {"dissolved": True}
         arrived = self._barriers.setdefault((number, name), set())
         if island not in arrived:
+            if name.startswith("outer-"):
+                self._decide(at_boundary=True)  # a ready joiner enters here, before this step is averaged
+            if self.epoch.number > number:
+                return {"dissolved": True}
             arrived.add(island)
             self._cond.notify_all()
 
@@ -394,15 +419,23 @@ class Coordinator:
 
     # --- decisions ---------------------------------------------------------------------------------
 
-    def _decide(self) -> None:
-        """Run the membership rules (lock held) and publish what they decide."""
+    def _decide(self, at_boundary: bool = False) -> None:
+        """Run the membership rules (lock held) and publish what they decide; `at_boundary`: a
+        member is arriving at an outer step's boundary barrier (else the barriers tell)."""
         if self.ended is not None:
             return
         now = time.monotonic()
         if self.epoch is None:
             self._form_first_epoch(now)
             return
-        self._apply(decide(self.epoch, self.views, self.decided, now, self.rules, self._failures_in_a_row))
+        self._apply(decide(self.epoch, self.views, self.decided, now, self.rules, self._failures_in_a_row, at_boundary or self._at_boundary()))
+
+    def _at_boundary(self) -> bool:
+        """Some member waits at an outer step's boundary barrier of the current epoch that has not passed."""
+        return any(
+            number == self.epoch.number and name.startswith("outer-") and 0 < len(arrived) < self.epoch.world
+            for (number, name), arrived in self._barriers.items()
+        )
 
     def _form_first_epoch(self, now: float) -> None:
         alive = [r for r in self.arrivals if r.island_id in self.views and self.views[r.island_id].lost_at is None and self.views[r.island_id].leaving is None]
@@ -430,6 +463,11 @@ class Coordinator:
             self.decided = decision.step
             for view in self.views.values():
                 view.result = None
+            if decision.outcome == "commit":
+                self.committed = max(self.committed, step)
+                for view in self.views.values():
+                    if view.ready is not None and 0 <= view.ready < step:
+                        view.ready = None  # its fetched state is a step old now: it fetches again
             if decision.outcome == "resync":
                 self._log_event(self.epoch.number, list(self.epoch.members), [], {}, "resync", digests=decision.digests, source=self.epoch.members[decision.source])
                 self.log(f"coordinator: outer step {step}: digests differ ({decision.digests}); every island takes "
@@ -449,7 +487,8 @@ class Coordinator:
         for view in self.views.values():
             view.failed_at, view.blamed, view.origin, view.result = None, None, False, None
         for island in decision.joined:
-            self.views[island].admitted = epoch.number
+            self.views[island].admitted, self.views[island].ready = epoch.number, None
+        self._barriers = {key: arrived for key, arrived in self._barriers.items() if key[0] >= epoch.number}
         self.epochs[epoch.number] = epoch
         self.epoch = epoch
         self.decided = NO_DECISION
@@ -466,7 +505,7 @@ class Coordinator:
             f.write(json.dumps(event) + "\n")
 
 
-OPS = ("register", "beat", "latest", "leave", "admission", "barrier", "report", "result", "next_epoch", "epoch")
+OPS = ("register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch")
 
 
 def _bound_store(host: str, port: int) -> dist.TCPStore:

@@ -1,7 +1,7 @@
 """The island's side of the run's protocol, as the outer step uses it: one home for every exchange.
 
 `MeshMember` is what `atoll.sync` calls at outer boundaries: `barrier`, `outcome`, `next_epoch`,
-`epoch_named`, `dissolved`. Local rank 0 (the leader) asks the coordinator; it hands the answer to
+`epoch_named`, `dissolved`; and, while a joiner is not yet admitted, `admit` and `post_ready`. Local rank 0 (the leader) asks the coordinator; it hands the answer to
 the island's other local ranks over the island's control group (a gloo group with a long timeout:
 they wait as long as the leader waits), so every local rank of an island moves as one.
 
@@ -28,6 +28,8 @@ from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, reg
 from atoll.mesh.membership import Epoch
 
 ABORT, COMMIT, RESYNC = 0, 1, 2
+NOT_ADMITTED = -1
+"""The epoch number of a joiner that is not a member of any epoch yet."""
 OUTCOMES = {"abort": ABORT, "commit": COMMIT, "resync": RESYNC}
 
 
@@ -57,6 +59,9 @@ class MeshMember:
     """Local rank 0's talks to the coordinator; the other ranks' only asks `latest`."""
     heartbeat: Heartbeat | None
     log: Callable[[str], None] = print
+    fetch: dict[str, Any] | None = None
+    """While not admitted: the coordinator's word on where to fetch the run's state ({"step",
+    "sources": [{"island", "host", "ports"}]})."""
 
     @property
     def index(self) -> int:
@@ -98,6 +103,26 @@ class MeshMember:
             )
             values = [OUTCOMES[answer["outcome"]], int(answer["next"]), int(answer["source"])]
         return Outcome(*self._leader(values))
+
+    def admit(self) -> None:
+        """Wait for admission: either an epoch has this process (`epoch` is set, `fetch` None), or
+        the run has started and the coordinator says where to fetch its state (`fetch` is set)."""
+        text = ""
+        if self.island.is_leader:
+            answer = wait_for_admission(self.client, NOT_ADMITTED, self.log)
+            text = json.dumps({"epoch": answer.to_dict()} if isinstance(answer, Epoch) else {"fetch": answer})
+        answer = json.loads(_broadcast_text(text, self.island))
+        self.fetch = answer.get("fetch")
+        if "epoch" in answer:
+            self.epoch = Epoch.from_dict(answer["epoch"])
+
+    def post_ready(self, step: int) -> bool:
+        """Tell the coordinator this joiner holds the state of outer step `step` (-1: none, it takes
+        it by broadcast on entering); False if that state is stale (a step was committed since)."""
+        stale = 0
+        if self.island.is_leader:
+            stale = int("stale" in self.client.call("ready", {"step": step}))
+        return not self._leader([stale])[0]
 
     def report_failure(self, what: str) -> None:
         """Tell the coordinator that entering the current epoch failed here (local rank 0)."""
@@ -157,22 +182,26 @@ def retry_budget(cfg: MeshConfig) -> float:
     return max(3 * cfg.heartbeat_timeout_s, cfg.connect_timeout_s)
 
 
-def join_mesh(cfg: MeshConfig, island_id: str, island: Island, fingerprint: dict[str, Any], log: Callable[[str], None]) -> MeshMember:
-    """Connect, register and heartbeat (local rank 0), and wait until an epoch has this island.
+def join_mesh(
+    cfg: MeshConfig, island_id: str, island: Island, fingerprint: dict[str, Any], log: Callable[[str], None],
+    serve_ports: list[int] | None = None, serve_host: str = "",
+) -> MeshMember:
+    """Connect, register (with where each local rank serves the state: `serve_ports`, local rank
+    0's list, on `serve_host`) and heartbeat (local rank 0), and wait until an epoch has this island
+    or, if the run has started, until the coordinator says where to fetch its state (`fetch`).
 
     `mesh.join_timeout_s` bounds reaching the coordinator and registering; the wait for admission
-    (the run's start, or the next outer step of a running run) is unbounded while the run lives.
+    to the run's start is unbounded while the run lives.
     """
     token = run_token(cfg.token)
     incarnation = _broadcast_text(new_incarnation() if island.is_leader else "", island)
     channel = "main" if island.is_leader else f"rank{island.rank}"
     client = CoordinatorClient(cfg.coordinator, island_id, incarnation, token, min(cfg.connect_timeout_s, cfg.join_timeout_s), retry_budget(cfg), channel)
     heartbeat = None
-    epoch_text = ""
     if island.is_leader:
-        register(client, island.world, fingerprint)
+        register(client, island.world, fingerprint, {"host": serve_host, "ports": serve_ports} if serve_ports else None)
         beat = CoordinatorClient(cfg.coordinator, island_id, incarnation, token, cfg.connect_timeout_s, retry_budget(cfg), "beat")
         heartbeat = Heartbeat(beat, cfg.heartbeat_interval_s)
-        epoch_text = json.dumps(wait_for_admission(client, -1, log).to_dict())
-    epoch = Epoch.from_dict(json.loads(_broadcast_text(epoch_text, island)))
-    return MeshMember(island_id, incarnation, epoch, client.store_address, island, client, heartbeat, log)
+    member = MeshMember(island_id, incarnation, Epoch(NOT_ADMITTED, (), island.world), client.store_address, island, client, heartbeat, log)
+    member.admit()
+    return member

@@ -65,13 +65,17 @@ class Registration:
     local_ranks: int = 1
     fingerprint: dict = field(default_factory=dict, compare=False)
     """Everything that must agree across the run's islands (see `fingerprint_mismatch`)."""
+    serve: dict = field(default_factory=dict, compare=False)
+    """Where its local ranks serve the run's state to joiners: {"host", "ports"} (`atoll.comm.transfer`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(raw: dict) -> Registration:
-        return Registration(str(raw["island_id"]), str(raw["incarnation"]), int(raw["local_ranks"]), dict(raw.get("fingerprint", {})))
+        return Registration(
+            str(raw["island_id"]), str(raw["incarnation"]), int(raw["local_ranks"]), dict(raw.get("fingerprint", {})), dict(raw.get("serve", {})),
+        )
 
 
 def fingerprint_mismatch(run: dict, island: dict) -> list[str]:
@@ -138,6 +142,9 @@ class IslandView:
     """Number of the epoch that admitted it (the most recent joiner has the highest)."""
     beat_interval_s: float = 2.0
     """How often the island says it beats (it is presumed gone after missing two)."""
+    ready: int | None = None
+    """A joiner that holds the state of this outer step, fetched from the members (-1: it could
+    not fetch and takes the state by broadcast on entering); None: not ready to enter."""
 
 
 @dataclass(frozen=True)
@@ -221,13 +228,18 @@ def culprit(members: tuple[str, ...], views: dict[str, IslandView]) -> str:
     return max((m for m in members if score[m] == top), key=lambda m: (views[m].admitted, m))
 
 
-def decide(current: Epoch, views: dict[str, IslandView], decided: tuple[int, int], now: float, rules: Rules, failures_in_a_row: int = 0) -> Decision:
+def decide(
+    current: Epoch, views: dict[str, IslandView], decided: tuple[int, int], now: float, rules: Rules,
+    failures_in_a_row: int = 0, at_boundary: bool = False,
+) -> Decision:
     """The coordinator's decision for the current epoch, given its view of the islands.
+
+    `at_boundary`: some member waits at an outer step's boundary barrier that has not passed (the
+    step's averaging has not begun).
 
     Rules, in order:
     1. Every member posted an ok result for the same (outer step, round) after `decided`: the step
-       commits, or, if their digests differ, resyncs from the majority's holder. Alive joiners
-       waiting outside are admitted at a commit: a new epoch with members and joiners.
+       commits, or, if their digests differ, resyncs from the majority's holder.
     2. Some member reported a failed collective: once `report_grace_s` has passed since the first
        report, or every member is accounted for, the next epoch is the members minus those that
        are gone (deathrattle, closed connection, stale heartbeat). An island that is alive but
@@ -236,11 +248,14 @@ def decide(current: Epoch, views: dict[str, IslandView], decided: tuple[int, int
        earlier ones), the culprit (see `culprit`) is evicted instead: a pair that cannot connect
        must not livelock the run.
     3. Some member departed: the next epoch is the members minus the departed.
+    4. Alive joiners that are ready (`IslandView.ready`) are admitted `at_boundary`: a new epoch
+       with members and joiners, which the members enter from the barrier, so a joiner's first
+       outer step is the one about to be averaged (it contributes nothing to it: it has not
+       trained). Never at a commit: the state a joiner fetched is then one step old.
     When no member is left the run has ended (joiners cannot restart it: nobody holds its state).
     """
     members = current.members
     gone = departures(members, views, now, rules.heartbeat_timeout_s)
-    joiners = pending_joiners(current, views, now, rules.heartbeat_timeout_s)
     results = [views[m].result for m in members]
     in_flight = [r for r in results if r is not None and r.key > decided]
     if len(in_flight) == len(members) and all(r.ok for r in in_flight) and len({r.key for r in in_flight}) == 1:
@@ -248,8 +263,7 @@ def decide(current: Epoch, views: dict[str, IslandView], decided: tuple[int, int
         digests = {m: views[m].result.digest for m in members}
         if len(set(digests.values())) > 1:
             return Decision(outcome="resync", step=step, source=majority_source(members, digests), digests=digests)
-        epoch = successor(current, tuple(sorted(members + joiners)), views, "joined", now) if joiners else None
-        return Decision(outcome="commit", step=step, epoch=epoch, joined=joiners)
+        return Decision(outcome="commit", step=step)
     reported = {m: views[m].failed_at for m in members if views[m].failed_at is not None}
     if reported:
         posted = {m for m in members if views[m].result is not None and views[m].result.key > decided}
@@ -265,6 +279,9 @@ def decide(current: Epoch, views: dict[str, IslandView], decided: tuple[int, int
         return without(current, views, gone, "collective failed", now)
     if gone:
         return without(current, views, gone, "departed", now)
+    ready = tuple(j for j in pending_joiners(current, views, now, rules.heartbeat_timeout_s) if views[j].ready is not None)
+    if ready and at_boundary:
+        return Decision(epoch=successor(current, members + ready, views, "joined", now), joined=ready)
     return Decision()
 
 

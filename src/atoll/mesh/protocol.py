@@ -20,7 +20,9 @@ Ops (args -> answer). Waits are long-polls: the coordinator answers as soon as t
 happens, or after `wait_s` with nothing, and the island asks again (so waits are event-driven,
 yet no request outlives a restart of either side by long).
 
-    register    {local_ranks, fingerprint}      -> {} | {"refused": why}
+    register    {local_ranks, fingerprint, serve}
+                                                 -> {} | {"refused": why}; serve: {"host", "ports"},
+                                                    where its local ranks serve the run's state
     beat        {seen, wait_s}                   -> {"latest", "ended", "known"}: a heartbeat that
                                                     waits up to wait_s for an epoch newer than
                                                     `seen`; the connection it arrives on is this
@@ -29,9 +31,16 @@ yet no request outlives a restart of either side by long).
     latest      {}                               -> {"latest", "ended", "known"} (no waiting; for the
                                                     island's other local ranks)
     leave       {reason}                         -> {}  (the deathrattle)
-    admission   {after, wait_s}                  -> {"epoch" | "ended" | "refused" | "status"}:
+    admission   {after, wait_s}                  -> {"epoch" | "fetch" | "ended" | "refused" | "status"}:
                                                     the newest epoch after `after` that has this
-                                                    incarnation as a member
+                                                    incarnation as a member; or, to a joiner of a
+                                                    started run that is not ready, at once:
+                                                    "fetch": {"step", "sources": [{"island",
+                                                    "host", "ports"}]} (see `atoll.comm.transfer`)
+    ready       {step}                           -> {} | {"stale": committed}: a joiner holds the
+                                                    state of outer step `step` (-1: it takes it
+                                                    by broadcast on entering); it is admitted at
+                                                    the next boundary barrier
     barrier     {epoch, name, wait_s}            -> {"passed"} | {"dissolved"} | {}
     report      {epoch, what, blamed, abandoned} -> {}  (a global collective of epoch failed; blamed:
                                                     the peer the error names; abandoned: the
