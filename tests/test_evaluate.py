@@ -1,18 +1,23 @@
-"""`atoll eval`: per-source losses of a mixture, as training logs them."""
+"""`atoll eval` and training's evaluation: per-source losses of a mixture, and a loss that never builds full logits."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import REPO, read_metrics
 
+import atoll.model.loss
 from atoll.cli import main
 from atoll.config import load_config
-from atoll.data import train_bpe
+from atoll.data import ByteTokenizer, TrainingData, iter_eval_batches, train_bpe, weighted_mean
 from atoll.evaluate import evaluate_model, load_eval_data, pick_device
 from atoll.export import load_model
-from atoll.train import train
+from atoll.island import start_island, stop_island
+from atoll.model import Llama, get_size, lm_loss
+from atoll.train import evaluate, train
 
 WEIGHTS = {"tide": 0.7, "shells": 0.3}
 
@@ -69,3 +74,43 @@ def test_eval_with_another_tokenizer_is_one_line_and_tokenizes_nothing(mixture_r
     assert err.count("\n") == 1 and f"({tokenizer.vocab_size} ids, eos {tokenizer.eos_id})" in err and "is not the model's tokenizer (257 ids, eos 256)" in err
     assert sorted(p.stat().st_mtime_ns for p in (mixture_run.parent / "cache").rglob("*") if p.is_file()) == prepared
 
+
+@pytest.fixture
+def tiny_mixture():
+    """The debug model at random init and two validation sets of random tokens, weighted 0.7 / 0.3."""
+    model = Llama(get_size("debug"))
+    model.init_weights(seed=3)
+    gen = np.random.default_rng(0)
+    val = {name: gen.integers(0, model.args.vocab_size, 4000).astype(np.int64) for name in WEIGHTS}
+    data = TrainingData(ByteTokenizer(), list(WEIGHTS), list(WEIGHTS.values()), [], val, mixture=True)
+    cfg = load_config(None, {"model.name": "debug", "train.seq_len": 32, "train.global_batch": 4, "train.micro_batch": 2,
+                             "eval.batches": 3, "train.device": "cpu"})
+    return model.eval(), data, cfg
+
+
+def test_evaluation_never_builds_full_logits_and_equals_the_full_logits_loss(tiny_mixture, monkeypatch):
+    model, data, cfg = tiny_mixture
+    seq_len, batch = cfg.train.seq_len, cfg.train.global_batch
+    with torch.no_grad():  # the reference: whole-batch logits [4, 32, 512], then lm_loss
+        want = {name: float(torch.stack([lm_loss(model(inp), tgt)[1] for inp, tgt in
+                                         iter_eval_batches(tokens, seq_len, batch, 0, 1, cfg.eval.batches)]).mean())
+                for name, tokens in data.val.items()}
+
+    def no_full_logits(hidden: torch.Tensor) -> torch.Tensor:
+        raise AssertionError(f"evaluation applied the output head to hidden states {list(hidden.shape)}")
+
+    monkeypatch.setattr(model.output, "forward", no_full_logits)
+    # 7 positions' logits per chunk: several chunks per micro-batch, the last one short.
+    monkeypatch.setattr(atoll.model.loss, "LOSS_CHUNK_LOGITS", 7 * model.args.vocab_size)
+
+    result = evaluate_model(model, data, cfg, seq_len, torch.device("cpu"))
+    assert result.by_source == pytest.approx(want, rel=1e-5)
+    assert result.loss == pytest.approx(weighted_mean(want, data.names, data.weights), rel=1e-5)
+    assert result.batches == cfg.eval.batches * len(WEIGHTS)
+
+    island = start_island("cpu")
+    try:
+        got = evaluate(model, data, seq_len, cfg, island)
+    finally:
+        stop_island()
+    assert got == pytest.approx(want, rel=1e-5)

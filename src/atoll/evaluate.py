@@ -7,7 +7,8 @@ validation set, `train.global_batch` x `train.seq_len` tokens), and a mixture's 
 of its per-source losses under the mixture's weights, so a run evaluated with its own config.toml
 reproduces the `val_loss` (and `val_loss_by_source`) it logged. Here one process evaluates the
 whole global batch, in micro-batches of `train.micro_batch` sequences; the mean over equal-sized
-slices is the mean that training's local ranks average.
+slices is the mean that training's local ranks average. The loss is chunked inside the model's
+forward, so no [batch, seq, vocab] logits are ever held.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from atoll.config import JobConfig
 from atoll.data import Tokenizer, TrainingData, iter_eval_batches, load_tokenizer, load_training_data, weighted_mean
 from atoll.errors import UserError
-from atoll.model import Llama, lm_loss
+from atoll.model import Llama
 
 
 @dataclass
@@ -92,8 +93,7 @@ def evaluate_model(model: Llama, data: TrainingData, cfg: JobConfig, seq_len: in
             parts = []
             for inp, tgt in zip(inputs.split(micro), targets.split(micro)):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(inp.to(device))
-                parts.append(lm_loss(logits, tgt.to(device))[1])
+                    parts.append(model(inp.to(device), tgt.to(device))[1])
             losses.append(torch.stack(parts).mean())
         by_source[name] = float(torch.stack(losses).mean())
         batches += len(losses)
