@@ -6,6 +6,7 @@ User mistakes (bad config key, missing file, wrong value) print one line and exi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -159,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the validation loss and perplexity of a run's model (its latest checkpoint; the outer "
                     "weights of a DiLoCo run) or of a Hugging Face Llama directory, on the batches training evaluates: "
                     "the first eval.batches unshuffled global batches (train.global_batch x train.seq_len) of the "
-                    "validation split of data.source. A run uses its own config.toml, so the loss compares with "
-                    "val_loss in its metrics.jsonl; CONFIG and --section.key overrides change the data and batches.",
+                    "validation split of data.source, or of each of data.sources (a mixture: one loss per source, "
+                    "then their mean under the mixture's weights). A run uses its own config.toml, so the losses compare "
+                    "with val_loss (and val_loss_by_source) in its metrics.jsonl; CONFIG and --section.key overrides "
+                    "change the data and batches; data.tokenizer must be the model's tokenizer.",
     )
     evaluate.add_argument("model", type=Path, metavar="RUN_DIR|HF_DIR", help="a run, checkpoint or Hugging Face model directory")
     evaluate.set_defaults(handler=cmd_eval)
@@ -284,15 +287,24 @@ def resolve_eval_config(run_config: Path | None, rest: list[str]) -> JobConfig:
 
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from atoll.evaluate import evaluate_model, pick_device
+    from atoll.evaluate import evaluate_model, load_eval_data, pick_device
     from atoll.export import load_model
 
     loaded = load_model(args.model)
     cfg = resolve_eval_config(loaded.run_config, rest)
     seq_len = cfg.train.seq_len or loaded.model.args.max_seq_len
-    result = evaluate_model(loaded.model, loaded.tokenizer, cfg, seq_len, pick_device(cfg.train.device))
+    data = load_eval_data(cfg, loaded.tokenizer)
+    result = evaluate_model(loaded.model, data, cfg, seq_len, pick_device(cfg.train.device))
+    if data.mixture:
+        shares = ", ".join(f"{n} {w / sum(data.weights):.0%}" for n, w in zip(data.names, data.weights))
+        where = f"the {len(data.names)} data.sources ({shares})"
+    else:
+        where = f"data.source {cfg.data.source!r}"
     print(f"atoll: {loaded.described}: {result.batches} validation batch(es) of {cfg.train.global_batch}x{seq_len} tokens "
-          f"from data.source {cfg.data.source!r}")
+          f"from {where}")
+    for name, loss in (result.by_source or {}).items():
+        print(f"val_loss_by_source {name} {loss:.4f}  perplexity {math.exp(loss):.2f}")
+    # Last, and in the same form with or without a mixture: scripts read this line.
     print(f"val_loss {result.loss:.4f}  perplexity {result.perplexity:.2f}")
     return 0
 

@@ -324,15 +324,17 @@ def autocast(island: Island) -> torch.autocast:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TrainingData, seq_len: int, cfg: JobConfig, island: Island) -> dict[str, float]:
-    """Mean validation cross-entropy of each validation set, over the same `eval.batches` global batches every time."""
+    """Mean validation cross-entropy of each validation set, over the same `eval.batches` global batches every time.
+
+    The loss is chunked inside the model's forward, as in train_step: no [batch, seq, vocab] logits are held.
+    """
     model.eval()
     result = {}
     for name, val_tokens in data.val.items():
         losses = []
         for inp, tgt in iter_eval_batches(val_tokens, seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches):
             with autocast(island):
-                logits = model(inp.to(island.device))
-            losses.append(lm_loss(logits, tgt.to(island.device))[1])
+                losses.append(model(inp.to(island.device), tgt.to(island.device))[1])
         result[name] = float(all_reduce_mean(torch.stack(losses).mean()))
     model.train()
     return result
