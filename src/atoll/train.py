@@ -48,7 +48,7 @@ from atoll.launch import default_run_dir, exit_with_launcher, generated_island_i
 from atoll.mesh.client import parse_address
 from atoll.mesh.member import MeshMember, join_mesh
 from atoll.metrics import MetricsLog, abandon_metrics_after, detect_peak_flops, flops_per_token
-from atoll.model import Llama, ModelArgs, count_params, get_size, lm_loss
+from atoll.model import Llama, ModelArgs, count_params, get_size
 from atoll.model.llama import apply_activation_checkpointing
 from atoll.optim import build_optimizer, clip_grad_norm, lr_factor, outer_anneal_weight, set_lr
 from atoll.sync import IslandSync
