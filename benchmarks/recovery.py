@@ -2,6 +2,7 @@
 
     python benchmarks/recovery.py                         # 3 islands, debug model, heartbeat timeout 3 s
     python benchmarks/recovery.py --heartbeat-timeout 10 --repeats 3
+    python benchmarks/recovery.py --transfer-only --wan-rate 100mbit    # the state-transfer row alone
 
 Each scenario runs `atoll simulate` with 3 islands of the debug model (H = 4 inner steps), and one
 island gets a fault at outer step 2 (see `atoll.faults`):
@@ -25,6 +26,16 @@ And, without faults, the protocol's own overhead per outer step: for each outer 
 that reached the boundary last (it waits for nobody) spends `sync_s - ring_s` in barriers,
 results and digests. Median over the outer steps. Target: <= 10 ms on loopback.
 
+And a joiner's state transfer (`atoll.comm.transfer`), with --wan-rate on the emulated WAN (root:
+one namespace each for two serving islands and the joiner, every island's uplink shaped to the
+rate; without it, on loopback): two serving processes train the debug model's inner steps without
+pause while they serve --transfer-mb of outer state (weights and momentum, in 8 MB chunks), and
+the joiner fetches it from both at once, verifying every chunk. Shown: the servers' median
+inner-step time before the transfer and during it (target: <= 5% slower), and the transfer's
+throughput against the links it can use, the two sources' uplinks (target: >= 90%). The delay
+line that carries the emulated WAN is a process on this machine too: its CPU shares the cores
+with the servers' training (noted with the load).
+
 Recovery = wall time at which the first survivor logs outer step 2 (its record's `time`, written
 right after the step is applied) minus the wall time the faulty island printed just before it
 signalled itself. Both clocks are this machine's. Medians over --repeats runs; every run's value
@@ -35,11 +46,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,11 +98,138 @@ def protocol_overhead(run_dir: Path) -> list[float]:
     return [min(v) for v in by_step.values()]
 
 
+TRANSFER_KEY = "62" * 32
+SERVED_VERSION = 12
+
+
+def serve_peer(state_mb: float, chunk_mb: float, host: str) -> None:
+    """A serving island: trains the debug model's inner steps without pause and serves `state_mb` of
+    outer state; prints its port, then (once stdin closes) a JSON list of (end time, step seconds)."""
+    import threading
+
+    import torch
+
+    from atoll.comm.transfer import ServedState, StateServer
+    from atoll.model import Llama, get_size
+
+    torch.manual_seed(0)
+    half = int(state_mb * 1e6 / 8)
+    state = ServedState(int(chunk_mb * 1e6))
+    state.publish(SERVED_VERSION, {"outer": torch.randn(half), "momentum": torch.randn(half)}, 240, 7680)
+    server = StateServer(host, state)
+    server.key = bytes.fromhex(TRANSFER_KEY)
+    args = get_size("debug")
+    model = Llama(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, args.vocab_size, (8, args.max_seq_len + 1))
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    print(server.port, flush=True)
+    steps = []
+    while not done.is_set():
+        start = time.perf_counter()
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        steps.append((time.time(), time.perf_counter() - start))
+    print(json.dumps(steps), flush=True)
+
+
+def fetch_peer(state_mb: float, sources: list[str]) -> None:
+    """The joiner: fetches the state from every `host:port` at once; prints a JSON report."""
+    import torch
+
+    from atoll.comm.transfer import Source, fetch_state
+
+    half = int(state_mb * 1e6 / 8)
+    into = {"outer": torch.zeros(half), "momentum": torch.zeros(half)}
+    peers = [Source(f"island{i}", *source.rsplit(":", 1)) for i, source in enumerate(sources)]
+    peers = [Source(p.island, p.host, int(p.port)) for p in peers]
+    start = time.time()
+    report = fetch_state(peers, bytes.fromhex(TRANSFER_KEY), "joiner", into, timeout=60)
+    print(json.dumps({"start": start, "end": time.time(), "bytes": report.manifest.total_bytes, "chunks": report.chunks_from}), flush=True)
+
+
+def transfer_row(state_mb: float, rate: str | None, delay: str, settle_s: float = 4.0) -> None:
+    """Two serving islands training, one joiner fetching from both (see the module docstring)."""
+    script = [sys.executable, str(Path(__file__).resolve())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    if rate is None:
+        _transfer(script, env, state_mb, lambda i, cmd: cmd, lambda i: "127.0.0.1", None, "loopback")
+        return
+    from atoll.wan.network import EmulatedWan
+    from atoll.wan.units import parse_delay, parse_rate
+
+    rate_bps = parse_rate(rate)
+    with EmulatedWan(3, rate_bps, parse_delay(delay)) as wan:
+        _transfer(script, {**env, **wan.island_env()}, state_mb, wan.island_command, wan.island_address, rate_bps,
+                  f"emulated WAN {rate}, {delay} one way", settle_s)
+
+
+def _transfer(script, env, state_mb, command, address, rate_bps, where, settle_s: float = 4.0) -> None:
+    servers = [
+        subprocess.Popen(command(i, [*script, "--peer", "serve", "--transfer-mb", str(state_mb), "--host", address(i)]),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        for i in range(2)
+    ]
+    try:
+        ports = [int(server.stdout.readline()) for server in servers]
+        time.sleep(settle_s)  # the servers' steps before the transfer: the baseline
+        sources = [f"{address(i)}:{port}" for i, port in enumerate(ports)]
+        joiner = subprocess.run(command(2, [*script, "--peer", "fetch", "--transfer-mb", str(state_mb), *sources]),
+                                capture_output=True, text=True, env=env, timeout=900)
+        if joiner.returncode != 0:
+            raise SystemExit(f"the joiner failed:\n{joiner.stderr[-3000:]}")
+        fetched = json.loads(joiner.stdout.splitlines()[-1])
+        time.sleep(1.0)
+        steps = []
+        for server in servers:
+            out, _ = server.communicate("", timeout=60)
+            steps.append(json.loads(out.splitlines()[-1]))
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    seconds = fetched["end"] - fetched["start"]
+    print(f"state transfer, {where}: {fetched['bytes'] / 1e6:.0f} MB from 2 serving islands "
+          f"({', '.join(f'{n} chunks from {i}' for i, n in fetched['chunks'].items())}) in {seconds:.2f}s = "
+          f"{fetched['bytes'] * 8 / seconds / 1e6:.0f} Mbit/s" + (
+              f" = {100 * fetched['bytes'] * 8 / seconds / (2 * rate_bps):.0f}% of the two sources' uplinks "
+              f"(2 x {rate_bps / 1e6:.0f} Mbit/s; target >= 90%)" if rate_bps else ""))
+    for index, records in enumerate(steps):
+        before = [s for t, s in records if t < fetched["start"]]
+        during = [s for t, s in records if fetched["start"] + 0.2 <= t <= fetched["end"]]
+        if not before or not during:
+            print(f"  island{index}: too few inner steps to compare ({len(before)} before, {len(during)} during)")
+            continue
+        b, d = statistics.median(before), statistics.median(during)
+        print(f"  island{index} inner step: median {1000 * b:.1f} ms before ({len(before)} steps), {1000 * d:.1f} ms while serving "
+              f"({len(during)} steps): {100 * (d / b - 1):+.1f}% (target <= +5%)")
+    print(f"  load average during the row: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heartbeat-timeout", type=float, default=3.0, help="mesh.heartbeat_timeout_s (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per scenario (default 3)")
+    parser.add_argument("--wan-rate", help="measure the state transfer on the emulated WAN at this rate per island (root), e.g. 100mbit")
+    parser.add_argument("--wan-delay", default="25ms", help="one-way delay of the emulated WAN (default 25ms)")
+    parser.add_argument("--transfer-mb", type=float, default=200.0, help="outer state served to the joiner, MB (default 200)")
+    parser.add_argument("--transfer-only", action="store_true", help="only the state-transfer row")
+    parser.add_argument("--peer", choices=["serve", "fetch"], help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("sources", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer == "serve":
+        serve_peer(args.transfer_mb, 8.0, args.host)
+        return
+    if args.peer == "fetch":
+        fetch_peer(args.transfer_mb, args.sources)
+        return
+    if args.transfer_only:
+        transfer_row(args.transfer_mb, args.wan_rate, args.wan_delay)
+        return
     print(f"3 islands, debug model, H=4, heartbeat every 0.5 s, heartbeat timeout {args.heartbeat_timeout:g} s, report grace 0.5 s")
     print(f"{'fault':<38}{'recovery s (median)':>20}  {'runs':<28}{'world after':>12}{'attempts':>10}  target")
     hang = f"<= {args.heartbeat_timeout + 1:g} s"
@@ -110,6 +250,7 @@ def main() -> None:
         overhead = protocol_overhead(calm)
         print(f"fault-free protocol overhead per outer step: median {1000 * statistics.median(overhead):.1f} ms "
               f"(min {1000 * min(overhead):.1f}, max {1000 * max(overhead):.1f}) over {len(overhead)} outer steps; target <= 10 ms")
+    transfer_row(args.transfer_mb, args.wan_rate, args.wan_delay)
 
 
 if __name__ == "__main__":

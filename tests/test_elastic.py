@@ -281,13 +281,37 @@ def test_survivors_agree_after_kill_during_the_inner_phase(tmp_path, cache_dir):
     assert max(r["sync_s"] for name in ("island-0", "island-2") for r in outer[name] if r["outer_step"] == 2) < 1.0
 
 
-def test_survivors_agree_after_kill_during_the_allreduce(tmp_path, cache_dir):
-    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=kill@allreduce:2"])
+def test_a_kill_during_the_allreduce_drops_only_the_dead_and_a_skewed_island_is_resynced(tmp_path, cache_dir):
+    # island-1 dies in outer step 2's all-reduce while island-2 stalls 2 s there (alive, heartbeating,
+    # past the 0.5 s report grace): only the dead one is dropped. In outer step 3 island-2's outer
+    # weights are skewed: the digests differ and every island takes the majority's state.
+    faults = ["island-1=kill@allreduce:2", "island-2=sleep@allreduce:2:2", "island-2=skew@allreduce:3"]
+    outer = simulate(tmp_path / "run", cache_dir, 3, 20, faults=faults)
 
     steps = assert_live_islands_agree(outer)
-    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4, 5)] == [3, 2, 2, 2, 2]
     assert steps[2]["attempts"] == 2 and steps[2]["epoch"] == 1
-    assert membership(tmp_path / "run")[1]["left"] == {"island-1": "its control connection closed (process gone)"}
+    events = membership(tmp_path / "run")
+    assert events[1]["left"] == {"island-1": "its control connection closed (process gone)"}
+    assert [list(e["left"]) for e in events if e["left"] and e["reason"] != "ended"][:1] == [["island-1"]]
+    assert [r["outer_step"] for r in outer["island-2"]] == [1, 2, 3, 4, 5]  # the slow island was kept
+    resync = [e for e in events if e["reason"] == "resync"]
+    assert len(resync) == 1 and resync[0]["source"] == "island-0"
+    assert resync[0]["digests"]["island-0"] != resync[0]["digests"]["island-2"]
+    assert steps[3]["attempts"] == 2 and steps[3]["epoch"] == 1 and not steps[3]["skipped"]  # a resync round, then the commit
+
+
+def test_an_island_whose_ring_always_fails_is_evicted_as_the_culprit(tmp_path, cache_dir):
+    # island-1 can never take part in an all-reduce from outer step 2 on (a pair that cannot
+    # connect): the same members fail together until the coordinator evicts the island the
+    # reports point at, after mesh.evict_after failed epochs; the others go on and finish
+    outer = simulate(tmp_path / "run", cache_dir, 3, 24, faults=["island-1=break@allreduce:2"])
+
+    steps = assert_live_islands_agree(outer, skipped={s for s in range(2, 7) if any(r["skipped"] for o in outer.values() for r in o if r["outer_step"] == s)})
+    evictions = [e for e in membership(tmp_path / "run") if "island-1" in e["left"]]
+    assert len(evictions) == 1 and "culprit" in evictions[0]["left"]["island-1"]
+    assert [steps[s]["world_size"] for s in (5, 6)] == [2, 2] and not steps[6]["skipped"]
+    assert [r["outer_step"] for r in outer["island-0"]] == [1, 2, 3, 4, 5, 6]
 
 
 def test_an_outer_step_out_of_attempts_is_skipped_by_every_survivor_alike(tmp_path, cache_dir):

@@ -108,19 +108,20 @@ def test_killing_a_launcher_of_two_local_ranks_leaves_no_rank_running(tmp_path, 
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
-def test_an_island_killed_and_restarted_under_its_id_rejoins_and_ends_identical(tmp_path, cache):
+def test_an_island_killed_and_restarted_under_its_id_with_resume_rejoins_and_ends_identical(tmp_path, cache):
+    # the operator's restart: same id, same directory, --resume; the run went on meanwhile, so the
+    # island fetches the live state from its peers instead of trusting its older checkpoint
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     coord = Coordinator(LOOPBACK, 0, 3, Rules(heartbeat_timeout_s=3), run_dir / "membership.jsonl", TOKEN).start()
     try:
-        procs = {name: island(coord.address, name, run_dir, 320, cache) for name in ("a", "b", "c")}
-        wait_for(lambda: len(outer_steps(run_dir, "b")) >= 2, TIMEOUT_S, "outer step 2")
+        procs = {name: island(coord.address, name, run_dir, 320, cache, "--checkpoint.every", "8") for name in ("a", "b", "c")}
+        wait_for(lambda: len(outer_steps(run_dir, "b")) >= 3, TIMEOUT_S, "outer step 3")
         os.killpg(procs["b"].pid, signal.SIGKILL)
         procs["b"].wait()
         time.sleep(1.0)  # restarted within 2 s, well before the 3 s heartbeat timeout
         first_life = outer_steps(run_dir, "b")
-        (run_dir / "b").rename(run_dir / "b-first-life")
-        again = island(coord.address, "b", run_dir, 320, cache)
+        again = island(coord.address, "b", run_dir, 320, cache, "--checkpoint.every", "8", "--resume", str(run_dir / "b"))
         codes = finish([procs["a"], procs["c"], again], run_dir)
     finally:
         coord.stop()
@@ -129,6 +130,9 @@ def test_an_island_killed_and_restarted_under_its_id_rejoins_and_ends_identical(
     steps = assert_live_islands_agree(outer)
     assert outer["b"][-1]["outer_digest"] == outer["a"][-1]["outer_digest"] == outer["c"][-1]["outer_digest"]
     assert steps[max(steps)]["world_size"] == 3
+    second_life = (run_dir / "b.log").read_text()
+    assert "resumed at step" in second_life and "fetched the state of outer step" in second_life
+    assert "diverged" not in second_life and "took the run's state" not in second_life
     events = membership(run_dir)
     left = [e for e in events if "b" in e["left"]]
     assert left and left[0]["left"]["b"] in ("its control connection closed (process gone)", "replaced by a new incarnation of the same id (the old process is gone)")

@@ -32,8 +32,11 @@ SCENARIO_HELP = """\
 scenario file (--scenario FILE), TOML; any of these tables, each repeatable:
   [[fault]]                    # the island fires it itself
   island = "island-1"
-  action = "kill"              # kill (-9), stop (SIGSTOP) or term (SIGTERM: a clean leave)
-  at = "allreduce:2"           # as outer step 2's all-reduce starts; or "inner:N": after inner step N
+  action = "kill"              # kill (-9), stop (SIGSTOP), term (SIGTERM: a clean leave), nan, scale,
+                               # skew (outer weights), sleep, break (every later all-reduce fails)
+  at = "allreduce:2"           # as outer step 2's all-reduce starts; "inner:N": after inner step N;
+                               # "serve:C": after its C-th chunk served to a joiner; scale and sleep
+                               # add their factor or seconds: "inner:8:100"
   [[start]]                    # start an island once any island logged an outer step
   island = "island-3"          # a new id, or one that left (it comes back)
   after_outer = 2
@@ -121,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--procs-per-island", type=int, default=1, help="local ranks per island (default 1)")
         sim.add_argument("--run-dir", type=Path, help="run directory (default runs/<train.run_name>-<timestamp>)")
         sim.add_argument(
+            "--resume", action="store_true",
+            help="continue the stopped run in --run-dir: a new coordinator, every island resumed from its newest verified "
+            "checkpoint; the run goes on from the newest outer step any island saved",
+        )
+        sim.add_argument(
             "--wan-rate", metavar="RATE",
             help="emulate a WAN (needs root): each island in its own network namespace, its link shaped to RATE (e.g. 100mbit, 1gbit)",
         )
@@ -131,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--scenario", type=Path, metavar="FILE", help="a TOML file of faults, late starts and signals (format below)")
         sim.add_argument(
             "--fault", action="append", default=[], metavar="ISLAND=ACTION@POINT:N",
-            help="inject a fault: ACTION kill|stop|term|nan|scale at POINT inner:N (after inner step N) or allreduce:S (as outer step S averages); "
-            "nan makes the island's weights NaN, scale@POINT:N:F multiplies them by F; e.g. island-1=kill@allreduce:2, island-2=scale@inner:8:100",
+            help="inject a fault: ACTION kill|stop|term|nan|scale|skew|sleep|break at POINT inner:N (after inner step N), allreduce:S (as outer step S averages) or serve:C (after C chunks served to a joiner); "
+            "nan makes the island's weights NaN, scale@POINT:N:F multiplies them by F, skew moves its outer weights, sleep@POINT:N:F stalls it F s, "
+            "break makes its every all-reduce fail from then on; e.g. island-1=kill@allreduce:2, island-2=scale@inner:8:100",
         )
         sim.add_argument("--start", action="append", default=[], metavar="ISLAND@OUTER", help="start an island (new or returning) once outer step OUTER is logged, e.g. island-3@2")
         sim.add_argument(
@@ -398,8 +407,10 @@ def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
     scenario = Scenario.parse(args.scenario, args.fault, args.start, args.signal)
     wan = emulated_wan(args)
     cfg = load_config(config, parse_overrides(rest))
+    if args.resume and args.run_dir is None:
+        raise UserError("--resume needs --run-dir of the simulated run to continue")
     run_dir = args.run_dir or default_run_dir(cfg.train.run_name)
-    code = simulate(config, rest, args.islands, args.procs_per_island, run_dir, wan, cfg.mesh, scenario)
+    code = simulate(config, rest, args.islands, args.procs_per_island, run_dir, wan, cfg.mesh, scenario, args.resume)
     if code == 0:
         who = "the surviving islands" if scenario.faults or scenario.starts or scenario.signals else f"all {args.islands} islands"
         print(f"atoll: {who} finished; run dir {run_dir}")

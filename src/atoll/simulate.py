@@ -41,7 +41,7 @@ from typing import IO
 from atoll.comm.allreduce import ring_bytes
 from atoll.config import MeshConfig
 from atoll.errors import UserError
-from atoll.faults import FAULTS_ENV, WEIGHT_ACTIONS, Fault, parse_faults
+from atoll.faults import FAULTS_ENV, SURVIVABLE_ACTIONS, Fault, parse_faults
 from atoll.mesh.auth import TOKEN_ENV, new_token, run_token
 from atoll.mesh.coordinator import Coordinator
 from atoll.mesh.membership import Rules
@@ -151,12 +151,14 @@ class Scenario:
         return scenario
 
 
-def island_command(config: str | None, overrides: list[str], address: str, island: str, run_dir: Path, procs: int) -> list[str]:
-    """The `atoll train` command line of one simulated island."""
+def island_command(config: str | None, overrides: list[str], address: str, island: str, run_dir: Path, procs: int, resume: bool = False) -> list[str]:
+    """The `atoll train` command line of one simulated island (with `resume`, resumed from its newest
+    checkpoint when it has one; an island without checkpoints starts afresh and receives the run's state)."""
+    has_checkpoints = any((run_dir / island / "checkpoints").glob("step-*"))
     return [
         sys.executable, "-m", "atoll.cli", "train", *([config] if config else []), *overrides,
         "--coordinator", address, "--island-id", island, "--run-dir", str(run_dir / island),
-        "--nproc", str(procs), "--metrics.progress", "plain",
+        "--nproc", str(procs), "--metrics.progress", "plain", *(["--resume"] if resume and has_checkpoints else []),
     ]
 
 
@@ -168,10 +170,13 @@ def _relay(stream: IO[str], prefix: str) -> None:
 
 def simulate(
     config: str | None, overrides: list[str], islands: int, procs: int, run_dir: Path, wan: EmulatedWan | None = None,
-    mesh: MeshConfig | None = None, scenario: Scenario | None = None,
+    mesh: MeshConfig | None = None, scenario: Scenario | None = None, resume: bool = False,
 ) -> int:
     """Run `islands` islands of `procs` local ranks to completion; returns 0 if all succeeded.
 
+    `resume` continues the stopped run in `run_dir`: the old coordinator's journal is set aside
+    (membership.journal.N: that run ended, or its coordinator died with it) and a new coordinator
+    forms epoch 0 of islands resumed from their checkpoints, which continue from the newest.
     `wan`, when given (not yet started), is started here and closed before returning. `mesh`
     gives the coordinator its heartbeat timeout and report grace; `scenario` scripts faults and
     late starts (islands with kill, stop or term faults may die or hang without failing the run).
@@ -190,13 +195,13 @@ def simulate(
     retired: list[subprocess.Popen] = []
     relays = []
     coordinator = None
-    expendable = {island for island, faults in scenario.faults.items() if any(f.action not in WEIGHT_ACTIONS for f in faults)}
+    expendable = {island for island, faults in scenario.faults.items() if any(f.action not in SURVIVABLE_ACTIONS for f in faults)}
     expendable |= {s.island for s in scenario.signals}
     failed: list[str] = []
 
     def launch(index: int, name: str) -> None:
         """Start island `name`; a returning island's new life runs without the scripted faults."""
-        cmd = island_command(config, overrides, coordinator.address, name, run_dir, procs)
+        cmd = island_command(config, overrides, coordinator.address, name, run_dir, procs, resume and name not in children)
         returning = name in children
         faults = [] if returning else scenario.faults.get(name, [])
         child_env = {**env, FAULTS_ENV: ",".join(f.to_text() for f in faults)}
@@ -235,6 +240,8 @@ def simulate(
                 return  # its earlier life is still leaving: start it on a later tick
             launch(islands, pending.pop(0).island)
 
+    if resume:
+        set_aside_journal((run_dir / EVENTS_FILE).with_suffix(".journal"))
     try:
         if wan is not None:
             wan.start()
@@ -257,6 +264,16 @@ def simulate(
         print(f"atoll: {', '.join(failed)} failed; run dir {run_dir}", file=sys.stderr)
         return 1
     return 0
+
+
+def set_aside_journal(journal: Path) -> None:
+    """Rename a stopped run's coordinator journal to the first free `<name>.N`, so a new coordinator starts afresh."""
+    if not journal.is_file():
+        return
+    n = 1
+    while journal.with_name(f"{journal.name}.{n}").exists():
+        n += 1
+    journal.rename(journal.with_name(f"{journal.name}.{n}"))
 
 
 def _outer_steps_logged(run_dir: Path) -> int:

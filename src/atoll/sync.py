@@ -132,6 +132,8 @@ class IslandSync:
             DiLoCo(model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov)
             if self.mode == "diloco" else None
         )
+        if self.diloco is not None:
+            faults.outer = self.diloco.outer
         self.outer_steps = 0
         self.skipped_in_a_row = 0
         self.ring_s = 0.0
@@ -143,6 +145,9 @@ class IslandSync:
         self.fresh = False
         """This island joined at the current boundary and has not trained since it took the state."""
         self.owes_outer_step = False
+        self.inner_state_valid = True
+        """False when a joiner took the run's state of another outer step than the one its checkpoint
+        held: its inner optimizer's state (AdamW moments) belongs to other weights."""
         self._phase_start = time.perf_counter()
         self._sync_s = 0.0
         if member is not None:
@@ -155,16 +160,18 @@ class IslandSync:
         averaged at the boundary where it was admitted."""
         if self.member is None:
             return
-        joining = self.member.epoch.number == NOT_ADMITTED
+        joining, held = self.member.epoch.number == NOT_ADMITTED, self.outer_steps
         if joining:
             self._fetch_until_admitted()
         self._enter(self.member.epoch.number)
         self.fresh = self.owes_outer_step = joining and self.diloco is not None
+        self.inner_state_valid = not joining or held == self.outer_steps
         self._publish()
 
     def join_outer_step(self, anneal_weight: float = 1.0) -> dict[str, Any]:
         """A joiner's first outer step: the one being averaged where it entered, with no contribution."""
         self.owes_outer_step = False
+        self._phase_start = time.perf_counter()  # it trained nothing for this step
         return self._outer_record(anneal_weight)
 
     # --- the training loop's side ----------------------------------------------------------------
@@ -279,6 +286,8 @@ class IslandSync:
             error = ""
             ring_start = time.perf_counter()
             try:
+                if self.faults.ring_broken:
+                    raise RuntimeError("this island's ring cannot reach its peers (injected fault: break)")
                 decision = average_accepted(self.diloco, self.mean, self.island, self.cfg.diloco, self.member.epoch.members, self.fresh)
             except RuntimeError as err:  # RingError, or gloo's own error on a broken group
                 error = str(err).splitlines()[0]
@@ -430,10 +439,12 @@ class IslandSync:
         admission; again while the state it fetched goes stale (a step was committed meanwhile).
         After mesh.transfer_attempts failed fetches it says it is ready without a state and takes
         it by broadcast on entering. Waits for admission are unbounded while the run lives."""
+        if self.diloco is None:
+            raise RuntimeError("ddp mode has a fixed membership: an island cannot join a running ddp run (restart the whole run)")
         attempts = 0
         while self.member.fetch is not None:
             step = -1
-            if attempts < self.cfg.mesh.transfer_attempts and self.diloco is not None:
+            if attempts < self.cfg.mesh.transfer_attempts:
                 attempts += 1
                 step = self._fetch(self.member.fetch)
             if self.member.post_ready(step):
@@ -454,6 +465,7 @@ class IslandSync:
         leader_version = broadcast_ints([version], self.island)[0]
         if not all_ranks_ok(version >= 0 and version == leader_version, self.island):
             self.notes.append(f"fetching the run's state failed: {error if report is None else 'another local rank failed'}")
+            self.has_state = False  # the buffers are partly overwritten
             return -1
         manifest = report.manifest
         self.diloco.took_state(any(name == "momentum" for name, _ in manifest.tensors))

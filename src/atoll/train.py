@@ -467,6 +467,11 @@ def _train_in(
         if island.is_leader:
             abandon_metrics_after(run_dir / "metrics.jsonl", state.step, resumed.timeline)
     sync.start()
+    if resumed is not None and not sync.inner_state_valid:
+        optimizer.state.clear()  # AdamW's moments were of the checkpoint's weights, not the run's
+        if island.is_leader:
+            print(f"atoll: the run is past this island's checkpoint (outer step {sync.outer_steps}): it takes the run's state "
+                  "and starts its AdamW afresh", flush=True)
 
     params = count_params(args)
     if island.is_leader:

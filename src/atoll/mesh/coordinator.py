@@ -118,6 +118,7 @@ class Coordinator:
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._connections: dict[int, tuple[str, str]] = {}
         self._failures_in_a_row = 0
+        self._last_run = now
         if not self._fresh:
             self.log(f"coordinator: resumed run {self.run_id} from its journal at epoch {current} "
                      f"({len(self.views)} island(s) have {self.rules.heartbeat_timeout_s:.0f}s to come back)")
@@ -165,18 +166,19 @@ class Coordinator:
         self.store = None  # its server stops with the object: the port is free for a successor
 
     def _tick(self) -> None:
-        last = time.monotonic()
         while not self._stop.wait(TICK_S):
-            now = time.monotonic()
             with self._cond:
-                if now - last > self.rules.heartbeat_timeout_s / 2:
-                    # the coordinator itself stood still (stopped, starved, a suspended VM): the
-                    # islands' silence was ours, so nobody is judged on it
-                    for view in self.views.values():
-                        view.heard_at = max(view.heard_at, now)
-                    self.log(f"coordinator: it did not run for {now - last:.1f}s; every island's heartbeat clock restarts")
                 self._decide()
-            last = now
+
+    def _forgive_own_stall(self, now: float) -> None:
+        """If the coordinator itself stood still (stopped, starved, a suspended VM) since the last
+        decision or tick, the islands' silence was ours: nobody is judged on it (lock held). Runs
+        before every decision, so a request answered first after the stall sees it too."""
+        if now - self._last_run > self.rules.heartbeat_timeout_s / 2:
+            for view in self.views.values():
+                view.heard_at = max(view.heard_at, now)
+            self.log(f"coordinator: it did not run for {now - self._last_run:.1f}s; every island's heartbeat clock restarts")
+        self._last_run = now
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -425,6 +427,7 @@ class Coordinator:
         if self.ended is not None:
             return
         now = time.monotonic()
+        self._forgive_own_stall(now)
         if self.epoch is None:
             self._form_first_epoch(now)
             return
