@@ -41,6 +41,7 @@ def worker(size: str, seq_len: int, optimizer_name: str) -> None:
     import torch
 
     from atoll.config import JobConfig
+    from atoll.guard import InnerGuard
     from atoll.island import local_rows, start_island, stop_island
     from atoll.model import get_size
     from atoll.optim import build_optimizer
@@ -54,7 +55,8 @@ def worker(size: str, seq_len: int, optimizer_name: str) -> None:
     start_up = peak_rss_bytes()
     optimizer = build_optimizer(model, cfg.optim) if optimizer_name == "adamw" else torch.optim.SGD(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, args.vocab_size, (1, seq_len + 1))
-    train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:], 1, cfg, island, lambda: None)
+    guard = InnerGuard(cfg.train.max_skipped_inner, island, None, print)
+    train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:], 1, cfg, island, lambda: None, guard, 1)
     stepped = peak_rss_bytes()
     shard = sum(local_rows(p)[0].numel() * 4 for p in model.parameters())
     print(json.dumps({"rank": island.rank, "baseline": baseline, "start_up": start_up, "step": stepped, "shard": shard}))

@@ -182,7 +182,7 @@ def test_clip_returns_pre_clip_norm_and_scales_grads_down_to_max(model):
     before = fill_grads(model)
     norm_by_hand = global_norm(before.values())
     assert norm_by_hand > 10  # ~sqrt(#elements): clipping to 1.0 really scales
-    returned = clip_grad_norm(model, 1.0)
+    returned = float(clip_grad_norm(model, 1.0))
     assert returned == pytest.approx(norm_by_hand, rel=1e-5)
     after = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert global_norm(after.values()) <= 1.0 + 1e-6
@@ -195,7 +195,7 @@ def test_clip_returns_pre_clip_norm_and_scales_grads_down_to_max(model):
 
 def test_clip_with_zero_max_norm_only_measures(model):
     before = fill_grads(model)
-    assert clip_grad_norm(model, 0.0) == pytest.approx(global_norm(before.values()), rel=1e-5)
+    assert float(clip_grad_norm(model, 0.0)) == pytest.approx(global_norm(before.values()), rel=1e-5)
     for name, p in model.named_parameters():
         if name in before:
             assert torch.equal(p.grad, before[name])
@@ -203,7 +203,7 @@ def test_clip_with_zero_max_norm_only_measures(model):
 
 def test_clip_below_max_norm_leaves_grads_unchanged(model):
     before = fill_grads(model)
-    norm = clip_grad_norm(model, 1e9)
+    norm = float(clip_grad_norm(model, 1e9))
     assert norm == pytest.approx(global_norm(before.values()), rel=1e-5)
     for name, p in model.named_parameters():
         if name in before:

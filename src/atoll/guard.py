@@ -11,7 +11,6 @@ is nothing sound to reset to and the run stops with one line.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -33,16 +32,17 @@ class InnerGuard:
         """Inner steps skipped since this process started (the `skipped_inner` metric)."""
         self.in_row = 0
 
-    def allows_step(self, step: int, loss: torch.Tensor, grad_norm: float) -> bool:
+    def allows_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | float) -> bool:
         """True if inner step `step` (1-based) may run its optimizer step; False skips it, counts
         it and, after more than max_in_row in a row, resets the weights to the outer weights.
 
-        Costs one host sync on the loss (the gradient norm is already a float) and, on a
+        Costs one host sync (a flag for the loss and the gradient norm together) and, on a
         multi-rank island, one all-reduce of a flag over the island's gloo control group, so
         every local rank takes the same decision. Raises UserError when a reset is due and there
         are no outer weights.
         """
-        finite = math.isfinite(grad_norm) and bool(torch.isfinite(loss))
+        norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=loss.device)
+        finite = bool(torch.isfinite(torch.stack([loss.float(), norm])).all())
         if all_ranks_ok(finite, self.island):
             self.in_row = 0
             return True

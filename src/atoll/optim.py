@@ -67,8 +67,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (over all shards) and return the norm before clipping.
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (over all shards) and return the norm before clipping, a 0-d
+    tensor on the device (reading it is a host sync: the training loop does so only when it logs).
 
     max_norm 0 only measures. Works for plain and FSDP2-sharded (DTensor) parameters alike.
     """
@@ -76,4 +77,4 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()

@@ -288,7 +288,7 @@ def train_step(
     after_backward: Callable[[], None],
     guard: InnerGuard,
     step: int,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's share of the global batch, in `accum` micro-batches.
 
     Under FSDP2 every micro-batch's gradients are reduce-scattered at once, so a rank only ever
@@ -297,7 +297,8 @@ def train_step(
     forward. `after_backward` runs once the island's gradients are complete (the ddp baseline
     averages them across islands there); `guard` skips the optimizer step of inner step `step`
     (1-based) on a non-finite loss or gradient norm. Returns the rank's mean loss (cross-entropy, before
-    z-loss, a device tensor: reading it is the caller's host sync) and the global gradient norm.
+    z-loss) and the global gradient norm, both device tensors: reading them is the caller's host sync,
+    done only when it logs (the guard's one flag per step aside).
     """
     if island.device.type == "cuda":  # page-locked, so the copies below are really asynchronous
         inputs, targets = inputs.pin_memory(), targets.pin_memory()
@@ -555,7 +556,7 @@ def _train_in(
                 "step": state.step,
                 "loss": loss_value,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": float(grad_norm),
                 "skipped_inner": guard.skipped,
                 "tokens": state.tokens,
                 "tokens_per_s": tokens_per_s,
