@@ -509,3 +509,23 @@ def test_the_coordinator_listens_on_exactly_the_address_it_was_given():
         assert {addr.ip for addr in ours} == {LOOPBACK}
     finally:
         coord.stop()
+
+
+def test_a_ready_joiner_is_never_made_the_run_when_every_member_is_gone(serving_coordinator):
+    # the members hold the run's state; a joiner that fetched it is ready, then both members leave
+    # before any boundary: the run has ended, and the joiner is told so instead of restarting it
+    a, beat_a = joined(serving_coordinator.address, "a")
+    b, beat_b = joined(serving_coordinator.address, "b")
+    admitted(a)
+    c, beat_c = joined(serving_coordinator.address, "c")
+    try:
+        assert admitted(c) == {"step": 0, "sources": []}  # wait_for_admission's fetch instructions
+        assert c.call("ready", {"step": 0}) == {}
+        for member, beat in ((a, beat_a), (b, beat_b)):
+            member.call("leave", {"reason": "operator stop"})
+            beat.stop()
+        with pytest.raises(UserError, match="has ended"):
+            admitted(c)
+        assert all("c" not in epoch.members for epoch in serving_coordinator.epochs.values())  # never an epoch of joiners alone
+    finally:
+        beat_c.stop()

@@ -316,8 +316,8 @@ def _wait_all(
     tick: Callable[[], None] = lambda: None,
     more_to_start: Callable[[], bool] = lambda: False,
 ) -> list[str]:
-    """Wait until every island that is not expendable has exited (and nothing is left to start);
-    on the first failure of one of them stop all the others. Returns the failed ids.
+    """Wait until every island that is not expendable has exited (every island, if all are
+    expendable), and nothing is left to start; on the first failure of one of them stop all the others. Returns the failed ids.
 
     `children` may gain islands while waiting (`tick` starts the scripted ones).
     """
@@ -331,7 +331,8 @@ def _wait_all(
                     if other.poll() is None:
                         os.killpg(other.pid, signal.SIGTERM)
                 return [name]
-        if all(child.poll() is not None for child in required.values()) and not more_to_start():
+        awaited = required or children  # when every island may fail, wait for them all to end
+        if all(child.poll() is not None for child in awaited.values()) and not more_to_start():
             return []
         time.sleep(WAIT_INTERVAL_S)
 

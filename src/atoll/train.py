@@ -125,9 +125,15 @@ def checkpoint_facts(sync: IslandSync, outer_digest: str | None) -> dict[str, An
     }
 
 
+ADDRESS_KEYS = ("coordinator", "token", "serve_host")
+"""mesh.* settings that say where the run is reached, not what it trains: a restarted coordinator may listen elsewhere."""
+
+
 def config_fingerprint(cfg: JobConfig) -> str:
-    """sha256 of the resolved config (recorded in every manifest, compared on resume)."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    """sha256 of the resolved config but the mesh's addresses (recorded in every manifest, compared on resume)."""
+    resolved = cfg.model_dump(mode="json")
+    resolved["mesh"] = {k: v for k, v in resolved["mesh"].items() if k not in ADDRESS_KEYS}
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
