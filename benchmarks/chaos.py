@@ -30,6 +30,8 @@ FIRST_EVENT_OUTER = 3
 """No event before this outer step: every island has joined and trained a little."""
 EVENT_SPACING = 4
 """Outer steps between two events, so a killed island is dropped before the next one."""
+TAIL_OUTER_STEPS = 25
+"""Outer steps after the last event: an island started last must still get in."""
 
 
 def draw_scenario(rng: random.Random, islands: int, events: int) -> list[tuple[int, str, str]]:
@@ -130,10 +132,11 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20, help="random kills, restarts and starts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inner-steps", type=int, default=10, help="DiLoCo H")
-    parser.add_argument("--steps", type=int, default=0, help="inner steps (default: room for every event and 10 outer steps after)")
+    parser.add_argument("--steps", type=int, default=0, help="inner steps (default: room for every event and 25 outer steps after)")
     args = parser.parse_args()
     plan = draw_scenario(random.Random(args.seed), args.islands, args.events)
-    args.steps = args.steps or (plan[-1][0] + 10) * args.inner_steps
+    # a started island needs its start-up (tens of seconds on a loaded machine), its fetch and a boundary
+    args.steps = args.steps or (plan[-1][0] + TAIL_OUTER_STEPS) * args.inner_steps
     print(f"debug model, {args.islands} islands at the start, {args.steps} steps, H={args.inner_steps}; events:")
     for outer, action, island in plan:
         print(f"  after outer step {outer:>3}: {action} {island}")

@@ -30,11 +30,12 @@ And a joiner's state transfer (`atoll.comm.transfer`), with --wan-rate on the em
 one namespace each for two serving islands and the joiner, every island's uplink shaped to the
 rate; without it, on loopback): two serving processes train the debug model's inner steps without
 pause while they serve --transfer-mb of outer state (weights and momentum, in 8 MB chunks), and
-the joiner fetches it from both at once, verifying every chunk. Shown: the servers' median
-inner-step time before the transfer and during it (target: <= 5% slower), and the transfer's
-throughput against the links it can use, the two sources' uplinks (target: >= 90%). The delay
-line that carries the emulated WAN is a process on this machine too: its CPU shares the cores
-with the servers' training (noted with the load).
+the joiner fetches it from both at once, verifying every chunk; then, side by side, it reads the
+same bytes raw over plain TCP from both (what the emulated links carry at best). Shown: both
+throughputs and their ratio (target: >= 90% of the link), and the servers' median inner-step time
+before, while serving and during the raw read (target: serving <= 5% slower). The delay line that
+carries the emulated WAN is a process on this machine too: its CPU shares the 2 cores with the
+servers' training, which the raw-TCP window shows on its own.
 
 Recovery = wall time at which the first survivor logs outer step 2 (its record's `time`, written
 right after the step is applied) minus the wall time the faulty island printed just before it
@@ -103,8 +104,11 @@ SERVED_VERSION = 12
 
 
 def serve_peer(state_mb: float, chunk_mb: float, host: str) -> None:
-    """A serving island: trains the debug model's inner steps without pause and serves `state_mb` of
-    outer state; prints its port, then (once stdin closes) a JSON list of (end time, step seconds)."""
+    """A serving island: trains the debug model's inner steps without pause, serves `state_mb` of
+    outer state through a StateServer, and sends the same bytes raw to whoever connects to a plain
+    TCP port (the link's own capacity, for comparison). Prints both ports, then (once stdin closes)
+    a JSON list of (end time, step seconds)."""
+    import socket
     import threading
 
     import torch
@@ -114,17 +118,26 @@ def serve_peer(state_mb: float, chunk_mb: float, host: str) -> None:
 
     torch.manual_seed(0)
     half = int(state_mb * 1e6 / 8)
+    outer, momentum = torch.randn(half), torch.randn(half)
     state = ServedState(int(chunk_mb * 1e6))
-    state.publish(SERVED_VERSION, {"outer": torch.randn(half), "momentum": torch.randn(half)}, 240, 7680)
+    state.publish(SERVED_VERSION, {"outer": outer, "momentum": momentum}, 240, 7680)
     server = StateServer(host, state)
     server.key = bytes.fromhex(TRANSFER_KEY)
+    raw = socket.create_server((host, 0))
+
+    def blast() -> None:  # half of the state from each of the two sources, as the transfer splits it
+        connection, _ = raw.accept()
+        with connection:
+            connection.sendall(memoryview(outer.numpy()).cast("B"))
+
+    threading.Thread(target=blast, daemon=True).start()
     args = get_size("debug")
     model = Llama(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, args.vocab_size, (8, args.max_seq_len + 1))
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    print(server.port, flush=True)
+    print(server.port, raw.getsockname()[1], flush=True)
     steps = []
     while not done.is_set():
         start = time.perf_counter()
@@ -136,19 +149,42 @@ def serve_peer(state_mb: float, chunk_mb: float, host: str) -> None:
     print(json.dumps(steps), flush=True)
 
 
-def fetch_peer(state_mb: float, sources: list[str]) -> None:
-    """The joiner: fetches the state from every `host:port` at once; prints a JSON report."""
+def fetch_peer(state_mb: float, sources: list[str], raw_ports: list[str]) -> None:
+    """The joiner: fetches the state from every `host:port` at once (atoll.comm.transfer), then reads
+    the same number of bytes raw from every source's plain port; prints a JSON report of both."""
+    import socket
+    import threading
+
     import torch
 
     from atoll.comm.transfer import Source, fetch_state
 
     half = int(state_mb * 1e6 / 8)
     into = {"outer": torch.zeros(half), "momentum": torch.zeros(half)}
-    peers = [Source(f"island{i}", *source.rsplit(":", 1)) for i, source in enumerate(sources)]
-    peers = [Source(p.island, p.host, int(p.port)) for p in peers]
+    peers = [Source(f"island{i}", host, int(port)) for i, (host, port) in enumerate(s.rsplit(":", 1) for s in sources)]
+    quiet = time.time()  # the joiner has started up: the servers' steps from here on are the baseline
+    time.sleep(4.0)
     start = time.time()
     report = fetch_state(peers, bytes.fromhex(TRANSFER_KEY), "joiner", into, timeout=60)
-    print(json.dumps({"start": start, "end": time.time(), "bytes": report.manifest.total_bytes, "chunks": report.chunks_from}), flush=True)
+    end = time.time()
+    time.sleep(2.0)  # the servers' steps settle between the two windows
+    received = [0] * len(peers)
+
+    def drain(index: int, peer: Source, port: int) -> None:
+        with socket.create_connection((peer.host, port)) as connection:
+            while chunk := connection.recv(1 << 20):
+                received[index] += len(chunk)
+
+    raw_start = time.time()
+    threads = [threading.Thread(target=drain, args=(i, p, int(port))) for i, (p, port) in enumerate(zip(peers, raw_ports))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps({
+        "quiet": quiet, "start": start, "end": end, "bytes": report.manifest.total_bytes, "chunks": report.chunks_from, "manifest_s": report.manifest_s,
+        "raw_start": raw_start, "raw_end": time.time(), "raw_bytes": sum(received),
+    }), flush=True)
 
 
 def transfer_row(state_mb: float, rate: str | None, delay: str, settle_s: float = 4.0) -> None:
@@ -156,7 +192,7 @@ def transfer_row(state_mb: float, rate: str | None, delay: str, settle_s: float 
     script = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     if rate is None:
-        _transfer(script, env, state_mb, lambda i, cmd: cmd, lambda i: "127.0.0.1", None, "loopback")
+        _transfer(script, env, state_mb, lambda i, cmd: cmd, lambda i: "127.0.0.1", None, "loopback", settle_s)
         return
     from atoll.wan.network import EmulatedWan
     from atoll.wan.units import parse_delay, parse_rate
@@ -167,22 +203,24 @@ def transfer_row(state_mb: float, rate: str | None, delay: str, settle_s: float 
                   f"emulated WAN {rate}, {delay} one way", settle_s)
 
 
-def _transfer(script, env, state_mb, command, address, rate_bps, where, settle_s: float = 4.0) -> None:
+def _transfer(script, env, state_mb, command, address, rate_bps, where, settle_s) -> None:
     servers = [
         subprocess.Popen(command(i, [*script, "--peer", "serve", "--transfer-mb", str(state_mb), "--host", address(i)]),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         for i in range(2)
     ]
     try:
-        ports = [int(server.stdout.readline()) for server in servers]
-        time.sleep(settle_s)  # the servers' steps before the transfer: the baseline
-        sources = [f"{address(i)}:{port}" for i, port in enumerate(ports)]
-        joiner = subprocess.run(command(2, [*script, "--peer", "fetch", "--transfer-mb", str(state_mb), *sources]),
-                                capture_output=True, text=True, env=env, timeout=900)
+        ports = [server.stdout.readline().split() for server in servers]
+        time.sleep(settle_s)  # the servers warm up
+        sources = [f"{address(i)}:{state}" for i, (state, _) in enumerate(ports)]
+        raw_ports = [raw for _, raw in ports]
+        joiner = subprocess.run(
+            command(2, [*script, "--peer", "fetch", "--transfer-mb", str(state_mb), *sources, "--raw-ports", *raw_ports]),
+            capture_output=True, text=True, env=env, timeout=900,
+        )
         if joiner.returncode != 0:
             raise SystemExit(f"the joiner failed:\n{joiner.stderr[-3000:]}")
         fetched = json.loads(joiner.stdout.splitlines()[-1])
-        time.sleep(1.0)
         steps = []
         for server in servers:
             out, _ = server.communicate("", timeout=60)
@@ -191,22 +229,35 @@ def _transfer(script, env, state_mb, command, address, rate_bps, where, settle_s
         for server in servers:
             server.kill()
             server.wait()
-    seconds = fetched["end"] - fetched["start"]
-    print(f"state transfer, {where}: {fetched['bytes'] / 1e6:.0f} MB from 2 serving islands "
-          f"({', '.join(f'{n} chunks from {i}' for i, n in fetched['chunks'].items())}) in {seconds:.2f}s = "
-          f"{fetched['bytes'] * 8 / seconds / 1e6:.0f} Mbit/s" + (
-              f" = {100 * fetched['bytes'] * 8 / seconds / (2 * rate_bps):.0f}% of the two sources' uplinks "
-              f"(2 x {rate_bps / 1e6:.0f} Mbit/s; target >= 90%)" if rate_bps else ""))
+
+    def rate_line(what: str, seconds: float, size: int) -> str:
+        mbit = size * 8 / seconds / 1e6
+        share = f" = {100 * size * 8 / seconds / (2 * rate_bps):.0f}% of the two sources' uplinks" if rate_bps else ""
+        return f"  {what:<34}{size / 1e6:6.0f} MB in {seconds:6.2f}s = {mbit:5.0f} Mbit/s{share}"
+
+    seconds, raw_seconds = fetched["end"] - fetched["start"], fetched["raw_end"] - fetched["raw_start"]
+    print(f"state transfer, {where}, from 2 serving islands training the debug model "
+          f"({', '.join(f'{n} chunks from {i}' for i, n in fetched['chunks'].items())}):")
+    print(rate_line("atoll.comm.transfer (verified)", seconds, fetched["bytes"]))
+    print(rate_line("  of which after the manifests", seconds - fetched["manifest_s"], fetched["bytes"])
+          + f"  (the sources' sha256 of their state took {fetched['manifest_s']:.2f}s)")
+    print(rate_line("raw TCP, same bytes, same links", raw_seconds, fetched["raw_bytes"]))
+    print(f"  transfer / raw TCP throughput: {raw_seconds / seconds:.2f}"
+          + (f"  (target >= 90% of the link; links at {rate_bps / 1e6:.0f} Mbit/s each)" if rate_bps else ""))
     for index, records in enumerate(steps):
-        before = [s for t, s in records if t < fetched["start"]]
-        during = [s for t, s in records if fetched["start"] + 0.2 <= t <= fetched["end"]]
-        if not before or not during:
-            print(f"  island{index}: too few inner steps to compare ({len(before)} before, {len(during)} during)")
+        windows = {
+            "before": [s for t, s in records if fetched["quiet"] + 0.2 <= t < fetched["start"]],
+            "serving": [s for t, s in records if fetched["start"] + 0.2 <= t <= fetched["end"]],
+            "raw TCP": [s for t, s in records if fetched["raw_start"] + 0.2 <= t <= fetched["raw_end"]],
+        }
+        if not all(windows.values()):
+            print(f"  island{index}: too few inner steps to compare ({ {k: len(v) for k, v in windows.items()} })")
             continue
-        b, d = statistics.median(before), statistics.median(during)
-        print(f"  island{index} inner step: median {1000 * b:.1f} ms before ({len(before)} steps), {1000 * d:.1f} ms while serving "
-              f"({len(during)} steps): {100 * (d / b - 1):+.1f}% (target <= +5%)")
-    print(f"  load average during the row: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+        base = statistics.median(windows["before"])
+        cells = [f"{name} {1000 * statistics.median(v):.1f} ms ({len(v)})" for name, v in windows.items()]
+        growth = [f"{name} {100 * (statistics.median(v) / base - 1):+.1f}%" for name, v in windows.items() if name != "before"]
+        print(f"  island{index} inner step, median (steps): {', '.join(cells)}; vs before: {', '.join(growth)} (target: serving <= +5%)")
+    print(f"  load average after the row: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
 
 def main() -> None:
@@ -220,12 +271,13 @@ def main() -> None:
     parser.add_argument("--peer", choices=["serve", "fetch"], help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("sources", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-ports", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer == "serve":
         serve_peer(args.transfer_mb, 8.0, args.host)
         return
     if args.peer == "fetch":
-        fetch_peer(args.transfer_mb, args.sources)
+        fetch_peer(args.transfer_mb, args.sources, args.raw_ports)
         return
     if args.transfer_only:
         transfer_row(args.transfer_mb, args.wan_rate, args.wan_delay)

@@ -10,8 +10,10 @@ request for an older version is answered 410 and the joiner starts over on the n
 
     GET /state/manifest?nonce=N        -> JSON `Manifest` (version, progress, tensors, sha256 of
                                           every chunk), MACed: X-Atoll-Mac = MAC(request MAC, body)
-    GET /state/chunk?version=V&index=I&nonce=N
-                                       -> the chunk's raw bytes (checked against the manifest)
+    GET /state/chunk?version=V&index=I,J,...&nonce=N
+                                       -> those chunks' raw bytes back to back (each checked
+                                          against the manifest): a batch, so that a round trip
+                                          and TCP's restart after idle are paid once per batch
 
 Requests carry X-Atoll-Island and X-Atoll-Mac = MAC under the run key of (path, island): only a
 holder of the run token is served, and every path holds a fresh nonce the server remembers, so a
@@ -20,7 +22,8 @@ bytes, copied into buffers the joiner already has, after their sha256 matched th
 
 `fetch_state` (the joiner's side, one call per local rank) takes the manifest that most sources
 agree on, then pulls chunks from all of them at once (one connection and thread per source, from
-one shared queue), verifying each. A source that dies, stalls past the timeout, answers 410 or
+one shared queue, CONNECTIONS_PER_SOURCE connections each so that round trips overlap), verifying
+each. A source that dies, stalls past the timeout, answers 410 or
 sends a chunk that does not verify is dropped and its chunk goes back to the queue for the
 others; the fetch fails (TransferError) only when no source is left.
 """
@@ -54,6 +57,11 @@ ISLAND_HEADER = "X-Atoll-Island"
 GONE = 410
 """The requested version is no longer served (an outer step was applied since)."""
 REMEMBERED_NONCES = 1 << 16
+CONNECTIONS_PER_SOURCE = 2
+"""Chunk requests in flight per source: one waits out the round trip while the other streams."""
+BATCH_BYTES = 32 << 20
+"""At most about how many bytes one request asks for (whole chunks, at least one; and at most a
+fair share, so that every source gets work)."""
 
 
 class TransferError(RuntimeError):
@@ -169,6 +177,14 @@ class ServedState:
             tensor, start, end = self._manifest.chunks()[index]
             return self._bytes(tensor, start, end)
 
+    def chunk_sizes(self, version: int, indices: list[int]) -> list[int] | None:
+        """The byte sizes of those chunks of version `version`, or None if it is not served (or an index is out of range)."""
+        with self._lock:
+            if self._version != version or self._manifest is None or not all(0 <= i < len(self._manifest.hashes) for i in indices):
+                return None
+            spans = self._manifest.chunks()
+            return [spans[i][2] - spans[i][1] for i in indices]
+
 
 class StateServer:
     """Serves one local rank's `ServedState` to token holders (see the module docstring).
@@ -246,17 +262,32 @@ class _Handler(BaseHTTPRequestHandler):
                 body = manifest.to_json()
                 self._send(200, body, sign(owner.key, mac, body))
             elif url.path == CHUNK_PATH:
-                data = owner.state.chunk(int(query["version"]), int(query["index"]))
-                if data is None:
-                    self._send(GONE, b"version no longer served")
-                    return
-                self._send(200, data)
-                owner.served_chunks += 1
-                owner.on_chunk(owner.served_chunks)
+                self._send_chunks(int(query["version"]), [int(i) for i in query["index"].split(",")])
             else:
                 self._send(404, b"not found")
         except (KeyError, ValueError):
             self._send(400, b"malformed")
+
+    def _send_chunks(self, version: int, indices: list[int]) -> None:
+        """The chunks back to back; a version withdrawn mid-batch closes the connection short of
+        its length, which the joiner reads as a failed request (it re-queues what it lacks)."""
+        owner = self.server.owner
+        sizes = owner.state.chunk_sizes(version, indices)
+        if sizes is None:
+            self._send(GONE, b"version no longer served")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(sum(sizes)))
+        self.end_headers()
+        for index in indices:
+            data = owner.state.chunk(version, index)
+            if data is None:
+                self.close_connection = True
+                return
+            self.wfile.write(data)
+            owner.served_chunks += 1
+            owner.on_chunk(owner.served_chunks)
 
     def _send(self, status: int, body: bytes, mac: str = "") -> None:
         self.send_response(status)
@@ -293,13 +324,16 @@ class FetchReport:
     dropped: dict[str, str] = field(default_factory=dict)
     """Island -> why it was dropped mid-transfer."""
     seconds: float = 0.0
+    manifest_s: float = 0.0
+    """Of `seconds`, the wait for the manifests (the sources hash their state on the first request)."""
 
     def describe(self) -> str:
         spread = ", ".join(f"{n} from {island!r}" for island, n in self.chunks_from.items())
         dropped = "; dropped " + "; ".join(f"{i!r} ({why})" for i, why in self.dropped.items()) if self.dropped else ""
         rate = self.manifest.total_bytes / max(self.seconds, 1e-9) / 1e6
         return (f"fetched the state of outer step {self.manifest.version} ({self.manifest.total_bytes / 1e6:.1f} MB, "
-                f"{len(self.manifest.hashes)} chunks verified: {spread}) in {self.seconds:.2f}s ({rate:.1f} MB/s){dropped}")
+                f"{len(self.manifest.hashes)} chunks verified: {spread}) in {self.seconds:.2f}s ({rate:.1f} MB/s; "
+                f"manifests {self.manifest_s:.2f}s){dropped}")
 
 
 class _Peer:
@@ -309,14 +343,23 @@ class _Peer:
         self.source, self.key, self.island, self.timeout = source, key, island, timeout
         self.conn = http.client.HTTPConnection(source.host, source.port, timeout=timeout)
 
-    def get(self, path: str, params: dict[str, int] | None = None) -> tuple[int, bytes, str, str]:
-        """(status, body, this request's MAC, the answer's MAC header); raises OSError/HTTPException on a broken connection."""
+    def open(self, path: str, params: dict[str, Any] | None = None) -> tuple[http.client.HTTPResponse, str]:
+        """Send one request; (the response, still to be read; this request's MAC). Raises
+        OSError/HTTPException on a broken connection (the connection is then closed)."""
         query = "&".join([*(f"{k}={v}" for k, v in (params or {}).items()), f"nonce={secrets.token_hex(12)}"])
         target = f"{path}?{query}"
         mac = sign(self.key, target, self.island)
         try:
             self.conn.request("GET", target, headers={MAC_HEADER: mac, ISLAND_HEADER: self.island})
-            response = self.conn.getresponse()
+            return self.conn.getresponse(), mac
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> tuple[int, bytes, str, str]:
+        """(status, body, this request's MAC, the answer's MAC header); raises as `open`."""
+        response, mac = self.open(path, params)
+        try:
             return response.status, response.read(), mac, response.getheader(MAC_HEADER, "")
         except BaseException:
             self.conn.close()
@@ -358,6 +401,7 @@ def fetch_state(
             peer.close()
     if not manifests:
         raise TransferError(f"no source served a manifest ({'; '.join(f'{i}: {w}' for i, w in dropped.items()) or 'no sources'})")
+    manifest_s = time.perf_counter() - start
     # the manifest most sources agree on; a tie goes to the newest version
     chosen, _ = max(Counter(manifests.values()).items(), key=lambda item: (item[1], item[0].version))
     for peer in list(peers):
@@ -383,38 +427,56 @@ def fetch_state(
             with lock:
                 if remaining[0] == 0:
                     return
+            with lock:
+                if peer.source.island in dropped:  # another connection to this source failed: it is gone
+                    return
             try:
-                index = work.get(timeout=0.05)
+                batch = [work.get(timeout=0.05)]
             except queue.Empty:
                 continue
-            tensor, first, end = spans[index]
+            while len(batch) < batch_chunks:
+                try:
+                    batch.append(work.get_nowait())
+                except queue.Empty:
+                    break
+            done = 0
             try:
-                status, data, _, _ = peer.get(CHUNK_PATH, {"version": chosen.version, "index": index})
-                if status != 200:
-                    raise TransferError(f"HTTP {status} for chunk {index}")
-                if len(data) != end - first or hashlib.sha256(data).hexdigest() != chosen.hashes[index]:
-                    raise TransferError(f"chunk {index} does not match the manifest's sha256")
+                response, _ = peer.open(CHUNK_PATH, {"version": chosen.version, "index": ",".join(map(str, batch))})
+                if response.status != 200:
+                    response.read()
+                    raise TransferError(f"HTTP {response.status} for chunks {batch}")
+                for index in batch:
+                    tensor, first, end = spans[index]
+                    data = response.read(end - first)
+                    if len(data) != end - first or hashlib.sha256(data).hexdigest() != chosen.hashes[index]:
+                        raise TransferError(f"chunk {index} does not match the manifest's sha256")
+                    targets[tensor][first:end].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                    done += 1
+                    with lock:
+                        remaining[0] -= 1
+                        counts[peer.source.island] += 1
             except (OSError, http.client.HTTPException, TransferError) as err:
-                work.put(index)
+                peer.close()
+                for index in batch[done:]:
+                    work.put(index)
                 with lock:
                     dropped[peer.source.island] = str(err).splitlines()[0] if str(err) else type(err).__name__
                 return
-            targets[tensor][first:end].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            with lock:
-                remaining[0] -= 1
-                counts[peer.source.island] += 1
 
-    threads = [threading.Thread(target=pull, args=(peer,), name=f"atoll-fetch-{peer.source.island}", daemon=True) for peer in peers]
+    streams = [peer for peer in peers for _ in range(CONNECTIONS_PER_SOURCE)]
+    batch_chunks = max(1, min(BATCH_BYTES // chosen.chunk_bytes, len(spans) // (2 * len(streams))))
+    streams = [peer if n % CONNECTIONS_PER_SOURCE == 0 else _Peer(peer.source, key, island, timeout) for n, peer in enumerate(streams)]
+    threads = [threading.Thread(target=pull, args=(peer,), name=f"atoll-fetch-{peer.source.island}", daemon=True) for peer in streams]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    for peer in peers:
+    for peer in streams:
         peer.close()
     if remaining[0]:
         raise TransferError(f"{remaining[0]} of {len(spans)} chunks missing: every source was dropped ("
                             + "; ".join(f"{i}: {why}" for i, why in dropped.items()) + ")")
-    return FetchReport(chosen, {i: n for i, n in counts.items() if n}, dropped, time.perf_counter() - start)
+    return FetchReport(chosen, {i: n for i, n in counts.items() if n}, dropped, time.perf_counter() - start, manifest_s)
 
 
 def route_address(host: str, port: int) -> str:
