@@ -18,6 +18,8 @@ Data plane (island <-> island, `atoll.comm.ring`): every ring payload carries a 
 **epoch key**, HMAC(run key, "atoll-epoch" || epoch number || members || incarnations), over the
 transfer's identity (call and chunk; the step and sender of a partial sum, or the segment of an
 owner's bytes in the all-gather) and its bytes; it is checked before a byte is decoded or summed.
+The other collectives on the epoch's groups (validation statistics, the progress table, state
+broadcasts: `atoll.comm.sealed`) carry such a MAC per contribution or chunk, checked before use.
 The gloo rendezvous goes through a plain TCPStore the coordinator hosts: an outsider who
 rewrites an address there can make a collective fail (handled like any failure), never make an
 island accept its data.
