@@ -2,7 +2,7 @@
 
     python benchmarks/allreduce.py                   # 100mbit links, 20 ms one-way, 2 and 3 islands (needs root)
     python benchmarks/allreduce.py --islands 2 --rate 1gbit --delay 5ms --mib 16 --repeats 1
-    python benchmarks/allreduce.py --mac --islands 2 --mib 32 --repeats 7   # the ring's MAC: cost on WAN and loopback
+    python benchmarks/allreduce.py --mac --islands 2 3 --mib 64 --repeats 7   # the ring's MAC: cost on WAN and loopback
 
 For each island count the script builds an emulated WAN (`atoll.wan`: one network namespace per
 island, tbf-shaped links, a userspace delay line), a TCPStore in the coordinator's namespace, and one

@@ -31,7 +31,10 @@ raises RingError: the group failed, like any failure.
 Cost of the MAC (`benchmarks/allreduce.py --mac`): the tag travels as its own message right
 after its payload, so a payload goes on the wire before its tag is computed (the hash runs while
 gloo sends) and is never copied to append a tag. What remains on the critical path is the check
-of each received chunk before it is decoded, which overlaps the next chunk's transfer.
+of each received chunk before it is decoded, which overlaps the next chunk's transfer. Measured
+(64 MiB, int8, 2 and 3 islands, 2-core VM without SHA instructions): within the run-to-run noise
+on the 100 Mbit/s emulated WAN (MAC / no MAC 0.95-1.08); about 2x on loopback, where the ring is
+CPU-bound and HMAC-SHA256 (~150-300 MB/s here) runs over every byte at its sender and receiver.
 
 Failure semantics: `deadline_s` bounds every single wait for a transfer (a progress deadline, not
 one for the whole call, which may take longer while data keeps flowing). A dead peer (closed
