@@ -2,6 +2,7 @@
 
     python benchmarks/allreduce.py                   # 100mbit links, 20 ms one-way, 2 and 3 islands (needs root)
     python benchmarks/allreduce.py --islands 2 --rate 1gbit --delay 5ms --mib 16 --repeats 1
+    python benchmarks/allreduce.py --mac --islands 2 3 --mib 64 --repeats 7   # the ring's MAC: cost on WAN and loopback
 
 For each island count the script builds an emulated WAN (`atoll.wan`: one network namespace per
 island, tbf-shaped links, a userspace delay line), a TCPStore in the coordinator's namespace, and one
@@ -9,13 +10,22 @@ worker process per island inside its namespace (gloo bound to the emulated link)
 every method `--repeats` times on its own random payload (fixed per island), each run between two
 barriers: gloo's own fp32 `all_reduce` (the group's allreduce, then a division), and atoll's
 pipelined ring (`comm/ring.py`) with the fp32, int8 and codebook8 codecs. All rows of a table
-come from one run.
+come from one run, and repeats are interleaved (every method once per round, the order reversed
+every other round) so that noise from other work on the machine hits every method alike.
+
+`--mac` measures instead what authenticating the ring costs: the ring in `--codec` (int8, the
+default `comm.codec`) without a key and with an epoch key (every payload carries an HMAC-SHA256
+tag, checked before it is decoded), interleaved as above, on the emulated WAN and on plain
+loopback (all islands in one namespace of their own, on its `lo`, so other traffic on the machine
+is neither shaped nor counted). It prints both rows per link, the ratio MAC / no MAC of the
+median times and the median of the per-round ratios, and the load average at the start and end.
 
 Columns: seconds (median over repeats of the slowest island; the range over repeats beside it),
-MB each island put on its link (the TUN device's tx_bytes after a closing barrier, i.e. IP packets
-including headers), link utilization = those bytes / seconds / rate, speedup against gloo fp32 on
-the same islands, and the relative L2 error of the result against gloo's fp32 mean. The delay
-line's CPU use over the whole run is printed below.
+MB each island put on its link (the link device's tx_bytes after a closing barrier, i.e. IP
+packets including headers; on loopback the namespace's total divided by the islands), link
+utilization = those bytes / seconds / rate, speedup against the first row (gloo fp32; with --mac
+the ring without MAC) on the same islands, and the relative L2 error of the result against the
+first row's. The delay line's CPU use over the whole run is printed below.
 Timings on a shared machine vary by several percent; compare rows of the same run.
 """
 
@@ -24,17 +34,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("gloo fp32", "atoll ring fp32", "atoll ring int8", "atoll ring codebook8")
-RING_CODECS = {"atoll ring fp32": "fp32", "atoll ring int8": "int8", "atoll ring codebook8": "codebook8"}
-TX_BYTES = Path("/sys/class/net/wan0/statistics/tx_bytes")
+GLOO = "gloo fp32"
+RING = "atoll ring "
+MAC = " + MAC"
+METHODS = (GLOO, "atoll ring fp32", "atoll ring int8", "atoll ring codebook8")
+"""A method is gloo's all_reduce or RING + codec name, with MAC appended when payloads are tagged."""
+TX_BYTES = "/sys/class/net/{device}/statistics/tx_bytes"
+LOOPBACK = "lo"
+LOOPBACK_HOST = "127.0.0.1"
 GROUP_TIMEOUT = timedelta(minutes=10)
 RING_DEADLINE_S = 120.0
 WORKER_TIMEOUT_S = 1200
@@ -53,71 +72,118 @@ def worker(args: argparse.Namespace) -> None:
     store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False, timeout=GROUP_TIMEOUT)
     group = dist.ProcessGroupGloo(dist.PrefixStore("bench", store), args.rank, args.world, GROUP_TIMEOUT)
     payload = torch.randn(args.mib * 2**20 // 4, generator=torch.Generator().manual_seed(args.rank))
+    tx_bytes = Path(TX_BYTES.format(device=args.device))
+    key = bytes.fromhex(args.key)
+    methods = args.methods.split(",")
     reference = None
     sequence = 0
     results = []
-    for method in METHODS:
-        for repeat in range(args.repeats):
+    for repeat in range(args.repeats):
+        for method in methods if repeat % 2 == 0 else reversed(methods):  # a method's place in the round alternates
             tensor = payload.clone()
             group.barrier().wait()
-            sent_before = int(TX_BYTES.read_text())
+            sent_before = int(tx_bytes.read_text())
             start = time.perf_counter()
-            if method == "gloo fp32":
+            if method == GLOO:
                 opts = dist.AllreduceOptions()
                 opts.reduceOp = dist.ReduceOp.SUM
                 group.allreduce([tensor], opts).wait()
                 tensor.div_(args.world)
             else:
-                ring_all_reduce_mean_(tensor, group, get_codec(RING_CODECS[method]), RING_DEADLINE_S,
-                                      int(args.chunk_mb * 1e6), sequence)
+                codec = method.removeprefix(RING).removesuffix(MAC)
+                ring_all_reduce_mean_(tensor, group, get_codec(codec), RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence,
+                                      key if method.endswith(MAC) else None)
                 sequence += 1
             seconds = time.perf_counter() - start
             group.barrier().wait()  # our last sends may still be queued until every peer has them
-            wire = int(TX_BYTES.read_text()) - sent_before
-            if reference is None:
+            wire = (int(tx_bytes.read_text()) - sent_before) // args.sharing_link
+            if reference is None:  # round 0 runs methods[0] first: every error is against its result
                 reference = tensor
             error = ((tensor - reference).norm() / reference.norm()).item()
             results.append({"method": method, "repeat": repeat, "seconds": seconds, "wire_bytes": wire, "error": error})
     store.set(RESULT_KEY.format(rank=args.rank), json.dumps(results))
 
 
-def run_islands(islands: int, args: argparse.Namespace, rate_bps: int, delay_s: float) -> tuple[list[list[dict]], float]:
-    """Workers for `islands` islands on a fresh emulated WAN; returns (results per rank, delay-line CPU share)."""
-    import torch.distributed as dist
+@dataclass(frozen=True)
+class Network:
+    """Where the islands of one table run: the namespaces, the store's address and the counted link."""
 
-    from atoll.wan.namespaces import run_in_namespace
+    name: str
+    store_namespace: str
+    store_host: str
+    namespaces: list[str]
+    """Island rank i runs inside namespaces[i]."""
+    env: dict[str, str]
+    device: str
+    """The link device whose tx_bytes a worker reads."""
+    sharing_link: int
+    """How many islands' traffic that device counts (the loopback is one device for all)."""
+    rate_bps: int | None
+    delay_line_pid: int | None
+
+
+@contextmanager
+def emulated_wan(islands: int, rate_bps: int, delay_s: float, name: str) -> Iterator[Network]:
+    """A fresh emulated WAN (`atoll.wan`) for `islands` islands, torn down on exit."""
     from atoll.wan.network import EmulatedWan
 
     with EmulatedWan(islands, rate_bps, delay_s) as wan:
-        store = run_in_namespace(
-            wan.coordinator_namespace,
-            lambda: dist.TCPStore(wan.coordinator_host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT),
+        yield Network(name, wan.coordinator_namespace, wan.coordinator_host, wan.island_namespaces, wan.island_env(), "wan0", 1,
+                      rate_bps, wan.delay_line.pid)
+
+
+@contextmanager
+def loopback(islands: int) -> Iterator[Network]:
+    """One fresh namespace whose `lo` all islands share: plain loopback, apart from the machine's other traffic."""
+    from atoll.wan import namespaces
+    from atoll.wan.network import GLOO_SOCKET_IFNAME_ENV
+
+    namespaces.remove_stale_namespaces()
+    name = namespaces.namespace_name(0, "loopback")
+    namespaces.create_namespace(name)
+    try:
+        yield Network("loopback", name, LOOPBACK_HOST, [name] * islands, {GLOO_SOCKET_IFNAME_ENV: LOOPBACK}, LOOPBACK, islands, None, None)
+    finally:
+        namespaces.delete_namespace(name)  # also kills any worker still inside
+
+
+def run_islands(network: Network, args: argparse.Namespace, methods: tuple[str, ...], key: bytes) -> tuple[list[list[dict]], float | None]:
+    """One worker per island of `network`; returns (results per rank, delay-line CPU share or None)."""
+    import torch.distributed as dist
+
+    from atoll.wan.namespaces import run_in_namespace
+
+    islands = len(network.namespaces)
+    store = run_in_namespace(
+        network.store_namespace,
+        lambda: dist.TCPStore(network.store_host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT),
+    )
+    env = {**os.environ, **network.env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // islands))}
+    delay_line = network.delay_line_pid
+    cpu_before, clock_before = (cpu_seconds(delay_line) if delay_line else 0.0), time.monotonic()
+    workers = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", namespace,
+             sys.executable, __file__, "--worker", "--rank", str(rank), "--world", str(islands),
+             "--store", f"{network.store_host}:{store.port}", "--mib", str(args.mib),
+             "--repeats", str(args.repeats), "--chunk-mb", str(args.chunk_mb), "--methods", ",".join(methods),
+             "--key", key.hex(), "--device", network.device, "--sharing-link", str(network.sharing_link)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        env = {**os.environ, **wan.island_env(), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // islands))}
-        cpu_before, clock_before = cpu_seconds(wan.delay_line.pid), time.monotonic()
-        workers = [
-            subprocess.Popen(
-                wan.island_command(rank, [
-                    sys.executable, __file__, "--worker", "--rank", str(rank), "--world", str(islands),
-                    "--store", f"{wan.coordinator_host}:{store.port}", "--mib", str(args.mib),
-                    "--repeats", str(args.repeats), "--chunk-mb", str(args.chunk_mb),
-                ]),
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )
-            for rank in range(islands)
-        ]
-        try:
-            outputs = [w.communicate(timeout=WORKER_TIMEOUT_S)[0] for w in workers]
-        finally:
-            for w in workers:
-                if w.poll() is None:
-                    w.kill()
-                    w.wait()
-        cpu_share = (cpu_seconds(wan.delay_line.pid) - cpu_before) / (time.monotonic() - clock_before)
-        for rank, (w, output) in enumerate(zip(workers, outputs)):
-            if w.returncode != 0:
-                sys.exit(f"island {rank} of {islands} failed (exit {w.returncode}):\n{output}")
-        return [json.loads(store.get(RESULT_KEY.format(rank=rank))) for rank in range(islands)], cpu_share
+        for rank, namespace in enumerate(network.namespaces)
+    ]
+    try:
+        outputs = [w.communicate(timeout=WORKER_TIMEOUT_S)[0] for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    cpu_share = (cpu_seconds(delay_line) - cpu_before) / (time.monotonic() - clock_before) if delay_line else None
+    for rank, (w, output) in enumerate(zip(workers, outputs)):
+        if w.returncode != 0:
+            sys.exit(f"island {rank} of {islands} failed (exit {w.returncode}):\n{output}")
+    return [json.loads(store.get(RESULT_KEY.format(rank=rank))) for rank in range(islands)], cpu_share
 
 
 def cpu_seconds(pid: int) -> float:
@@ -126,19 +192,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rows(islands: int, per_rank: list[list[dict]], rate_bps: int) -> list[dict]:
+def round_seconds(per_rank: list[list[dict]], method: str) -> list[float]:
+    """The slowest island's seconds for `method`, one per round (repeat)."""
+    runs = [[r for r in results if r["method"] == method] for results in per_rank]
+    return [max(rank_runs[i]["seconds"] for rank_runs in runs) for i in range(len(runs[0]))]
+
+
+def rows(network: Network, islands: int, per_rank: list[list[dict]], methods: tuple[str, ...]) -> list[dict]:
     """One row per method: median over repeats of the slowest island's time, mean bytes per island."""
     table = []
-    for method in METHODS:
+    for method in methods:
         runs = [[r for r in results if r["method"] == method] for results in per_rank]
-        repeats = len(runs[0])
-        seconds = [max(rank_runs[i]["seconds"] for rank_runs in runs) for i in range(repeats)]
-        wire = [statistics.mean(rank_runs[i]["wire_bytes"] for rank_runs in runs) for i in range(repeats)]
+        seconds = round_seconds(per_rank, method)
+        wire = [statistics.mean(rank_runs[i]["wire_bytes"] for rank_runs in runs) for i in range(len(seconds))]
         pick = seconds.index(statistics.median_low(seconds))
         table.append({
-            "islands": islands, "method": method, "seconds": seconds[pick], "fastest": min(seconds), "slowest": max(seconds),
-            "wire_bytes": wire[pick],
-            "utilization": wire[pick] * 8 / seconds[pick] / rate_bps,
+            "link": network.name, "islands": islands, "method": method, "seconds": seconds[pick], "fastest": min(seconds),
+            "slowest": max(seconds), "wire_bytes": wire[pick],
+            "utilization": wire[pick] * 8 / seconds[pick] / network.rate_bps if network.rate_bps else None,
             "error": max(rank_runs[pick]["error"] for rank_runs in runs),
         })
     base = table[0]["seconds"]
@@ -147,7 +218,23 @@ def rows(islands: int, per_rank: list[list[dict]], rate_bps: int) -> list[dict]:
     return table
 
 
+def mac_cost(network: Network, islands: int, per_rank: list[list[dict]], plain: str) -> str:
+    """One line: the ring's median time without and with the MAC, their ratio and the per-round ratios'."""
+    without, with_mac = round_seconds(per_rank, plain), round_seconds(per_rank, plain + MAC)
+    paired = [m / p for m, p in zip(with_mac, without)]  # one round's two runs saw the same machine
+    ratio = statistics.median_low(with_mac) / statistics.median_low(without)  # the rows' medians
+    return (f"MAC cost, {network.name}, {islands} islands: {statistics.median_low(without):.3f} s without, "
+            f"{statistics.median_low(with_mac):.3f} s with the MAC per all-reduce; MAC / no MAC = {ratio:.3f} "
+            f"(per round: median {statistics.median(paired):.3f}, range {min(paired):.3f}-{max(paired):.3f})")
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{load:.2f}" for load in os.getloadavg()) + " (1, 5, 15 min)"
+
+
 def main() -> None:
+    from atoll.comm.codecs import CODECS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--islands", type=int, nargs="+", default=[2, 3], help="island counts to measure (default 2 3)")
     parser.add_argument("--rate", default="100mbit", help="link rate per island (default 100mbit)")
@@ -155,10 +242,17 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64, help="payload in MiB of fp32 (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method; the median is shown (default 3)")
     parser.add_argument("--chunk-mb", type=float, default=4.0, help="ring pipelining chunk in MB of fp32, as comm.chunk_mb (default 4)")
+    parser.add_argument("--mac", action="store_true",
+                        help="measure the ring's MAC instead: --codec with and without it, on the WAN and on loopback")
+    parser.add_argument("--codec", default="int8", choices=CODECS, help="the ring's codec with --mac (default int8, as comm.codec)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--device", help=argparse.SUPPRESS)
+    parser.add_argument("--sharing-link", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -178,19 +272,36 @@ def main() -> None:
         print(f"allreduce benchmark: {err}", file=sys.stderr)
         sys.exit(2)
 
-    print(f"{args.mib} MiB fp32 all-reduce over emulated links: {args.rate} per island, {args.delay} one-way "
-          f"({2 * delay_s * 1e3:.0f} ms round trip); median of {args.repeats}; ring chunks of {args.chunk_mb} MB")
-    table, cpu = [], {}
-    for islands in args.islands:
-        per_rank, cpu[islands] = run_islands(islands, args, rate_bps, delay_s)
-        table += rows(islands, per_rank, rate_bps)
-    print(f"{'islands':>7}  {'method':<22}{'seconds':>9}{'(range)':>13}{'MB/island':>11}{'link util':>11}{'vs gloo':>9}{'rel err':>10}")
+    wan_name = f"{args.rate} WAN"
+    methods = (RING + args.codec, RING + args.codec + MAC) if args.mac else METHODS
+    key = secrets.token_bytes(32)  # stands in for an epoch key: same length, same HMAC work
+    networks = [lambda n: emulated_wan(n, rate_bps, delay_s, wan_name)] + ([loopback] if args.mac else [])
+    print(f"{args.mib} MiB fp32 all-reduce ({args.mib * 2**20 // 4:,} values) over {wan_name}: {args.delay} one-way "
+          f"({2 * delay_s * 1e3:.0f} ms round trip){' and over loopback' if args.mac else ''}; median of {args.repeats} "
+          f"interleaved rounds; ring chunks of {args.chunk_mb} MB")
+    print(f"at the start: {load_average()}")
+    table, cpu, costs = [], {}, []
+    for network_of in networks:
+        for islands in args.islands:
+            with network_of(islands) as network:
+                per_rank, share = run_islands(network, args, methods, key)
+            if share is not None:
+                cpu[islands] = share
+            table += rows(network, islands, per_rank, methods)
+            if args.mac:
+                costs.append(mac_cost(network, islands, per_rank, methods[0]))
+    print(f"{'link':<15}{'islands':>7}  {'method':<28}{'seconds':>9}{'(range)':>13}{'MB/island':>11}{'link util':>11}"
+          f"{'vs first':>9}{'rel err':>10}")
     for row in table:
         spread = f"({row['fastest']:.2f}-{row['slowest']:.2f})"
-        print(f"{row['islands']:>7}  {row['method']:<22}{row['seconds']:>9.2f}{spread:>13}{row['wire_bytes'] / 1e6:>11.1f}"
-              f"{row['utilization']:>11.1%}{row['speedup']:>8.2f}x{row['error']:>10.2e}")
+        utilization = f"{row['utilization']:.1%}" if row["utilization"] is not None else "-"
+        print(f"{row['link']:<15}{row['islands']:>7}  {row['method']:<28}{row['seconds']:>9.3f}{spread:>13}"
+              f"{row['wire_bytes'] / 1e6:>11.1f}{utilization:>11}{row['speedup']:>8.3f}x{row['error']:>10.2e}")
+    for line in costs:
+        print(line)
     for islands, share in cpu.items():
         print(f"delay line CPU, {islands} islands: {share:.1%} of one core on average over the run")
+    print(f"at the end: {load_average()}")
 
 
 if __name__ == "__main__":

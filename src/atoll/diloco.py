@@ -31,7 +31,6 @@ import re
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -210,24 +209,25 @@ class DiLoCo(Stateful):
         return tensor_digest([("outer", self.outer)])
 
     @torch.no_grad()
-    def broadcast_state(self, group: dist.ProcessGroup, source: int) -> None:
-        """Every member of `group` takes member `source`'s outer weights and momentum, and copies
-        them into its inner weights (how a joiner catches up). Raw fp32 tensors only.
+    def broadcast_state(self, mean: GlobalMean, source: int) -> None:
+        """Every island of `mean`'s epoch takes island `source`'s outer weights and momentum, and
+        copies them into its inner weights (how a joiner catches up). Raw fp32 tensors only, in
+        MAC-checked chunks (`GlobalMean.broadcast_`).
 
-        Raises RuntimeError (gloo) on a dead or silent peer; this rank's state is then undefined
-        until a later broadcast succeeds.
+        Raises RuntimeError (gloo) on a dead or silent peer, RingError on a chunk whose MAC does
+        not verify; this rank's state is then a mix of its own and the source's values until a
+        later broadcast succeeds (never a byte from outside the epoch).
         """
         state = self.optimizer.state[self.outer]
         has_momentum = torch.tensor([int("momentum_buffer" in state)], dtype=torch.int64)
-        group.broadcast(has_momentum, source).wait()
+        mean.broadcast_([has_momentum], source)
         tensors = [self.outer]
         if has_momentum.item():
             state.setdefault("momentum_buffer", torch.zeros_like(self.outer))
             tensors.append(state["momentum_buffer"])
         else:
             state.pop("momentum_buffer", None)
-        for tensor in tensors:
-            group.broadcast(tensor, source).wait()
+        mean.broadcast_(tensors, source)
         self._scatter_outer()
 
     def served_buffers(self) -> dict[str, torch.Tensor]:

@@ -334,7 +334,7 @@ class IslandSync:
         self.notes.append(f"outer step {outer_step}: outer weights differed across islands; taking island {holder!r}'s state")
         try:
             with self._changing():
-                self.diloco.broadcast_state(self.mean.control_group, source)
+                self.diloco.broadcast_state(self.mean, source)
         except RuntimeError as err:
             self.member.report_failure(f"resync from {holder!r} failed: {str(err).splitlines()[0]}")
 
@@ -376,7 +376,8 @@ class IslandSync:
         raise RuntimeError(f"could not enter an epoch in {self.cfg.mesh.enter_attempts} attempts in a row (mesh.enter_attempts); last: epoch {number}")
 
     def _share_state(self) -> None:
-        """Every member ends with the newest state any member holds (raw tensors over the group).
+        """Every member ends with the newest state any member holds (raw tensors over the group,
+        MAC-checked: `GlobalMean.all_gather` and `broadcast_`).
 
         Members share (holds the run's state?, outer step, inner step, sample cursor). The source
         is the holder with the most progress (lowest index on a tie); members that do not hold the
@@ -386,11 +387,8 @@ class IslandSync:
         thus receives three integers; a whole run resumed from checkpoints continues from the
         newest of them. An epoch in which nobody holds the state after the run has started raises.
         """
-        group = self.mean.control_group
         mine = torch.tensor([int(self.has_state), self.outer_steps, self.state.step, self.state.samples], dtype=torch.int64)
-        everyone = [torch.empty_like(mine) for _ in range(group.size())]
-        group.allgather([everyone], [mine]).wait()
-        table = [tuple(int(v) for v in row.tolist()) for row in everyone]
+        table = [tuple(int(v) for v in row.tolist()) for row in self.mean.all_gather(mine)]
         holders = [i for i, (holds, *_) in enumerate(table) if holds]
         if not holders:
             raise RuntimeError(
@@ -403,11 +401,11 @@ class IslandSync:
         if self.diloco is None:
             raise RuntimeError("ddp mode has a fixed membership and cannot admit joiners")
         progress = torch.tensor([self.state.step, self.outer_steps, self.state.samples], dtype=torch.int64)
-        group.broadcast(progress, source).wait()
+        self.mean.broadcast_([progress], source)
         whole = any(not holds or outer != table[source][1] for holds, outer, *_ in table)
         if whole:
             with self._changing():
-                self.diloco.broadcast_state(group, source)
+                self.diloco.broadcast_state(self.mean, source)
         if (self.state.step, self.outer_steps, self.state.samples) != tuple(int(v) for v in progress.tolist()):
             self.state.step, self.outer_steps, self.state.samples = (int(v) for v in progress.tolist())
             what = "state (weights and momentum by broadcast)" if whole else "progress"

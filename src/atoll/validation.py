@@ -4,7 +4,8 @@ One NaN or one runaway island must not poison every island: int8 turns a block h
 NaNs, the ring sums them, every island decodes the same bytes, the digests agree and the step
 commits. So before the ring each island computes cheap statistics of its pseudo-gradient
 (`ContributionStats`: finite?, norm, per-bucket norms, over the whole island), the islands
-all-gather them, and every island runs the same pure decision (`decide`) on the same table:
+all-gather them (each row MAC-checked under the epoch key, `atoll.comm.sealed`: no one outside
+the epoch can alter the table), and every island runs the same pure decision (`decide`) on the same table:
 
 - a non-finite contribution is always rejected;
 - a finite one is rejected when its norm, or the norm of one of its buckets, is more than
@@ -27,7 +28,7 @@ applies the same averaged update and stays bit-identical with the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import median_high
 from typing import Any
@@ -151,27 +152,22 @@ def island_stats(pseudo_grad: torch.Tensor, buckets: Sequence[slice], island: Is
     )
 
 
-def gather_stats(
-    mine: ContributionStats, group: dist.ProcessGroup, abandoned: Callable[[], bool] | None = None,
-) -> list[ContributionStats]:
-    """Every island's stats, indexed by its rank in `group` (the epoch's order), the same on all.
+def gather_stats(mine: ContributionStats, mean: GlobalMean) -> list[ContributionStats]:
+    """Every island's stats, indexed by its rank in `mean.control_group` (the epoch's order), the
+    same on all, each row checked against its sender's MAC (`GlobalMean.all_gather`).
 
     Raises RuntimeError (gloo) on a dead peer at once and on a silent one at the group's timeout
-    (mesh.collective_timeout_s); the caller treats it as a failed attempt, like a broken ring.
-    With `abandoned`, a wait on a hung peer is left (RingError) as soon as the epoch is dissolved,
-    as the rings are: a gloo wait cannot be interrupted, so it runs in a daemon thread that is
-    left behind (it writes only into its own buffers).
+    (mesh.collective_timeout_s), RingError on a row whose MAC does not verify; the caller treats
+    either as a failed attempt, like a broken ring. With `mean.abandoned`, a wait on a hung peer
+    is left (RingError) as soon as the epoch is dissolved, as the rings are: a gloo wait cannot be
+    interrupted, so it runs in a daemon thread that is left behind (it writes only into its own
+    buffers).
     """
     payload = mine.to_tensor()
-    everyone = [torch.empty_like(payload) for _ in range(group.size())]
-
-    def gather() -> None:
-        group.allgather([everyone], [payload]).wait()
-
-    if abandoned is None:
-        gather()
+    if mean.abandoned is None:
+        everyone = mean.all_gather(payload)
     else:
-        run_abandonable(gather, abandoned, "the contribution statistics were being shared")
+        everyone = run_abandonable(lambda: mean.all_gather(payload), mean.abandoned, "the contribution statistics were being shared")
     return [ContributionStats.from_tensor(t) for t in everyone]
 
 
@@ -188,7 +184,7 @@ def average_accepted(
     pseudo-gradient buffer has changed then, and the next attempt recomputes it.
     """
     pseudo_grad = diloco.pseudo_gradient()
-    table = gather_stats(island_stats(pseudo_grad, diloco.buckets, island, fresh), mean.control_group, mean.abandoned)
+    table = gather_stats(island_stats(pseudo_grad, diloco.buckets, island, fresh), mean)
     decision = decide(dict(zip(members, table)), cfg.max_norm_ratio, cfg.min_accepted)
     diloco.scale_contribution(decision.factor(members[mean.control_group.rank()]))
     if decision.applies:

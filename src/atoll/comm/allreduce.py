@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from atoll.comm import sealed
 from atoll.comm.codecs import Codec
 from atoll.comm.ring import RingError, ring_all_reduce_mean_
 
@@ -98,7 +99,7 @@ class GlobalMean:
         self.chunk_bytes = chunk_bytes
         self.wire = wire if wire is not None else WireStats()
         """Shared by the GlobalMeans of successive epochs, so the counts stay cumulative."""
-        self.calls = 0  # equal on every island: it keeps each call's ring tags apart
+        self.calls = 0  # equal on every island: it keeps each call's ring tags and MACs apart
         self.abandoned = abandoned
         """True once the rings' epoch is over: mean_ then stops waiting for them (see the module doc)."""
         self.key = key
@@ -106,8 +107,20 @@ class GlobalMean:
 
     @property
     def control_group(self) -> dist.ProcessGroup:
-        """The group that small control collectives (digest checks) use."""
+        """The group that the small collectives below use."""
         return self.groups[0]
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every island's `tensor` in epoch order, each checked against its sender's MAC
+        (`atoll.comm.sealed`); RingError on one that does not verify, gloo's errors otherwise."""
+        self.calls += 1
+        return sealed.all_gather(tensor, self.control_group, self.key, self.calls - 1)
+
+    def broadcast_(self, tensors: list[torch.Tensor], source: int) -> None:
+        """Island `source`'s contiguous `tensors` into every island's, in place, in MAC-checked
+        chunks (`atoll.comm.sealed`); on failure they hold a mix of old and verified values."""
+        self.calls += 1
+        sealed.broadcast_(tensors, self.control_group, source, self.key, self.calls - 1, self.chunk_bytes)
 
     def mean_(self, tensor: torch.Tensor) -> None:
         """Replace a contiguous 1-D CPU fp32 tensor by its mean over the islands, in place.

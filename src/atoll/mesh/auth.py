@@ -16,10 +16,13 @@ reach islands only inside such answers: nothing an outsider can write is ever re
 
 Data plane (island <-> island, `atoll.comm.ring`): every ring payload carries a MAC under the
 **epoch key**, HMAC(run key, "atoll-epoch" || epoch number || members || incarnations), over the
-transfer's identity (call, step, chunk, sender) and its bytes; it is checked before a byte is
-decoded or summed. The gloo rendezvous goes through a plain TCPStore the coordinator hosts: an
-outsider who rewrites an address there can make a collective fail (handled like any failure),
-never make an island accept its data.
+transfer's identity (call and chunk; the step and sender of a partial sum, or the segment of an
+owner's bytes in the all-gather) and its bytes; it is checked before a byte is decoded or summed.
+The other collectives on the epoch's groups (validation statistics, the progress table, state
+broadcasts: `atoll.comm.sealed`) carry such a MAC per contribution or chunk, checked before use.
+The gloo rendezvous goes through a plain TCPStore the coordinator hosts: an outsider who
+rewrites an address there can make a collective fail (handled like any failure), never make an
+island accept its data.
 
 Who can do what:
 - An **outsider on the network** (no token) can read the public hello (run id, boot id, store

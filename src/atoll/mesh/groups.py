@@ -6,9 +6,11 @@ builds its groups under its own prefix of the coordinator's rendezvous store, so
 never collides with the sockets or keys of an old one. Groups are used directly (not registered
 with c10d), so they never disturb the island's default group.
 
-The rendezvous store is a plain TCPStore: anyone who reaches it can rewrite an address there, so
-what a group carries is authenticated by the ring itself (`atoll.comm.ring`); a rewritten address
-can only make the group fail.
+The rendezvous store is a plain TCPStore: anyone who reaches it can rewrite an address there (gloo
+keeps each member's listening address under `<prefix>/0/<rank>`), and so sit between two members.
+Everything a group carries is therefore authenticated under the epoch key: ring payloads by the
+ring (`atoll.comm.ring`), statistics, progress and state broadcasts by `atoll.comm.sealed`; a
+rewritten address can only make the group fail.
 """
 
 from __future__ import annotations
