@@ -548,6 +548,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 120  # an idle connection is closed after this long (members beat far more often)
+    disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would hold the body for the peer's delayed ACK (40 ms)
     server: _Server
 
     def handle(self) -> None:
