@@ -361,8 +361,9 @@ def test_two_failures_in_one_epoch_leave_the_other_two_in_step(tmp_path, cache_d
 
 
 def test_a_joiner_fetches_the_state_from_live_islands_and_survives_a_source_dying_mid_transfer(tmp_path, cache_dir):
-    # island-1 serves two chunks of the joiner's transfer, then dies (SIGKILL): the joiner finishes
-    # from island-0 and island-2, verified chunk by chunk, and enters without anyone broadcasting
+    # island-1 dies (SIGKILL) as it is about to send its second chunk (each of its two connections
+    # asks for one at once): the joiner finishes from island-0 and island-2, verified chunk by
+    # chunk, and enters without anyone broadcasting
     output: list[str] = []
     outer = simulate(
         tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, faults=["island-1=kill@serve:2"], starts=["island-3@1"],

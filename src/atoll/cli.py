@@ -35,7 +35,7 @@ scenario file (--scenario FILE), TOML; any of these tables, each repeatable:
   action = "kill"              # kill (-9), stop (SIGSTOP), term (SIGTERM: a clean leave), nan, scale,
                                # skew (outer weights), sleep, break (every later all-reduce fails)
   at = "allreduce:2"           # as outer step 2's all-reduce starts; "inner:N": after inner step N;
-                               # "serve:C": after its C-th chunk served to a joiner; scale and sleep
+                               # "serve:C": as its C-th chunk to a joiner is sent; scale and sleep
                                # add their factor or seconds: "inner:8:100"
   [[start]]                    # start an island once any island logged an outer step
   island = "island-3"          # a new id, or one that left (it comes back)
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--scenario", type=Path, metavar="FILE", help="a TOML file of faults, late starts and signals (format below)")
         sim.add_argument(
             "--fault", action="append", default=[], metavar="ISLAND=ACTION@POINT:N",
-            help="inject a fault: ACTION kill|stop|term|nan|scale|skew|sleep|break at POINT inner:N (after inner step N), allreduce:S (as outer step S averages) or serve:C (after C chunks served to a joiner); "
+            help="inject a fault: ACTION kill|stop|term|nan|scale|skew|sleep|break at POINT inner:N (after inner step N), allreduce:S (as outer step S averages) or serve:C (as the C-th chunk to a joiner is about to be sent); "
             "nan makes the island's weights NaN, scale@POINT:N:F multiplies them by F, skew moves its outer weights, sleep@POINT:N:F stalls it F s, "
             "break makes its every all-reduce fail from then on; e.g. island-1=kill@allreduce:2, island-2=scale@inner:8:100",
         )

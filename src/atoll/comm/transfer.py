@@ -191,7 +191,7 @@ class StateServer:
 
     Listens on exactly (host, port 0 = any free port) from construction; refuses everything until
     `key` is set (the run key is known once the island has said hello to the coordinator).
-    `on_chunk(n)` is called after the n-th chunk served (fault injection's `serve` point).
+    `on_chunk(n)` is called as the n-th chunk is about to be sent (fault injection's `serve` point).
     """
 
     def __init__(self, host: str, state: ServedState, on_chunk: Callable[[int], None] = lambda n: None) -> None:
@@ -286,9 +286,9 @@ class _Handler(BaseHTTPRequestHandler):
             if data is None:
                 self.close_connection = True
                 return
-            self.wfile.write(data)
             owner.served_chunks += 1
             owner.on_chunk(owner.served_chunks)
+            self.wfile.write(data)
 
     def _send(self, status: int, body: bytes, mac: str = "") -> None:
         self.send_response(status)
