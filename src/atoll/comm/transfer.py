@@ -124,6 +124,7 @@ class ServedState:
         self._tensors: list[tuple[str, torch.Tensor]] = []
         self._progress = (0, 0)
         self._manifest: Manifest | None = None
+        self._spans: list[tuple[int, int, int]] = []
         self._hashing = threading.Lock()
 
     def publish(self, version: int, tensors: dict[str, torch.Tensor], step: int, samples: int) -> None:
@@ -167,6 +168,7 @@ class ServedState:
             if self._version != version:
                 return None
             self._manifest = Manifest(draft.version, draft.step, draft.samples, draft.tensors, draft.chunk_bytes, tuple(hashes))
+            self._spans = self._manifest.chunks()  # once per version, not once per chunk served
             return self._manifest
 
     def chunk(self, version: int, index: int) -> bytes | None:
@@ -174,7 +176,7 @@ class ServedState:
         with self._lock:
             if self._version != version or self._manifest is None or not 0 <= index < len(self._manifest.hashes):
                 return None
-            tensor, start, end = self._manifest.chunks()[index]
+            tensor, start, end = self._spans[index]
             return self._bytes(tensor, start, end)
 
     def chunk_sizes(self, version: int, indices: list[int]) -> list[int] | None:
@@ -182,8 +184,7 @@ class ServedState:
         with self._lock:
             if self._version != version or self._manifest is None or not all(0 <= i < len(self._manifest.hashes) for i in indices):
                 return None
-            spans = self._manifest.chunks()
-            return [spans[i][2] - spans[i][1] for i in indices]
+            return [self._spans[i][2] - self._spans[i][1] for i in indices]
 
 
 class StateServer:
@@ -425,11 +426,8 @@ def fetch_state(
 
     def pull(peer: _Peer) -> None:
         while True:
-            with lock:
-                if remaining[0] == 0:
-                    return
-            with lock:
-                if peer.source.island in dropped:  # another connection to this source failed: it is gone
+            with lock:  # done, or another connection to this source failed: it is gone
+                if remaining[0] == 0 or peer.source.island in dropped:
                     return
             try:
                 batch = [work.get(timeout=0.05)]
