@@ -73,7 +73,8 @@ def test_state_arrives_verified_from_two_sources_and_survives_one_dying_mid_tran
     assert len(report.manifest.hashes) == 26
     # the dying source delivered some chunks before it died; the steady one did the rest
     assert 0 < report.chunks_from["island2"] < 26 and report.chunks_from["island1"] + report.chunks_from["island2"] == 26
-    assert "island2" in report.dropped
+    # it died after the answer's headers went out: the joiner reads a short chunk, not a lying one
+    assert "cut short" in report.dropped["island2"] or "reset" in report.dropped["island2"]
     assert "26 chunks verified" in report.describe() and "dropped 'island2'" in report.describe()
 
 

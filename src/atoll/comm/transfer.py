@@ -447,7 +447,9 @@ def fetch_state(
                 for index in batch:
                     tensor, first, end = spans[index]
                     data = response.read(end - first)
-                    if len(data) != end - first or hashlib.sha256(data).hexdigest() != chosen.hashes[index]:
+                    if len(data) != end - first:  # the source closed mid-answer
+                        raise TransferError(f"chunk {index} cut short ({len(data)} of {end - first} bytes)")
+                    if hashlib.sha256(data).hexdigest() != chosen.hashes[index]:
                         raise TransferError(f"chunk {index} does not match the manifest's sha256")
                     targets[tensor][first:end].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                     done += 1
