@@ -29,7 +29,7 @@ results and digests. Median over the outer steps. Target: <= 10 ms on loopback.
 And a joiner's state transfer (`atoll.comm.transfer`), with --wan-rate on the emulated WAN (root:
 one namespace each for two serving islands and the joiner, every island's uplink shaped to the
 rate; without it, on loopback): two serving processes train the debug model's inner steps without
-pause while they serve --transfer-mb of outer state (weights and momentum, in 8 MB chunks), and
+pause while they serve --transfer-mb of outer state (weights and momentum, in `mesh.transfer_chunk_mb` chunks), and
 the joiner fetches it from both at once, verifying every chunk; then, side by side, it reads the
 same bytes raw over plain TCP from both (what the emulated links carry at best). Shown: both
 throughputs and their ratio (target: >= 90% of the link), and the servers' median inner-step time
@@ -182,30 +182,30 @@ def fetch_peer(state_mb: float, sources: list[str], raw_ports: list[str]) -> Non
     for thread in threads:
         thread.join()
     print(json.dumps({
-        "quiet": quiet, "start": start, "end": end, "bytes": report.manifest.total_bytes, "chunks": report.chunks_from, "manifest_s": report.manifest_s,
+        "quiet": quiet, "start": start, "end": end, "bytes": report.manifest.total_bytes, "chunks": report.chunks_from, "manifest_s": report.manifest_s, "hashed_s": report.hashed_s,
         "raw_start": raw_start, "raw_end": time.time(), "raw_bytes": sum(received),
     }), flush=True)
 
 
-def transfer_row(state_mb: float, rate: str | None, delay: str, settle_s: float = 4.0) -> None:
+def transfer_row(state_mb: float, chunk_mb: float, rate: str | None, delay: str, settle_s: float = 4.0) -> None:
     """Two serving islands training, one joiner fetching from both (see the module docstring)."""
     script = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     if rate is None:
-        _transfer(script, env, state_mb, lambda i, cmd: cmd, lambda i: "127.0.0.1", None, "loopback", settle_s)
+        _transfer(script, env, state_mb, chunk_mb, lambda i, cmd: cmd, lambda i: "127.0.0.1", None, "loopback", settle_s)
         return
     from atoll.wan.network import EmulatedWan
     from atoll.wan.units import parse_delay, parse_rate
 
     rate_bps = parse_rate(rate)
     with EmulatedWan(3, rate_bps, parse_delay(delay)) as wan:
-        _transfer(script, {**env, **wan.island_env()}, state_mb, wan.island_command, wan.island_address, rate_bps,
+        _transfer(script, {**env, **wan.island_env()}, state_mb, chunk_mb, wan.island_command, wan.island_address, rate_bps,
                   f"emulated WAN {rate}, {delay} one way", settle_s)
 
 
-def _transfer(script, env, state_mb, command, address, rate_bps, where, settle_s) -> None:
+def _transfer(script, env, state_mb, chunk_mb, command, address, rate_bps, where, settle_s) -> None:
     servers = [
-        subprocess.Popen(command(i, [*script, "--peer", "serve", "--transfer-mb", str(state_mb), "--host", address(i)]),
+        subprocess.Popen(command(i, [*script, "--peer", "serve", "--transfer-mb", str(state_mb), "--chunk-mb", str(chunk_mb), "--host", address(i)]),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         for i in range(2)
     ]
@@ -239,8 +239,8 @@ def _transfer(script, env, state_mb, command, address, rate_bps, where, settle_s
     print(f"state transfer, {where}, from 2 serving islands training the debug model "
           f"({', '.join(f'{n} chunks from {i}' for i, n in fetched['chunks'].items())}):")
     print(rate_line("atoll.comm.transfer (verified)", seconds, fetched["bytes"]))
-    print(rate_line("  of which after the manifests", seconds - fetched["manifest_s"], fetched["bytes"])
-          + f"  (the sources' sha256 of their state took {fetched['manifest_s']:.2f}s)")
+    print(f"  {'':<34}(manifest headers in {fetched['manifest_s']:.2f}s; the sources' sha256 of their state, "
+          f"streamed alongside the chunks, complete at {fetched['hashed_s']:.2f}s)")
     print(rate_line("raw TCP, same bytes, same links", raw_seconds, fetched["raw_bytes"]))
     print(f"  transfer / raw TCP throughput: {raw_seconds / seconds:.2f}"
           + (f"  (target >= 90% of the link; links at {rate_bps / 1e6:.0f} Mbit/s each)" if rate_bps else ""))
@@ -261,12 +261,15 @@ def _transfer(script, env, state_mb, command, address, rate_bps, where, settle_s
 
 
 def main() -> None:
+    from atoll.config import MeshConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heartbeat-timeout", type=float, default=3.0, help="mesh.heartbeat_timeout_s (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per scenario (default 3)")
     parser.add_argument("--wan-rate", help="measure the state transfer on the emulated WAN at this rate per island (root), e.g. 100mbit")
     parser.add_argument("--wan-delay", default="25ms", help="one-way delay of the emulated WAN (default 25ms)")
     parser.add_argument("--transfer-mb", type=float, default=200.0, help="outer state served to the joiner, MB (default 200)")
+    parser.add_argument("--chunk-mb", type=float, default=MeshConfig().transfer_chunk_mb, help="state transfer chunk size, MB (mesh.transfer_chunk_mb)")
     parser.add_argument("--transfer-only", action="store_true", help="only the state-transfer row")
     parser.add_argument("--peer", choices=["serve", "fetch"], help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
@@ -274,13 +277,13 @@ def main() -> None:
     parser.add_argument("--raw-ports", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer == "serve":
-        serve_peer(args.transfer_mb, 8.0, args.host)
+        serve_peer(args.transfer_mb, args.chunk_mb, args.host)
         return
     if args.peer == "fetch":
         fetch_peer(args.transfer_mb, args.sources, args.raw_ports)
         return
     if args.transfer_only:
-        transfer_row(args.transfer_mb, args.wan_rate, args.wan_delay)
+        transfer_row(args.transfer_mb, args.chunk_mb, args.wan_rate, args.wan_delay)
         return
     print(f"3 islands, debug model, H=4, heartbeat every 0.5 s, heartbeat timeout {args.heartbeat_timeout:g} s, report grace 0.5 s")
     print(f"{'fault':<38}{'recovery s (median)':>20}  {'runs':<28}{'world after':>12}{'attempts':>10}  target")
@@ -302,7 +305,7 @@ def main() -> None:
         overhead = protocol_overhead(calm)
         print(f"fault-free protocol overhead per outer step: median {1000 * statistics.median(overhead):.1f} ms "
               f"(min {1000 * min(overhead):.1f}, max {1000 * max(overhead):.1f}) over {len(overhead)} outer steps; target <= 10 ms")
-    transfer_row(args.transfer_mb, args.wan_rate, args.wan_delay)
+    transfer_row(args.transfer_mb, args.chunk_mb, args.wan_rate, args.wan_delay)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,66 @@ def test_a_source_that_sends_bytes_off_the_manifest_is_dropped_and_the_others_fi
             server.stop()
 
 
+class SlowHashing(ServedState):
+    """Hashes 20 ms a chunk and records how many chunks its server had sent at each hash."""
+
+    server: StateServer | None = None
+    sent_at_hash: list[int]
+
+    def hashes(self, version):
+        self.sent_at_hash = []
+        for digest in super().hashes(version):
+            threading.Event().wait(0.02)
+            self.sent_at_hash.append(self.server.served_chunks if self.server else 0)
+            yield digest
+
+
+def serve_in_process(*states: ServedState) -> list[StateServer]:
+    servers = [StateServer("127.0.0.1", state) for state in states]
+    for server in servers:
+        server.key = KEY
+    return servers
+
+
+@pytest.mark.timeout(60)
+def test_chunks_travel_while_the_source_is_still_hashing_its_state():
+    outer, momentum = expected()
+    state = SlowHashing(CHUNK)
+    state.publish(7, {"outer": outer, "momentum": momentum}, 140, 4480)
+    [server] = serve_in_process(state)
+    state.server = server
+    try:
+        into = buffers()
+        report = fetch_state([Source("a", "127.0.0.1", server.port)], KEY, "joiner", into, 10)
+        assert torch.equal(into["outer"], outer) and torch.equal(into["momentum"], momentum)
+        # when it hashed its last chunk, the source had already sent most of the others
+        assert len(state.sent_at_hash) == 26 and state.sent_at_hash[-1] >= 13, state.sent_at_hash
+        assert report.manifest_s < report.hashed_s <= report.seconds
+        # a later joiner of the same version is answered from the kept hashes
+        assert fetch_state([Source("a", "127.0.0.1", server.port)], KEY, "joiner2", buffers(), 10).manifest == report.manifest
+        assert len(state.sent_at_hash) == 26 and state._hashes == list(report.manifest.hashes)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_source_whose_hashes_the_others_do_not_share_is_dropped():
+    outer, momentum = expected()
+    states = [ServedState(CHUNK) for _ in range(3)]
+    for n, state in enumerate(states):  # the third holds other values under the same version
+        state.publish(7, {"outer": outer + (n == 2), "momentum": momentum.clone()}, 140, 4480)
+    servers = serve_in_process(*states)
+    try:
+        into = buffers()
+        report = fetch_state([Source(f"i{n}", "127.0.0.1", s.port) for n, s in enumerate(servers)], KEY, "joiner", into, 10)
+        assert torch.equal(into["outer"], outer) and torch.equal(into["momentum"], momentum)
+        assert report.dropped == {"i2": "its hash of chunk 0 is not the one the others agree on"}
+        assert set(report.chunks_from) == {"i0", "i1"} and sum(report.chunks_from.values()) == 26
+    finally:
+        for server in servers:
+            server.stop()
+
+
 @pytest.mark.timeout(60)
 def test_a_version_withdrawn_mid_transfer_fails_the_fetch_and_the_buffers_do_not_fit_another_model():
     outer, momentum = expected()

@@ -235,8 +235,10 @@ class MeshConfig(Section):
     serve_host: str | None = None
     """Address this island's state servers listen on, and joiners reach them at (see
     atoll.comm.transfer); None: this host's address on the route to the coordinator."""
-    transfer_chunk_mb: float = Field(default=8.0, gt=0)
-    """Size of a state transfer's chunks (each checked against its sha256; a dead source costs one chunk)."""
+    transfer_chunk_mb: float = Field(default=2.0, gt=0)
+    """Size of a state transfer's chunks (each checked against its sha256; a dead source costs one
+    chunk). Small enough that the streams of a transfer end together (the last chunks in flight are
+    the tail the link idles through) and an outer step waits at most one chunk's hash."""
     transfer_attempts: int = Field(default=3, ge=1)
     """Fetches a joiner tries before it takes the run's state by broadcast on entering (stalling the members)."""
 

@@ -8,8 +8,10 @@ plus the progress (inner step, sample cursor) of that step. No copy is taken: th
 only changes at an outer step, and `ServedState.changing()` withdraws it while it does, so a
 request for an older version is answered 410 and the joiner starts over on the new one.
 
-    GET /state/manifest?nonce=N        -> JSON `Manifest` (version, progress, tensors, sha256 of
-                                          every chunk), MACed: X-Atoll-Mac = MAC(request MAC, body)
+    GET /state/manifest?nonce=N        -> the `Manifest` as lines, streamed: first its header
+                                          (version, progress, tensors, chunk size) as JSON, then
+                                          "index:sha256" of every chunk as the server hashes it;
+                                          each line is "payload<TAB>MAC(request MAC, payload)"
     GET /state/chunk?version=V&index=I,J,...&nonce=N
                                        -> those chunks' raw bytes back to back (each checked
                                           against the manifest): a batch, so that a round trip
@@ -20,12 +22,19 @@ holder of the run token is served, and every path holds a fresh nonce the server
 recorded request cannot be replayed. Nothing is unpickled: chunks are raw little-endian fp32
 bytes, copied into buffers the joiner already has, after their sha256 matched the manifest.
 
-`fetch_state` (the joiner's side, one call per local rank) takes the manifest that most sources
-agree on, then pulls chunks from all of them at once (one connection and thread per source, from
-one shared queue, CONNECTIONS_PER_SOURCE connections each so that round trips overlap), verifying
-each. A source that dies, stalls past the timeout, answers 410 or
-sends a chunk that does not verify is dropped and its chunk goes back to the queue for the
-others; the fetch fails (TransferError) only when no source is left.
+A server hashes its state on the first manifest request (and keeps the hashes for later joiners
+of the same version), one chunk at a time: the joiner fetches chunk i as soon as its hash is
+known, so hashing runs alongside the transfer instead of before it (sha256 runs at 0.2 GB/s per
+core without SHA extensions: seconds per GB, as long as the transfer itself on a fast link).
+
+`fetch_state` (the joiner's side, one call per local rank) reads every source's manifest at once
+and takes the header most sources agree on; a chunk's hash counts once every source still in
+the transfer has sent it (the most common one wins; a source that sent another is dropped).
+It pulls chunks from all sources at once (from one shared queue, CONNECTIONS_PER_SOURCE
+connections each so that round trips overlap), verifying each. A source that dies, stalls past
+the timeout, answers 410, ends its manifest early or sends a chunk that does not verify is
+dropped and its chunks go back to the queue for the others; the fetch fails (TransferError)
+only when no source is left.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import itertools
 import json
 import queue
 import secrets
@@ -41,7 +51,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -96,19 +106,25 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(numel * 4 for _, numel in self.tensors)
 
+    def header(self) -> Manifest:
+        """This manifest without its hashes (what a server sends before it has hashed anything)."""
+        return Manifest(self.version, self.step, self.samples, self.tensors, self.chunk_bytes, ())
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
 
     @staticmethod
-    def from_json(data: bytes) -> Manifest:
-        """Parse and check a manifest; ValueError if it is malformed."""
+    def from_json(data: bytes, header: bool = False) -> Manifest:
+        """Parse and check a manifest (a header: one without hashes); ValueError if it is malformed."""
         raw = json.loads(data)
         manifest = Manifest(
             int(raw["version"]), int(raw["step"]), int(raw["samples"]),
             tuple((str(name), int(numel)) for name, numel in raw["tensors"]), int(raw["chunk_bytes"]),
             tuple(str(h) for h in raw["hashes"]),
         )
-        if manifest.chunk_bytes <= 0 or len(manifest.hashes) != len(manifest.chunks()):
+        if manifest.chunk_bytes <= 0 or any(numel < 0 for _, numel in manifest.tensors):
+            raise ValueError("a manifest with a non-positive chunk size or a negative tensor size")
+        if len(manifest.hashes) != (0 if header else len(manifest.chunks())):
             raise ValueError("a manifest whose hashes do not match its chunks")
         return manifest
 
@@ -123,66 +139,74 @@ class ServedState:
         self._version: int | None = None
         self._tensors: list[tuple[str, torch.Tensor]] = []
         self._progress = (0, 0)
-        self._manifest: Manifest | None = None
         self._spans: list[tuple[int, int, int]] = []
+        self._hashes: list[str] = []
+        """sha256 of the current version's first len(_hashes) chunks (hashed once, for every joiner)."""
         self._hashing = threading.Lock()
 
     def publish(self, version: int, tensors: dict[str, torch.Tensor], step: int, samples: int) -> None:
         """Serve these contiguous CPU fp32 buffers as version `version` (the live ones: no copy)."""
         with self._lock:
-            self._version, self._progress, self._manifest = version, (step, samples), None
+            self._version, self._progress, self._hashes = version, (step, samples), []
             self._tensors = [(name, t.detach().reshape(-1)) for name, t in tensors.items()]
+            self._spans = self._header().chunks()
 
     @contextlib.contextmanager
     def changing(self) -> Iterator[None]:
         """Withdraw the state while the caller changes the buffers (an outer step, a resync):
-        requests in the meantime are answered 410. Publish again afterwards."""
+        requests in the meantime are answered 410 or cut short. Publish again afterwards."""
         with self._lock:
-            self._version, self._manifest = None, None
+            self._version, self._hashes = None, []
         yield
 
-    def _bytes(self, index: int, start: int, end: int) -> bytes:
-        return self._tensors[index][1].view(torch.uint8)[start:end].numpy().tobytes()
+    def _header(self) -> Manifest:
+        return Manifest(self._version or 0, *self._progress, tuple((n, t.numel()) for n, t in self._tensors), self.chunk_bytes, ())
+
+    def _view(self, index: int) -> memoryview:
+        tensor, start, end = self._spans[index]
+        return memoryview(self._tensors[tensor][1].view(torch.uint8)[start:end].numpy())
+
+    def header(self) -> Manifest | None:
+        """The current version's manifest without hashes; None while nothing is served."""
+        with self._lock:
+            return None if self._version is None else self._header()
+
+    def hashes(self, version: int) -> Iterator[str]:
+        """sha256 (hex) of each chunk of `version`, in order, hashed on first request one chunk at
+        a time under the lock (an outer step waits at most one chunk's hash) and kept for later
+        requests; stops early once `version` is withdrawn."""
+        with self._lock:
+            count = len(self._spans) if self._version == version else 0
+        for index in range(count):
+            with self._hashing, self._lock:  # a second joiner waits for the first one's hash
+                if self._version != version:
+                    return
+                if index == len(self._hashes):
+                    self._hashes.append(hashlib.sha256(self._view(index)).hexdigest())
+                digest = self._hashes[index]
+            yield digest
 
     def manifest(self) -> Manifest | None:
-        """The current version's manifest (hashed on first request, chunk by chunk, each under the
-        lock); None while nothing is served or if the state changed while hashing."""
-        with self._hashing:  # a second joiner waits for the first one's hashes
-            return self._manifest_once()
-
-    def _manifest_once(self) -> Manifest | None:
-        with self._lock:
-            if self._version is None:
-                return None
-            if self._manifest is not None:
-                return self._manifest
-            version = self._version
-            draft = Manifest(version, *self._progress, tuple((n, t.numel()) for n, t in self._tensors), self.chunk_bytes, ())
-        hashes = []
-        for index, start, end in draft.chunks():
-            with self._lock:  # released between chunks: training's outer step never waits for a whole hash
-                if self._version != version:
-                    return None
-                hashes.append(hashlib.sha256(self._bytes(index, start, end)).hexdigest())
-        with self._lock:
-            if self._version != version:
-                return None
-            self._manifest = Manifest(draft.version, draft.step, draft.samples, draft.tensors, draft.chunk_bytes, tuple(hashes))
-            self._spans = self._manifest.chunks()  # once per version, not once per chunk served
-            return self._manifest
+        """The current version's whole manifest (hashing what is not hashed yet); None while
+        nothing is served or if the state changed meanwhile."""
+        header = self.header()
+        if header is None:
+            return None
+        hashes = tuple(self.hashes(header.version))
+        return replace(header, hashes=hashes) if len(hashes) == len(header.chunks()) else None
 
     def chunk(self, version: int, index: int) -> bytes | None:
-        """Chunk `index` of version `version`, or None if that version is no longer served."""
+        """Chunk `index` of version `version` (a copy, taken under the lock), or None if that
+        version is no longer served."""
         with self._lock:
-            if self._version != version or self._manifest is None or not 0 <= index < len(self._manifest.hashes):
+            if self._version != version or not 0 <= index < len(self._spans):
                 return None
-            tensor, start, end = self._spans[index]
-            return self._bytes(tensor, start, end)
+            return self._view(index).tobytes()
 
     def chunk_sizes(self, version: int, indices: list[int]) -> list[int] | None:
         """The byte sizes of those chunks of version `version`, or None if it is not served (or an index is out of range)."""
         with self._lock:
-            if self._version != version or self._manifest is None or not all(0 <= i < len(self._manifest.hashes) for i in indices):
+            if self._version != version or not all(0 <= i < len(self._spans) for i in indices):
                 return None
             return [self._spans[i][2] - self._spans[i][1] for i in indices]
 
@@ -257,18 +281,31 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if url.path == MANIFEST_PATH:
-                manifest = owner.state.manifest()
-                if manifest is None:
-                    self._send(GONE, b"nothing served now")
-                    return
-                body = manifest.to_json()
-                self._send(200, body, sign(owner.key, mac, body))
+                self._send_manifest(mac)
             elif url.path == CHUNK_PATH:
                 self._send_chunks(int(query["version"]), [int(i) for i in query["index"].split(",")])
             else:
                 self._send(404, b"not found")
         except (KeyError, ValueError):
             self._send(400, b"malformed")
+
+    def _send_manifest(self, request_mac: str) -> None:
+        """The header, then each chunk's hash as it is computed, each line MACed and bound to this
+        request; the stream ends at the last hash, or short of it if the version is withdrawn
+        (the joiner drops this source)."""
+        owner = self.server.owner
+        header = owner.state.header()
+        if header is None:
+            self._send(GONE, b"nothing served now")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Connection", "close")  # its end is the end of the connection
+        self.end_headers()
+        self.close_connection = True
+        lines = itertools.chain([header.to_json().decode()], (f"{i}:{h}" for i, h in enumerate(owner.state.hashes(header.version))))
+        for line in lines:
+            self.wfile.write(f"{line}\t{sign(owner.key, request_mac, line)}\n".encode())
 
     def _send_chunks(self, version: int, indices: list[int]) -> None:
         """The chunks back to back; a version withdrawn mid-batch closes the connection short of
@@ -327,7 +364,10 @@ class FetchReport:
     """Island -> why it was dropped mid-transfer."""
     seconds: float = 0.0
     manifest_s: float = 0.0
-    """Of `seconds`, the wait for the manifests (the sources hash their state on the first request)."""
+    """Of `seconds`, the wait for the sources' manifest headers (before any chunk could be asked for)."""
+    hashed_s: float = 0.0
+    """Seconds from the start until the last chunk's hash was agreed: the sources hash their state
+    on the first request, while chunks whose hashes are known already travel."""
 
     def describe(self) -> str:
         spread = ", ".join(f"{n} from {island!r}" for island, n in self.chunks_from.items())
@@ -335,7 +375,7 @@ class FetchReport:
         rate = self.manifest.total_bytes / max(self.seconds, 1e-9) / 1e6
         return (f"fetched the state of outer step {self.manifest.version} ({self.manifest.total_bytes / 1e6:.1f} MB, "
                 f"{len(self.manifest.hashes)} chunks verified: {spread}) in {self.seconds:.2f}s ({rate:.1f} MB/s; "
-                f"manifests {self.manifest_s:.2f}s){dropped}")
+                f"the sources' hashes complete at {self.hashed_s:.2f}s){dropped}")
 
 
 class _Peer:
@@ -367,17 +407,64 @@ class _Peer:
             self.conn.close()
             raise
 
-    def manifest(self) -> Manifest:
-        """This source's manifest; raises TransferError if it has none or it does not verify."""
-        status, body, request_mac, answer_mac = self.get(MANIFEST_PATH)
-        if status != 200:
-            raise TransferError(f"HTTP {status}")
-        if not verify(self.key, answer_mac, request_mac, body):
-            raise TransferError("a manifest whose MAC does not verify")
-        return Manifest.from_json(body)
+    def manifest_lines(self) -> Iterator[str]:
+        """This source's manifest as it streams in, line by line (the header first), each checked
+        against its MAC. TransferError on a refusal, a line cut short or one that does not verify;
+        OSError/HTTPException on a broken or silent (past the timeout) connection."""
+        response, request_mac = self.open(MANIFEST_PATH)
+        if response.status != 200:
+            response.read()
+            raise TransferError(f"HTTP {response.status}")
+        while line := response.readline():
+            if not line.endswith(b"\n"):
+                raise TransferError("its manifest was cut short mid-line")
+            payload, _, mac = line.decode().rstrip("\n").partition("\t")
+            if not verify(self.key, mac, request_mac, payload):
+                raise TransferError("a manifest line whose MAC does not verify")
+            yield payload
 
     def close(self) -> None:
         self.conn.close()
+
+
+class _Agreement:
+    """The chunk hashes the sources still in the transfer agree on, settled in chunk order as
+    their manifests stream in. Not thread-safe: the caller holds one lock around every call."""
+
+    def __init__(self, count: int, live: set[str], work: queue.SimpleQueue[int], dropped: dict[str, str]) -> None:
+        self.hashes: list[str] = []
+        self.count, self.live, self.work, self.dropped = count, live, work, dropped
+        self.votes: list[dict[str, str]] = [{} for _ in range(count)]
+        self.settled_at = 0.0
+
+    def report(self, island: str, index: int, digest: str) -> None:
+        self.votes[index][island] = digest
+        self._settle()
+
+    def drop(self, island: str, why: str) -> None:
+        """Take `island` out of the transfer (the first reason given is kept)."""
+        self.dropped.setdefault(island, why)
+        self.live.discard(island)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Settle every chunk that all live sources have hashed: the most common hash wins (a tie
+        goes to the first sent); a source that sent another is dropped. The settled chunk goes
+        on the work queue."""
+        while len(self.hashes) < self.count and self.live:
+            index = len(self.hashes)
+            votes = {island: digest for island, digest in self.votes[index].items() if island in self.live}
+            if set(votes) != self.live:
+                return
+            winner = Counter(votes.values()).most_common(1)[0][0]
+            for island, digest in votes.items():
+                if digest != winner:
+                    self.dropped.setdefault(island, f"its hash of chunk {index} is not the one the others agree on")
+                    self.live.discard(island)
+            self.hashes.append(winner)
+            self.work.put(index)
+        if len(self.hashes) == self.count and not self.settled_at:
+            self.settled_at = time.perf_counter()
 
 
 def fetch_state(
@@ -385,55 +472,97 @@ def fetch_state(
 ) -> FetchReport:
     """Fill `into` (name -> contiguous CPU fp32 buffer of the served size) from the sources.
 
-    Failure semantics: a source that cannot be reached, stalls past `timeout`, answers 401/410 or
-    sends a chunk whose sha256 is not the manifest's is dropped (never retried within this call)
-    and its chunk is fetched from another; TransferError when no source agrees on a manifest that
-    fits `into`, or every source was dropped before the last chunk. `into` is then partly
-    written: the caller must not use it (it fetches again, or falls back to a broadcast).
+    Failure semantics: a source that cannot be reached, stalls past `timeout`, answers 401/410,
+    ends its manifest early, sends a hash the others do not agree on or a chunk whose sha256 is
+    not the agreed one is dropped (never retried within this call) and its chunks are fetched
+    from the others; TransferError when no source serves a manifest header that fits `into`, or
+    every source was dropped before the last chunk. `into` is then partly written: the caller
+    must not use it (it fetches again, or falls back to a broadcast).
     """
     start = time.perf_counter()
-    peers, manifests, dropped = [], {}, {}
-    for source in sources:
+    lock = threading.Lock()
+    headers: dict[str, Manifest | Exception] = {}
+    header_in = [threading.Event() for _ in sources]
+    chosen_box: list[tuple[Manifest, _Agreement]] = []
+    go = threading.Event()  # set once the header is chosen (or the fetch gave up)
+
+    def follow(n: int, source: Source) -> None:
+        """Read one source's manifest: its header, then (if chosen) its hashes into the agreement."""
         peer = _Peer(source, key, island, timeout)
         try:
-            manifests[source.island] = peer.manifest()
-            peers.append(peer)
-        except (OSError, http.client.HTTPException, ValueError, TransferError) as err:
-            dropped[source.island] = f"manifest: {err}"
+            try:
+                lines = peer.manifest_lines()
+                headers[source.island] = Manifest.from_json(next(lines).encode(), header=True)
+            except StopIteration:
+                headers[source.island] = TransferError("an empty manifest")
+            except (OSError, http.client.HTTPException, ValueError, TransferError) as err:
+                headers[source.island] = err
+            header_in[n].set()
+            go.wait()
+            if not chosen_box or headers[source.island] != chosen_box[0][0]:
+                return
+            agreement = chosen_box[0][1]
+            try:
+                for expected, payload in enumerate(lines):
+                    index, _, digest = payload.partition(":")
+                    if int(index) != expected or expected >= agreement.count or len(digest) != 64:
+                        raise TransferError(f"a malformed manifest line {payload[:80]!r}")
+                    with lock:
+                        if source.island not in agreement.live:
+                            return
+                        agreement.report(source.island, expected, digest)
+                with lock:
+                    if len(agreement.votes) and source.island not in agreement.votes[-1]:
+                        raise TransferError("its manifest ended early (the state changed while it hashed)")
+            except (OSError, http.client.HTTPException, ValueError, TransferError) as err:
+                with lock:
+                    agreement.drop(source.island, f"manifest: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        finally:
             peer.close()
-    if not manifests:
-        raise TransferError(f"no source served a manifest ({'; '.join(f'{i}: {w}' for i, w in dropped.items()) or 'no sources'})")
+
+    followers = [threading.Thread(target=follow, args=(n, s), name=f"atoll-manifest-{s.island}", daemon=True) for n, s in enumerate(sources)]
+    for thread in followers:
+        thread.start()
+    for event in header_in:
+        event.wait()
     manifest_s = time.perf_counter() - start
-    # the manifest most sources agree on; a tie goes to the newest version
-    chosen, _ = max(Counter(manifests.values()).items(), key=lambda item: (item[1], item[0].version))
-    for peer in list(peers):
-        if manifests[peer.source.island] != chosen:
-            dropped[peer.source.island] = f"serves another state (version {manifests[peer.source.island].version})"
-            peers.remove(peer)
-            peer.close()
-    sizes = {name: numel for name, numel in chosen.tensors}
-    if set(sizes) - set(into) or any(into[name].numel() != numel for name, numel in sizes.items()):
-        raise TransferError(f"the served state {sizes} does not fit this island's buffers "
-                            f"{ {n: t.numel() for n, t in into.items()} } (another model or local rank count?)")
+    dropped: dict[str, str] = {i: f"manifest: {h}" for i, h in headers.items() if isinstance(h, Exception)}
+    served = {i: h for i, h in headers.items() if isinstance(h, Manifest)}
+    try:
+        if not served:
+            raise TransferError(f"no source served a manifest ({'; '.join(f'{i}: {w}' for i, w in dropped.items()) or 'no sources'})")
+        # the header most sources agree on; a tie goes to the newest version
+        chosen, _ = max(Counter(served.values()).items(), key=lambda item: (item[1], item[0].version))
+        sizes = {name: numel for name, numel in chosen.tensors}
+        if set(sizes) - set(into) or any(into[name].numel() != numel for name, numel in sizes.items()):
+            raise TransferError(f"the served state {sizes} does not fit this island's buffers "
+                                f"{ {n: t.numel() for n, t in into.items()} } (another model or local rank count?)")
+        for other, header in served.items():
+            if header != chosen:
+                dropped[other] = f"serves another state (version {header.version})"
+        work: queue.SimpleQueue[int] = queue.SimpleQueue()
+        spans = chosen.chunks()
+        agreement = _Agreement(len(spans), {i for i, h in served.items() if h == chosen}, work, dropped)
+        chosen_box.append((chosen, agreement))
+    finally:
+        go.set()  # followers of unchosen sources (or of a failed fetch) close and return
     targets = [into[name].reshape(-1).view(torch.uint8) for name, _ in chosen.tensors]
-    spans = chosen.chunks()
-    work: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for index in range(len(spans)):
-        work.put(index)
     remaining = [len(spans)]
-    counts = {peer.source.island: 0 for peer in peers}
-    lock = threading.Lock()
+    counts = {i: 0 for i in agreement.live}
 
     def pull(peer: _Peer) -> None:
         while True:
-            with lock:  # done, or another connection to this source failed: it is gone
-                if remaining[0] == 0 or peer.source.island in dropped:
+            with lock:  # done, or this source is out of the transfer
+                if remaining[0] == 0 or peer.source.island not in agreement.live:
                     return
             try:
                 batch = [work.get(timeout=0.05)]
             except queue.Empty:
                 continue
-            while len(batch) < batch_chunks:
+            with lock:  # at most a fair share of what is queued: no stream should end long after the others
+                live_streams = sum(1 for other in streams if other.source.island in agreement.live)
+            share = min(batch_chunks, -(-(work.qsize() + 1) // max(1, live_streams)))
+            while len(batch) < share:
                 try:
                     batch.append(work.get_nowait())
                 except queue.Empty:
@@ -446,12 +575,13 @@ def fetch_state(
                     raise TransferError(f"HTTP {response.status} for chunks {batch}")
                 for index in batch:
                     tensor, first, end = spans[index]
-                    data = response.read(end - first)
-                    if len(data) != end - first:  # the source closed mid-answer
-                        raise TransferError(f"chunk {index} cut short ({len(data)} of {end - first} bytes)")
-                    if hashlib.sha256(data).hexdigest() != chosen.hashes[index]:
+                    # straight into the buffer and hashed there: a chunk that fails is fetched again over it
+                    target = memoryview(targets[tensor][first:end].numpy())
+                    got = _read_into(response, target)
+                    if got != end - first:  # the source closed mid-answer
+                        raise TransferError(f"chunk {index} cut short ({got} of {end - first} bytes)")
+                    if hashlib.sha256(target).hexdigest() != agreement.hashes[index]:
                         raise TransferError(f"chunk {index} does not match the manifest's sha256")
-                    targets[tensor][first:end].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                     done += 1
                     with lock:
                         remaining[0] -= 1
@@ -461,12 +591,12 @@ def fetch_state(
                 for index in batch[done:]:
                     work.put(index)
                 with lock:
-                    dropped[peer.source.island] = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    agreement.drop(peer.source.island, str(err).splitlines()[0] if str(err) else type(err).__name__)
                 return
 
-    streams = [peer for peer in peers for _ in range(CONNECTIONS_PER_SOURCE)]
-    batch_chunks = max(1, min(BATCH_BYTES // chosen.chunk_bytes, len(spans) // (2 * len(streams))))
-    streams = [peer if n % CONNECTIONS_PER_SOURCE == 0 else _Peer(peer.source, key, island, timeout) for n, peer in enumerate(streams)]
+    live = [s for s in sources if s.island in agreement.live]
+    streams = [_Peer(source, key, island, timeout) for source in live for _ in range(CONNECTIONS_PER_SOURCE)]
+    batch_chunks = max(1, min(BATCH_BYTES // chosen.chunk_bytes, len(spans) // (2 * max(1, len(streams)))))
     threads = [threading.Thread(target=pull, args=(peer,), name=f"atoll-fetch-{peer.source.island}", daemon=True) for peer in streams]
     for thread in threads:
         thread.start()
@@ -474,10 +604,25 @@ def fetch_state(
         thread.join()
     for peer in streams:
         peer.close()
+    for thread in followers:
+        thread.join(timeout)
     if remaining[0]:
         raise TransferError(f"{remaining[0]} of {len(spans)} chunks missing: every source was dropped ("
                             + "; ".join(f"{i}: {why}" for i, why in dropped.items()) + ")")
-    return FetchReport(chosen, {i: n for i, n in counts.items() if n}, dropped, time.perf_counter() - start, manifest_s)
+    hashed_s = agreement.settled_at - start
+    return FetchReport(replace(chosen, hashes=tuple(agreement.hashes)), {i: n for i, n in counts.items() if n},
+                       dropped, time.perf_counter() - start, manifest_s, hashed_s)
+
+
+def _read_into(response: http.client.HTTPResponse, target: memoryview) -> int:
+    """Fill `target` from the response; the bytes read (fewer only at the end of the stream)."""
+    got = 0
+    while got < len(target):
+        n = response.readinto(target[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def route_address(host: str, port: int) -> str:
