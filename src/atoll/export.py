@@ -1,12 +1,6 @@
 """Hugging Face import and export of atoll's Llama: weights, config and tokenizer.
 
-atoll's Llama is transformers' `LlamaForCausalLM` with three differences that this module bridges:
-
-- Names: `layers.0.attention.wq.weight` is `model.layers.0.self_attn.q_proj.weight`, etc.
-- RoPE: atoll rotates adjacent channel pairs (2i, 2i+1) of each head (Meta's layout);
-  transformers rotates channel i with i + head_dim/2 ("rotate half"). The rows of wq and wk are
-  permuted on the way out and back on the way in (as transformers' convert_llama_weights_to_hf).
-- Defaults: transformers' `rms_norm_eps` is 1e-6, atoll's 1e-5, so config.json states every field.
+The mapping itself is atoll.hf.convert, the tokenizer files atoll.hf.tokenizer_files.
 
 Export reads an atoll checkpoint tensor by tensor: a DiLoCo checkpoint holds, per local rank, a flat
 fp32 buffer of that rank's FSDP2 shards of the outer weights (`diloco.rank<k>.outer`), and only the
@@ -37,8 +31,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import Tokenizer as HFTokenizerModel
-from tokenizers import decoders, models, pre_tokenizers
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
@@ -46,240 +38,33 @@ from atoll.atomic import atomic_write, fsync_dir
 from atoll.checkpoint import newest_verified
 from atoll.checkpoint.timeline import is_complete, parse_name
 from atoll.config import JobConfig, load_config
-from atoll.data import BYTE_TOKENIZER_SPEC, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from atoll.data import Tokenizer, load_tokenizer
 from atoll.errors import UserError
+from atoll.hf.convert import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    args_from_hf_config,
+    atoll_name,
+    from_hf,
+    hf_config,
+    hf_name,
+    json_text,
+    to_hf,
+)
+from atoll.hf.tokenizer_files import tokenizer_files, tokenizer_of_hf_dir
 from atoll.model import Llama, ModelArgs
 
-CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 RUN_CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_PREFIX = "model_optimizer.model."
 """Where the trainer's ModelOptimizerState puts the model in a checkpoint (DCP flattened keys)."""
 OUTER_KEY = re.compile(r"^diloco\.rank(\d+)\.outer$")
 """The DiLoCo outer weights of one local rank: a flat fp32 buffer of its shards (atoll.diloco)."""
-BYTE_EOS_TOKEN = "<|endoftext|>"
-"""The byte tokenizer's end-of-sequence id 256, as a token of its tokenizer.json."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 """Safetensors files above this are split, with an index (transformers' default of 5 GB)."""
-
-_LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_TOP_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-# --- names, the RoPE permutation and config.json --------------------------------------------------
-
-def hf_name(name: str) -> str:
-    """The transformers name of atoll parameter `name`."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    layer, rest = _LAYER.match(name).groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-
-
-def atoll_name(name: str) -> str | None:
-    """The atoll parameter of transformers name `name`, or None if atoll's Llama has no such tensor."""
-    for ours, theirs in _TOP_NAMES.items():
-        if theirs == name:
-            return ours
-    match = _HF_LAYER.match(name)
-    if match is None:
-        return None
-    for ours, theirs in _LAYER_NAMES.items():
-        if theirs == match.group(2):
-            return f"layers.{match.group(1)}.{ours}"
-    return None
-
-
-def _heads(name: str, args: ModelArgs) -> int | None:
-    """Heads whose rows a wq / wk weight holds (None for every other tensor)."""
-    if name.endswith("attention.wq.weight"):
-        return args.n_heads
-    if name.endswith("attention.wk.weight"):
-        return args.n_kv_heads
-    return None
-
-
-def to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """atoll's tensor `name` in transformers' layout: wq/wk rows go from pairs (2i, 2i+1) to (i, i + d/2)."""
-    heads = _heads(name, args)
-    if heads is None:
-        return tensor
-    rows, cols = tensor.shape
-    return tensor.view(heads, args.head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def from_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """The inverse of `to_hf` (`name` is the atoll name)."""
-    heads = _heads(name, args)
-    if heads is None:
-        return tensor
-    rows, cols = tensor.shape
-    return tensor.view(heads, 2, args.head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_config(args: ModelArgs, eos_id: int, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json for transformers' LlamaForCausalLM, every field explicit.
-
-    RoPE is stated both ways (`rope_theta` for transformers 4, `rope_parameters` for 5).
-    """
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": eos_id,
-        "pad_token_id": None,
-        "torch_dtype": HF_DTYPE_NAMES[dtype],
-    }
-
-
-def args_from_hf_config(config: dict[str, Any], where: Path) -> ModelArgs:
-    """The ModelArgs of a transformers Llama config.json; anything atoll's Llama cannot hold is a UserError."""
-    def need(key: str, value: Any) -> None:
-        if config.get(key, value) != value:
-            raise UserError(f"{where}: {key} is {config[key]!r}; atoll's Llama needs {value!r}")
-
-    need("model_type", "llama")
-    need("hidden_act", "silu")
-    need("attention_bias", False)
-    need("mlp_bias", False)
-    need("tie_word_embeddings", False)
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{where}: RoPE scaling {rope!r} is not supported; atoll's Llama uses plain RoPE")
-    try:
-        args = ModelArgs(
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-            ffn_hidden=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
-            max_seq_len=config["max_position_embeddings"],
-            rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-        )
-    except KeyError as err:
-        raise UserError(f"{where}: config.json has no {err.args[0]!r}") from None
-    except ValueError as err:
-        raise UserError(f"{where}: {err}") from None
-    if config.get("head_dim", args.head_dim) != args.head_dim:
-        raise UserError(f"{where}: head_dim {config['head_dim']} is not hidden_size / num_attention_heads ({args.head_dim})")
-    return args
-
-
-# --- tokenizers ----------------------------------------------------------------------------------
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, which the ByteLevel pre-tokenizer applies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def byte_tokenizer_json() -> str:
-    """atoll's byte tokenizer as an HF tokenizer.json: id b is UTF-8 byte b, id 256 is eos.
-
-    A byte-level BPE with no merges, so every byte is its own token; deterministic text.
-    """
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
-    tok = HFTokenizerModel(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([BYTE_EOS_TOKEN])
-    return tok.to_str()
-
-
-def tokenizer_of_hf_dir(hf_dir: Path) -> Tokenizer:
-    """The tokenizer of an export: atoll's byte tokenizer when tokenizer.json is exactly its HF form."""
-    path = hf_dir / TOKENIZER_FILE
-    if not path.is_file():
-        raise UserError(f"{hf_dir} has no {TOKENIZER_FILE}: atoll reads tokenizers in that format only")
-    if path.read_text() == byte_tokenizer_json():
-        return ByteTokenizer()
-    try:
-        return HFTokenizer(path)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-
-
-def _tokenizer_files(spec: str, eos_id: int, max_len: int) -> dict[str, str]:
-    """tokenizer.json (the given one, or the byte tokenizer's) and a tokenizer_config.json naming eos.
-
-    The byte tokenizer reads a literal "<|endoftext|>" in text as its bytes, as atoll does
-    (split_special_tokens); a given tokenizer.json keeps its own rule, which atoll shares.
-    """
-    byte = spec == BYTE_TOKENIZER_SPEC
-    if byte:
-        text = byte_tokenizer_json()
-    else:
-        text = Path(spec).expanduser().read_text()
-    eos = HFTokenizerModel.from_str(text).id_to_token(eos_id)
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": eos,
-        "pad_token": None,
-        "unk_token": None,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_len,
-        "split_special_tokens": byte,
-    }
-    return {TOKENIZER_FILE: text, TOKENIZER_CONFIG_FILE: _json(tokenizer_config)}
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2) + "\n"
 
 
 # --- reading a run's checkpoint tensor by tensor ---------------------------------------------------
@@ -561,12 +346,12 @@ def export(source: Path, out: Path, dtype: str = "fp32", max_shard_bytes: int = 
         total = sum(s.numel() * itemsize for s in shapes.values())
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_file(tmp / WEIGHTS_INDEX_FILE, _json(index))
+            _write_file(tmp / WEIGHTS_INDEX_FILE, json_text(index))
         eos = run.tokenizer.eos_id
-        _write_file(tmp / CONFIG_FILE, _json(hf_config(run.args, eos, torch_dtype)))
+        _write_file(tmp / CONFIG_FILE, json_text(hf_config(run.args, eos, torch_dtype)))
         generation = {"bos_token_id": None, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
-        _write_file(tmp / GENERATION_CONFIG_FILE, _json(generation))
-        for file, text in _tokenizer_files(run.cfg.data.tokenizer, eos, run.args.max_seq_len).items():
+        _write_file(tmp / GENERATION_CONFIG_FILE, json_text(generation))
+        for file, text in tokenizer_files(run.cfg.data.tokenizer, eos, run.args.max_seq_len).items():
             _write_file(tmp / file, text)
         fsync_dir(tmp)
         if out.exists():

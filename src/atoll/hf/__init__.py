@@ -1,0 +1,1 @@
+"""atoll's Llama and Hugging Face transformers: the mapping between them and tokenizer files."""
