@@ -2,8 +2,9 @@
 
 `sharded` (the Checkpointer: staging, background DCP writes, atomic publish, loading), `manifest`
 (the JSON manifest and its sha256 verification), `timeline` (histories, `latest`, retention),
-`rundir` (the run-directory lock, refusing a fresh run in a used directory) and `remote`
-(copies through fsspec).
+`rundir` (the run-directory lock, refusing a fresh run in a used directory), `remote`
+(copies through fsspec) and `reader` (a checkpoint's model tensor by tensor, for export, eval and
+sample; imported from there, as it needs atoll.model).
 """
 
 from atoll.checkpoint.manifest import CorruptCheckpoint, Manifest, read_manifest, verify
