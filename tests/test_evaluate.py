@@ -14,7 +14,7 @@ from atoll.cli import main
 from atoll.config import load_config
 from atoll.data import ByteTokenizer, TrainingData, iter_eval_batches, train_bpe, weighted_mean
 from atoll.evaluate import evaluate_model, load_eval_data, pick_device
-from atoll.export import load_model
+from atoll.hf import load_model
 from atoll.island import start_island, stop_island
 from atoll.model import Llama, get_size, lm_loss
 from atoll.train import evaluate, train

@@ -19,7 +19,7 @@ from conftest import REPO, read_metrics, run_atoll
 from atoll.cli import main
 from atoll.data import ByteTokenizer
 from atoll.errors import UserError
-from atoll.export import find_checkpoint, load_hf_weights, load_model
+from atoll.hf import find_checkpoint, load_hf_weights, load_model
 from atoll.model import Llama, get_size
 
 TIMEOUT = 300

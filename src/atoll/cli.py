@@ -297,7 +297,7 @@ def resolve_eval_config(run_config: Path | None, rest: list[str]) -> JobConfig:
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from atoll.evaluate import evaluate_model, load_eval_data, pick_device
-    from atoll.export import load_model
+    from atoll.hf import load_model
 
     loaded = load_model(args.model)
     cfg = resolve_eval_config(loaded.run_config, rest)
@@ -320,7 +320,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_sample(args: argparse.Namespace, rest: list[str]) -> int:
     from atoll.evaluate import pick_device
-    from atoll.export import load_model
+    from atoll.hf import load_model
     from atoll.sample import generate
 
     if args.max_new_tokens < 1:

@@ -30,9 +30,9 @@ from atoll.config import JobConfig, dump_config
 from atoll.data import BatchSource, TrainingData, iter_eval_batches, load_training_data, weighted_mean
 from atoll.digest import model_digest
 from atoll.errors import UserError
-from atoll.export import load_hf_weights
 from atoll.faults import FaultInjector
 from atoll.guard import InnerGuard
+from atoll.hf import load_hf_weights
 from atoll.island import (
     Island,
     all_reduce_mean,
