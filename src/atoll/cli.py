@@ -273,7 +273,7 @@ def parse_size(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
-    from atoll.hf import export
+    from atoll.hf.export import export
 
     report = export(args.source, args.out, args.dtype, parse_size(args.max_shard_size))
     run = report.source
