@@ -14,6 +14,7 @@ from conftest import outer_step
 from atoll.comm.allreduce import GlobalMean, ring_bytes
 from atoll.comm.codecs import get_codec
 from atoll.diloco import DiLoCo, layer_buckets
+from atoll.digest import tensor_digest
 from atoll.model import Llama, get_size
 from atoll.sync import island_first_sample
 
@@ -160,3 +161,61 @@ def test_islands_and_local_ranks_read_disjoint_data_while_membership_changes():
                 seen.extend(int(row[0]) for row in inputs)
         cursor += islands * per_island_batch
     assert len(seen) == len(set(seen)) == per_island_batch * 17
+
+
+class Shards(torch.nn.Module):
+    """Parameters whose boundaries fall inside update spans and digest pieces; one is not contiguous."""
+
+    def __init__(self, sizes: list[int], seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.flat = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes)
+        self.transposed = torch.nn.Parameter(torch.randn(7, 129, generator=gen).t())
+
+
+@pytest.mark.parametrize("sizes", [[5], [3 * (1 << 18) + 17, 1 << 20, 1000], [(1 << 20) + 64, 0, 63]])
+@pytest.mark.parametrize("momentum, nesterov", [(0.9, True), (0.9, False), (0.0, False)])
+def test_apply_is_bitwise_torch_sgd_with_inner_weights_and_digest(sizes, momentum, nesterov):
+    model = Shards(sizes, seed=0)
+    diloco = DiLoCo(model, lr=0.7, momentum=momentum, nesterov=nesterov)
+    outer = torch.nn.Parameter(diloco.outer.clone())
+    sgd = torch.optim.SGD([outer], lr=0.7, momentum=momentum, nesterov=nesterov)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        grad = torch.randn(outer.numel(), generator=gen) * 1e-3
+        grad[: 1 << 10] = 0.0  # an all-zero span start
+        grad[-1] = float("nan") if step == 2 else grad[-1]
+        diloco.pseudo_grad.copy_(grad)
+        outer.grad = grad.clone()
+        assert diloco.agreement_digest() == tensor_digest([("outer", outer), ("pseudo_grad", grad)])
+        digest = diloco.apply()
+        sgd.step()
+        assert torch.equal(diloco.outer.view(torch.int32), outer.detach().view(torch.int32))
+        if momentum:
+            want = sgd.state[outer]["momentum_buffer"]
+            assert torch.equal(diloco.optimizer.state[diloco.outer]["momentum_buffer"].view(torch.int32), want.view(torch.int32))
+        inner = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert torch.equal(inner.view(torch.int32), outer.detach().view(torch.int32))
+        assert digest == tensor_digest([("outer", outer)]) == diloco.restore_inner()
+
+
+def test_kept_outer_digest_follows_every_write_to_the_outer_weights():
+    diloco = DiLoCo(Shards([(1 << 20) + 5], seed=0), lr=0.7, momentum=0.9, nesterov=True)
+
+    def fresh() -> str:
+        return tensor_digest([("outer", diloco.outer), ("pseudo_grad", diloco.pseudo_grad)])
+
+    diloco.apply()
+    assert diloco.agreement_digest() == fresh()
+    with torch.no_grad():
+        diloco.outer[-3:].add_(1.0)  # a torch write through a view bumps the shared version counter
+    assert diloco.agreement_digest() == fresh()
+    diloco.apply()
+    diloco.load_state_dict({"outer": torch.zeros_like(diloco.outer), "momentum": diloco.outer, "has_momentum": 1})
+    assert diloco.agreement_digest() == fresh()
+    diloco.apply()
+    diloco.transfer_buffers()["outer"].numpy()[7] = 42.0  # raw memory: the transfer's own contract drops the digest
+    diloco.took_state(True)
+    assert diloco.agreement_digest() == fresh()
+    diloco.optimizer.step()  # the public optimizer writes through torch ops too
+    assert diloco.agreement_digest() == fresh()

@@ -11,10 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hashlib
+
 import pytest
 import torch
+import xxhash
 
 from atoll.diloco import DiLoCo
+from atoll.digest import PIECE_BYTES, tensor_digest
 
 WORKER = Path(__file__).with_name("outer_step_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -47,6 +51,25 @@ def run_islands(world: int, mode: str) -> list[dict]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return results
+
+
+def sequential_digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """The digest as it was defined before pieces were hashed on threads: one piece after the other."""
+    h = hashlib.sha256()
+    for name, tensor in tensors:
+        flat = tensor.reshape(-1)
+        h.update(f"{name}|{flat.dtype}|{tuple(flat.shape)}|".encode())
+        step = PIECE_BYTES // flat.element_size()
+        for start in range(0, flat.numel(), step):
+            h.update(xxhash.xxh3_128_digest(flat[start : start + step].numpy().tobytes()))
+    return h.hexdigest()
+
+
+def test_digest_hashed_on_threads_equals_the_sequential_digest():
+    for numel in (0, 1, PIECE_BYTES // 4, 3 * PIECE_BYTES // 4 + 5):
+        values = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+        tensors = [("outer", values), ("halves", values[::2].double())]
+        assert tensor_digest(tensors) == sequential_digest(tensors)
 
 
 def test_buckets_in_one_pass_equal_one_ring_per_bucket_on_every_island():

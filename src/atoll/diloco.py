@@ -19,6 +19,20 @@ The outer step comes in three parts so that the caller (`atoll.sync`) can make i
 `agreement_digest` (what the islands compare before anyone applies) and `apply` (the Nesterov
 step and the copy into the inner weights).
 
+Local work per outer step, in passes over the shard (`benchmarks/outer_step.py` times each):
+the pseudo-gradient (one pass), the agreement digest (the pseudo-gradient only: the outer
+weights' piece digests are kept from the last time they were hashed, see below) and `apply`
+(the Nesterov step in cache-sized spans, the copy into the inner weights, the new outer digest).
+Digests hash on every core (`atoll.digest`).
+
+Why keeping the outer digest is safe: the kept piece digests carry the outer buffer's version
+counter, which torch bumps on every in-place write to the buffer or to any view of it (optimizer
+steps, `copy_`, collectives, checkpoint loads, state transfers all write through torch ops);
+a digest whose version differs is recomputed, and the methods here that hand the buffer out for
+writing or fill it (`broadcast_state`, `transfer_buffers`, `took_state`, `load_state_dict`)
+drop it as well. Only a write through raw memory (a numpy view) would go unseen: nothing in atoll
+writes the outer weights that way.
+
 Failure semantics: a failed collective raises out of `average` before the outer weights or the
 model change; the pseudo-gradient buffer is then undefined, and the next `average` recomputes
 it (the inner weights have not changed), so an attempt can be redone among the survivors.
@@ -35,7 +49,7 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.comm.allreduce import GlobalMean
-from atoll.digest import tensor_digest
+from atoll.digest import combine, piece_digests
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
 UPDATE_SPAN = 2**18
@@ -91,6 +105,8 @@ class DiLoCo(Stateful):
         self.optimizer = torch.optim.SGD(
             [self.outer], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
         )
+        self._outer_digests: tuple[int, list[bytes]] | None = None
+        """(the outer buffer's version counter, its piece digests) when they were last hashed."""
 
     def anneal(self, weight: float) -> None:
         """Scale the outer step towards a plain average: lr 1 - (1 - lr) * weight, momentum * weight.
@@ -131,6 +147,16 @@ class DiLoCo(Stateful):
         if any(s.is_cuda for s in self._shards()):
             torch.cuda.synchronize()
 
+    def _outer_piece_digests(self) -> list[bytes]:
+        """The outer weights' piece digests: kept ones if the buffer has not been written since, else hashed now."""
+        if self._outer_digests is None or self._outer_digests[0] != self.outer._version:
+            self._outer_digests = (self.outer._version, piece_digests(self.outer))
+        return self._outer_digests[1]
+
+    def _outer_digest(self) -> str:
+        """`tensor_digest([("outer", self.outer)])`, from the kept piece digests where they are current."""
+        return combine([("outer", self.outer, self._outer_piece_digests())])
+
     @torch.no_grad()
     def average(self, mean: GlobalMean) -> None:
         """Recompute the pseudo-gradient (outer − inner) and average it across islands in per-layer buckets.
@@ -164,18 +190,24 @@ class DiLoCo(Stateful):
 
     def agreement_digest(self) -> str:
         """Digest of the outer weights and the averaged pseudo-gradient: equal on all islands iff
-        applying the step leaves every island with the same outer weights."""
-        return tensor_digest([("outer", self.outer), ("pseudo_grad", self.pseudo_grad)])
+        applying the step leaves every island with the same outer weights. The same bits as
+        `tensor_digest([("outer", outer), ("pseudo_grad", pseudo_grad)])`; the outer weights are
+        hashed again only if they were written since they were last hashed."""
+        return combine([
+            ("outer", self.outer, self._outer_piece_digests()),
+            ("pseudo_grad", self.pseudo_grad, piece_digests(self.pseudo_grad)),
+        ])
 
     @torch.no_grad()
     def apply(self) -> str:
         """The outer Nesterov step on the averaged pseudo-gradient, then outer -> inner weights.
 
-        Returns the digest of the new outer weights (this rank's shard).
+        Returns the digest of the new outer weights (this rank's shard), which is kept for the
+        next agreement digest.
         """
         self._outer_sgd_step()
         self._scatter_outer()
-        return tensor_digest([("outer", self.outer)])
+        return self._outer_digest()
 
     @torch.no_grad()
     def _outer_sgd_step(self) -> None:
@@ -206,7 +238,7 @@ class DiLoCo(Stateful):
         """Overwrite the inner weights with the outer weights, which stay as they are (a skipped
         outer step, or an island reset after non-finite inner steps); returns the outer digest."""
         self._scatter_outer()
-        return tensor_digest([("outer", self.outer)])
+        return self._outer_digest()
 
     @torch.no_grad()
     def broadcast_state(self, mean: GlobalMean, source: int) -> None:
@@ -228,6 +260,7 @@ class DiLoCo(Stateful):
         else:
             state.pop("momentum_buffer", None)
         mean.broadcast_(tensors, source)
+        self._outer_digests = None
         self._scatter_outer()
 
     def served_buffers(self) -> dict[str, torch.Tensor]:
@@ -238,6 +271,7 @@ class DiLoCo(Stateful):
     def transfer_buffers(self) -> dict[str, torch.Tensor]:
         """Buffers for a state transfer to fill: the outer weights and a momentum buffer; then `took_state`."""
         state = self.optimizer.state[self.outer]
+        self._outer_digests = None  # the caller writes them
         return {"outer": self.outer, "momentum": state.setdefault("momentum_buffer", torch.zeros_like(self.outer))}
 
     @torch.no_grad()
@@ -246,6 +280,7 @@ class DiLoCo(Stateful):
         and copy the outer weights into the inner weights."""
         if not has_momentum:
             self.optimizer.state[self.outer].pop("momentum_buffer", None)
+        self._outer_digests = None
         self._scatter_outer()
 
     def state_dict(self) -> dict[str, Any]:
@@ -267,6 +302,7 @@ class DiLoCo(Stateful):
         """Restore the outer weights and momentum (in place); the inner weights are the caller's."""
         with torch.no_grad():
             self.outer.copy_(state_dict["outer"])
+        self._outer_digests = None
         state = self.optimizer.state[self.outer]
         if int(state_dict["has_momentum"]):
             state["momentum_buffer"] = state_dict["momentum"].detach().clone()
