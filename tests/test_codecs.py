@@ -165,3 +165,33 @@ def test_int8_spans_on_the_thread_pool_give_the_bits_of_one_span():
     payload = Int8Codec().encode(values)
     assert torch.equal(payload, one_span.encode(values))
     assert torch.equal(Int8Codec().decode(payload, values.numel()), one_span.decode(payload, values.numel()))
+
+
+def reference_int8_encode(values: torch.Tensor) -> torch.Tensor:
+    """The int8 payload as first specified, in one span: the bits every faster recipe must keep."""
+    blocks = -(-values.numel() // INT8_BLOCK)
+    padded = torch.cat([values, values.new_zeros(blocks * INT8_BLOCK - values.numel())]).view(blocks, INT8_BLOCK)
+    # padding with zeros changes no absmax; the pad's codes are cut off below
+    absmax = torch.maximum(padded.amax(1), padded.amin(1).neg())
+    scale = (absmax * ((1 + 2**-8) / 127)).to(torch.bfloat16)
+    inverse = torch.where(scale > 0, scale.float().reciprocal(), 0.0)
+    codes = torch.mul(padded, inverse[:, None]).round_().to(torch.int8).view(-1)[: values.numel()]
+    return torch.cat([scale.view(torch.uint8), codes.view(torch.uint8)])
+
+
+def test_int8_payload_and_decoded_bits_equal_the_reference_recipe():
+    numel = 2 * Int8Codec.SPAN_BLOCKS * INT8_BLOCK + 3 * INT8_BLOCK + 37  # several spans, a partial last block
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(2))
+    values[INT8_BLOCK : 2 * INT8_BLOCK] = 0.0  # an all-zero block
+    values[5 * INT8_BLOCK + 3] = float("nan")
+    values[7 * INT8_BLOCK + 1] = float("-inf")
+    values[9 * INT8_BLOCK : 10 * INT8_BLOCK] *= 1e-38  # subnormal bf16 scales
+    values[-37:] = 0.0  # the partial last block is all zero
+    codec = Int8Codec()
+    for length in (numel, numel - 37, 1, 63, 65):
+        payload = codec.encode(values[:length].contiguous())
+        assert torch.equal(payload, reference_int8_encode(values[:length])), length
+        scales = payload[: 2 * -(-length // INT8_BLOCK)].view(torch.bfloat16).float()
+        codes = payload[scales.numel() * 2 :].view(torch.int8).float()
+        want = torch.cat([codes, codes.new_zeros(scales.numel() * INT8_BLOCK - length)]).view(-1, INT8_BLOCK).mul(scales[:, None])
+        assert torch.equal(codec.decode(payload, length).view(torch.int32), want.view(-1)[:length].view(torch.int32)), length
