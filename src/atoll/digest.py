@@ -21,6 +21,7 @@ malicious island, which could report any digest it likes; authenticity is the ru
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -67,6 +68,15 @@ def hash_piece(piece: torch.Tensor) -> bytes:
 
 
 _POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+# a forked child inherits the pool object but not its threads: work submitted to it would never run
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def hash_pool() -> ThreadPoolExecutor:

@@ -33,6 +33,7 @@ and in codebook8 it makes the whole payload NaN (its sigma is NaN).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,15 @@ def _decode_span(out_rows: torch.Tensor, code_rows: torch.Tensor, scales: torch.
 
 
 _POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+# a forked child inherits the pool object but not its threads: work submitted to it would never run
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run(work: Callable[..., None], spans: list[tuple[torch.Tensor, ...]]) -> None:
