@@ -1,11 +1,13 @@
-"""Encode and decode speed of every codec next to a plain `tensor.clone()`, measured in one run.
+"""Encode and decode speed of every codec next to a plain `tensor.clone()` and `copy_`, measured in one run.
 
     python benchmarks/codecs.py [--mib 64] [--repeats 5] [--device cpu|cuda]
 
 The input is a Gaussian fp32 tensor of `--mib` MiB. GB/s is always the input's fp32 bytes over
 the seconds taken (so encode, decode and clone are comparable). Each repeat times the clone and
 then every codec's encode and decode, interleaved so machine noise spreads over all of them; the
-table shows medians, the ratio to the clone, the relative L2 error of decode(encode(x)) and the
+table shows medians, the ratio to the clone (a fresh tensor, as encode and decode return: its
+page faults count), the rate of a `copy_` into a preallocated tensor (the memory bandwidth, printed
+for reference), the relative L2 error of decode(encode(x)) and the
 compression ratio (fp32 bytes / payload bytes); fp32's decode is a view of the payload and shows
 as such. On CPU the codecs use torch's intra-op threads
 (the count is printed); `--device cuda` runs the same vectorised torch code on a GPU. This prints
@@ -52,11 +54,12 @@ def main() -> None:
     values = torch.randn(args.mib * MIB // 4, generator=torch.Generator().manual_seed(0)).to(device)
     numel, nbytes = values.numel(), values.numel() * 4
     payloads = {name: codec.encode(values) for name, codec in CODECS.items()}
-    seconds: dict[str, list[float]] = {"clone": []}
+    reference = torch.empty_like(values)
+    seconds: dict[str, list[float]] = {"clone": [], "copy_": []}
     for name in CODECS:
         seconds[f"{name}.encode"], seconds[f"{name}.decode"] = [], []
     for round_index in range(args.repeats + 1):  # round 0 warms up allocator and threads
-        laps = {"clone": timed(values.clone, device)}
+        laps = {"clone": timed(values.clone, device), "copy_": timed(lambda: reference.copy_(values), device)}
         for name, codec in CODECS.items():
             laps[f"{name}.encode"] = timed(lambda: codec.encode(values), device)
             laps[f"{name}.decode"] = timed(lambda: codec.decode(payloads[name], numel), device)
@@ -70,7 +73,7 @@ def main() -> None:
     clone = rate("clone")
     threads = f"{torch.get_num_threads()} intra-op threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{args.mib} MiB fp32 Gaussian on {device.type} ({threads}), median of {args.repeats} rounds")
-    print(f"clone: {clone:.2f} GB/s")
+    print(f"clone: {clone:.2f} GB/s, copy_ into a preallocated tensor: {rate('copy_'):.2f} GB/s")
     print(f"{'codec':<10} {'encode GB/s':>11} {'x clone':>8} {'decode GB/s':>11} {'x clone':>8} {'rel L2 err':>10} {'ratio':>6}")
     for name, codec in CODECS.items():
         encode, decode = rate(f"{name}.encode"), rate(f"{name}.decode")

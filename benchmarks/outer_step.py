@@ -1,4 +1,4 @@
-"""The outer step's local work on one rank's shard, phase by phase, next to a plain `clone()`.
+"""The outer step's local work on one rank's shard, phase by phase, next to two bandwidth references.
 
     python benchmarks/outer_step.py [--gb 1] [--layers 42] [--repeats 3]
 
@@ -8,14 +8,20 @@ outer step, with the network left out (a 1-member group, where the ring is a no-
 
 - pseudo-gradient: `DiLoCo.average` (read the inner shards into the pseudo-gradient buffer,
   outer − inner in place, per-layer buckets through `GlobalMean`),
-- digest: `agreement_digest()` (outer weights and pseudo-gradient) and the outer digest that
-  `apply()` returns (three buffer passes),
-- encode / decode: the int8 codec over every bucket once (the ring does this per hop),
-- apply: the Nesterov step (`optimizer.step()`), copy back: outer weights into the inner shards.
+- agreement digest: `agreement_digest()` as `atoll.sync` calls it after the average: it hashes
+  the pseudo-gradient; the outer weights' digests are the ones kept from the previous `apply()`,
+- encode / decode: the int8 codec over every bucket once, in the ring's chunks of
+  `CommConfig.chunk_mb` (the ring does this per hop; it decodes each payload it receives),
+- apply: `apply()`: the Nesterov step, the copy of the outer weights into the inner shards and
+  the digest of the new outer weights.
 
-Each phase prints seconds per GB of shard and GB/s; the total is what one outer step costs this
-rank before and after the wire. Medians of `--repeats` rounds after one warm-up round. This
-prints figures only; it never fails on time.
+References: `clone()` of the pseudo-gradient (a fresh allocation: its page faults are counted, as
+they are for every fresh tensor) and `copy_` of it into a preallocated buffer (one read and one
+write of the shard: the memory bandwidth floor of a pass). Each phase prints seconds per GB of
+shard and GB/s, and how many copy_ passes it costs; the total is what one outer step costs this
+rank before and after the wire. Medians of `--repeats` rounds after one warm-up round, the phases
+and references interleaved so machine noise spreads over all of them. This prints figures only;
+it never fails on time.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from torch import nn
 
 from atoll.comm.allreduce import GlobalMean
 from atoll.comm.codecs import get_codec
+from atoll.config import CommConfig
 from atoll.diloco import DiLoCo
-from atoll.digest import tensor_digest
 
 GB = 1e9
 
@@ -59,49 +65,50 @@ def main() -> None:
     model = Blocks(int(args.gb * GB / 4), args.layers)
     diloco = DiLoCo(model, lr=0.7, momentum=0.9, nesterov=True)
     codec = get_codec("int8")
-    mean = GlobalMean([dist.new_group([0], backend="gloo")], codec, deadline_s=60, chunk_bytes=2**22)
-    buckets = [diloco.pseudo_grad[b] for b in diloco.buckets]
+    chunk_values = int(CommConfig().chunk_mb * 1e6) // 4
+    mean = GlobalMean([dist.new_group([0], backend="gloo")], codec, deadline_s=60, chunk_bytes=chunk_values * 4)
+    # the ring's chunks of each bucket (one segment per island: the whole bucket on one island)
+    chunks = [c for b in diloco.buckets for c in diloco.pseudo_grad[b].tensor_split(max(1, -(-(b.stop - b.start) // chunk_values)))]
     payloads: list[torch.Tensor] = []
     nbytes = diloco.outer.numel() * 4
+    reference = torch.empty_like(diloco.pseudo_grad)
 
     def encode() -> None:
-        payloads[:] = [codec.encode(b) for b in buckets]
+        payloads[:] = [codec.encode(c) for c in chunks]
 
     def decode() -> None:
-        for b, payload in zip(buckets, payloads):
-            codec.decode(payload, b.numel())
-
-    def digest() -> None:
-        diloco.agreement_digest()
-        tensor_digest([("outer", diloco.outer)])
+        for c, payload in zip(chunks, payloads):
+            codec.decode(payload, c.numel())
 
     phases: dict[str, Callable[[], object]] = {
         "pseudo-gradient": lambda: diloco.average(mean),
-        "digest (3 passes)": digest,
+        "agreement digest": diloco.agreement_digest,
         "int8 encode": encode,
         "int8 decode": decode,
-        "apply (Nesterov)": diloco._outer_sgd_step,
-        "copy back": diloco._scatter_outer,
+        "apply (Nesterov, copy back, digest)": diloco.apply,
     }
-    seconds: dict[str, list[float]] = {name: [] for name in [*phases, "clone (reference)"]}
-    for round_index in range(args.repeats + 1):  # round 0 warms up allocator, threads, momentum
-        for name, fn in [*phases.items(), ("clone (reference)", diloco.pseudo_grad.clone)]:
+    references: dict[str, Callable[[], object]] = {
+        "clone (fresh memory)": diloco.pseudo_grad.clone,
+        "copy_ (preallocated)": lambda: reference.copy_(diloco.pseudo_grad),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in [*phases, *references]}
+    for round_index in range(args.repeats + 1):  # round 0 warms up allocator, threads, momentum, kept digest
+        for name, fn in [*phases.items(), *references.items()]:
             start = time.perf_counter()
             fn()
             lap = time.perf_counter() - start
             if round_index:
                 seconds[name].append(lap)
     load = os.getloadavg()
-    print(f"outer step local work on a {nbytes / GB:.2f} GB fp32 shard ({args.layers} buckets), "
+    print(f"outer step local work on a {nbytes / GB:.2f} GB fp32 shard ({args.layers} buckets, {len(chunks)} ring chunks), "
           f"{torch.get_num_threads()} intra-op threads, load average {load[0]:.2f}, median of {args.repeats} rounds")
-    print(f"{'phase':<20} {'s/GB':>7} {'GB/s':>7}")
-    total = 0.0
-    for name, laps in seconds.items():
-        s_per_gb = statistics.median(laps) / (nbytes / GB)
-        if name in phases:
-            total += s_per_gb
-        print(f"{name:<20} {s_per_gb:>7.3f} {1 / s_per_gb:>7.2f}")
-    print(f"{'total (phases)':<20} {total:>7.3f} {1 / total:>7.2f}")
+    s_per_gb = {name: statistics.median(laps) / (nbytes / GB) for name, laps in seconds.items()}
+    copy = s_per_gb["copy_ (preallocated)"]
+    print(f"{'phase':<36} {'s/GB':>7} {'GB/s':>7} {'x copy_':>8}")
+    for name, value in s_per_gb.items():
+        print(f"{name:<36} {value:>7.3f} {1 / value:>7.2f} {value / copy:>8.2f}")
+    total = sum(s_per_gb[name] for name in phases)
+    print(f"{'total (phases)':<36} {total:>7.3f} {1 / total:>7.2f} {total / copy:>8.2f}")
     dist.destroy_process_group()
 
 
