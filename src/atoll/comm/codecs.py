@@ -129,12 +129,21 @@ class Int8Codec(Codec):
 
     Encode and decode work through the tensor in spans of SPAN_BLOCKS blocks (2 MiB of fp32) on
     a thread pool: each op of the recipe then reads and writes cache-resident data, instead of
-    making ten passes over main memory, and the spans run on every core. Spans are independent,
-    so the bits do not depend on the thread count.
+    making ten passes over main memory, and the spans of a large tensor run on every core. Spans
+    are independent, so the bits do not depend on the thread count.
+
+    Why not a compiled kernel (torch.compile of the span, measured here): the first compile
+    took 34 s in a fresh process, and inductor's code turned a NaN's code into -128 where these
+    torch ops give 0, so an island with a compiler and one without would send different bytes.
     """
 
     name = "int8"
     SPAN_BLOCKS = 8192
+    POOL_SPANS = 3
+    """Fewest spans worth the pool. Below it the spans run in turn on the calling thread, each op
+    on torch's intra-op threads: a ring chunk (4 MB, two spans) then decodes in 0.16-0.2 s/GB
+    instead of 0.24-0.30 on the pool (measured here on 2 cores: two pool threads each opening
+    an OpenMP team oversubscribe the cores); encode is the same either way."""
 
     def __init__(self, block: int = INT8_BLOCK) -> None:
         self.block = block
@@ -165,14 +174,14 @@ class Int8Codec(Codec):
         numel = values.numel()
         out = torch.empty(self.encoded_size(numel), dtype=torch.uint8, device=values.device)
         scales, codes = self._split(out, numel)
-        _run(_encode_span, self._spans(values, codes, scales))
+        _run(_encode_span, self._spans(values, codes, scales), self.POOL_SPANS)
         return out
 
     def decode(self, data: torch.Tensor, numel: int) -> torch.Tensor:
         self._check_payload(data, numel)
         scales, codes = self._split(data, numel)
         out = torch.empty(numel, dtype=torch.float32, device=data.device)
-        _run(_decode_span, self._spans(out, codes, scales))
+        _run(_decode_span, self._spans(out, codes, scales), self.POOL_SPANS)
         return out
 
 
@@ -203,10 +212,10 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _run(work: Callable[..., None], spans: list[tuple[torch.Tensor, ...]]) -> None:
-    """work(*span) for every span: inline for one span (or on CUDA), else on the codec pool."""
+def _run(work: Callable[..., None], spans: list[tuple[torch.Tensor, ...]], pool_spans: int) -> None:
+    """work(*span) for every span: inline for fewer than `pool_spans` spans (or on CUDA), else on the codec pool."""
     global _POOL
-    if len(spans) <= 1 or spans[0][0].device.type != "cpu":
+    if len(spans) < pool_spans or spans[0][0].device.type != "cpu":
         for span in spans:
             work(*span)
         return
