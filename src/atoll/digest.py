@@ -4,15 +4,15 @@ A digest is sha256 over a header per tensor (name, dtype, shape) and the XXH3-12
 tensor's pieces. Why not sha256 over the bytes: without SHA extensions this CPU hashes 0.2 GB/s
 per core (it would cost tens of seconds per outer step at 10B), XXH3 hashes 6.5 GB/s per core
 from the tensor's own memory (no copy). Pieces are hashed on a thread pool (xxhash releases the
-GIL): 1.6x on 2 cores, where the pass becomes memory-bound. The order pieces finish in changes
-nothing: their digests enter sha256 in piece order. These digests detect *accidental* divergence between
-processes that run the same code (a bug, nondeterminism, a bad transfer): a 128-bit hash with
+GIL): 1.6x on 2 idle cores, where the pass becomes memory-bound. The order pieces finish in
+changes nothing: their digests enter sha256 in piece order. These digests detect *accidental*
+divergence between processes that run the same code (a bug, nondeterminism, a bad transfer): a 128-bit hash with
 full avalanche makes an accidental collision a 2^-128 event. They are not a defence against a
 malicious island, which could report any digest it likes; authenticity is the run token's job.
 
 - `tensor_digest`: tensors hashed whole, in PIECE_BYTES pieces (e.g. an outer-weight buffer);
-  `piece_digests` and `combine` are its two halves, for a caller that hashes pieces as it writes
-  them (`DiLoCo.apply`) or keeps the pieces of a buffer it has not written since.
+  `piece_digests` and `combine` are its two halves, for a caller that keeps the piece digests of
+  a buffer it has not written since (`DiLoCo`'s outer weights).
 - `model_digest`: the full model's digest from each rank's shards without gathering them: every
   row (slice along dim 0) is one piece, so the digest does not depend on how rows are sharded;
   the ranks exchange only the 16-byte row digests.
@@ -57,12 +57,7 @@ def _header(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> bytes:
     return f"{name}|{tensor.dtype}|{shape}|".encode()
 
 
-def piece_values(tensor: torch.Tensor) -> int:
-    """Values per piece of `tensor` in `tensor_digest`: piece i is values [i * n, (i + 1) * n) of the flat tensor."""
-    return max(1, PIECE_BYTES // tensor.element_size())
-
-
-def hash_piece(piece: torch.Tensor) -> bytes:
+def _hash_piece(piece: torch.Tensor) -> bytes:
     """XXH3-128 of one contiguous piece (a device piece is copied to the host first)."""
     return xxhash.xxh3_128_digest(_bytes(piece.cpu() if piece.device.type != "cpu" else piece))
 
@@ -79,7 +74,7 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def hash_pool() -> ThreadPoolExecutor:
+def _hash_pool() -> ThreadPoolExecutor:
     """The process's hashing threads, as many as torch's intra-op threads (xxhash releases the GIL)."""
     global _POOL
     if _POOL is None:
@@ -92,11 +87,11 @@ def piece_digests(tensor: torch.Tensor) -> list[bytes]:
     t = tensor.detach().reshape(-1)  # a copy only if the tensor is not contiguous
     if t.numel() == 1 and t.stride(0) != 1:  # one value sliced with a step: contiguous, yet no byte view
         t = t.clone(memory_format=torch.contiguous_format)
-    step = piece_values(t)
+    step = max(1, PIECE_BYTES // t.element_size())
     pieces = [t[start : start + step] for start in range(0, t.numel(), step)]
     if t.device.type != "cpu" or len(pieces) <= 1:
-        return [hash_piece(piece) for piece in pieces]
-    futures: list[Future[bytes]] = [hash_pool().submit(hash_piece, piece) for piece in pieces]
+        return [_hash_piece(piece) for piece in pieces]
+    futures: list[Future[bytes]] = [_hash_pool().submit(_hash_piece, piece) for piece in pieces]
     return [future.result() for future in futures]
 
 
