@@ -11,7 +11,8 @@ outer step, with the network left out (a 1-member group, where the ring is a no-
 - agreement digest: `agreement_digest()` as `atoll.sync` calls it after the average: it hashes
   the pseudo-gradient; the outer weights' digests are the ones kept from the previous `apply()`,
 - encode / decode: the int8 codec over every bucket once, in the ring's chunks of
-  `CommConfig.chunk_mb` (the ring does this per hop; it decodes each payload it receives),
+  `CommConfig.chunk_mb` (the ring does this per hop; it decodes each payload it receives and
+  lets go of each payload it sent, so their memory is reused rather than faulted in anew),
 - apply: `apply()`: the Nesterov step, the copy of the outer weights into the inner shards and
   the digest of the new outer weights.
 
@@ -69,12 +70,13 @@ def main() -> None:
     mean = GlobalMean([dist.new_group([0], backend="gloo")], codec, deadline_s=60, chunk_bytes=chunk_values * 4)
     # the ring's chunks of each bucket (one segment per island: the whole bucket on one island)
     chunks = [c for b in diloco.buckets for c in diloco.pseudo_grad[b].tensor_split(max(1, -(-(b.stop - b.start) // chunk_values)))]
-    payloads: list[torch.Tensor] = []
+    payloads = [codec.encode(c) for c in chunks]  # what decode reads; their values do not change its time
     nbytes = diloco.outer.numel() * 4
     reference = torch.empty_like(diloco.pseudo_grad)
 
     def encode() -> None:
-        payloads[:] = [codec.encode(c) for c in chunks]
+        for c in chunks:  # each payload is dropped once made, as the ring drops it once sent
+            codec.encode(c)
 
     def decode() -> None:
         for c, payload in zip(chunks, payloads):
