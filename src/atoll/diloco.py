@@ -26,12 +26,13 @@ weights' piece digests are kept from the last time they were hashed, see below) 
 Digests hash on every core (`atoll.digest`).
 
 Why keeping the outer digest is safe: the kept piece digests carry the outer buffer's version
-counter, which torch bumps on every in-place write to the buffer or to any view of it (optimizer
-steps, `copy_`, collectives, checkpoint loads, state transfers all write through torch ops);
-a digest whose version differs is recomputed, and the methods here that hand the buffer out for
-writing or fill it (`broadcast_state`, `transfer_buffers`, `took_state`, `load_state_dict`)
-drop it as well. Only a write through raw memory (a numpy view) would go unseen: nothing in atoll
-writes the outer weights that way.
+counter, which torch bumps on every in-place torch op on the buffer or on any view of it
+(optimizer steps, `copy_`, checkpoint loads); a digest whose version differs is recomputed.
+Collectives (gloo) and state transfers (`atoll.comm.transfer`, which reads chunks straight into
+the buffer's memory) write raw memory that the counter does not see: they only reach the outer
+weights through the methods here that hand the buffer out or fill it (`broadcast_state`,
+`transfer_buffers`, `took_state`, `load_state_dict`), and those drop the kept digests. A new
+raw-memory writer must go through one of them.
 
 Failure semantics: a failed collective raises out of `average` before the outer weights or the
 model change; the pseudo-gradient buffer is then undefined, and the next `average` recomputes
