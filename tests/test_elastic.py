@@ -360,6 +360,46 @@ def test_two_failures_in_one_epoch_leave_the_other_two_in_step(tmp_path, cache_d
     assert sorted(left) == ["island-1", "island-2"]
 
 
+class ScriptedJoin:
+    """The coordinator as a joiner's fetch loop sees it: the first `stale` states it is ready with
+    are stale; an accepted ready is admitted at the next admit()."""
+
+    def __init__(self, stale: int) -> None:
+        self.fetch: dict | None = {"step": 5, "sources": []}
+        self.stale, self.accepted, self.calls = stale, False, []
+
+    def post_ready(self, step: int) -> bool:
+        self.calls.append(("ready", step))
+        self.accepted = step < 0 or self.stale == 0
+        self.stale -= not self.accepted
+        return self.accepted
+
+    def admit(self) -> None:
+        self.calls.append(("admit",))
+        if self.accepted:
+            self.fetch = None
+
+
+@pytest.mark.parametrize(("fetched", "stale", "expected"), [
+    # every source was withdrawing its state: fetch again, never fall back to a broadcast at once
+    ([-1, 5], 0, [("admit",), ("ready", 5), ("admit",)]),
+    # three fetches failed or went stale: ready without a state (the broadcast on entering)
+    ([-1, -1, -1], 0, [("admit",), ("admit",), ("ready", -1), ("admit",)]),
+    ([5, 5, 5], 2, [("ready", 5), ("admit",), ("ready", 5), ("admit",), ("ready", 5), ("admit",)]),
+])
+def test_a_joiner_fetches_again_after_a_failed_fetch_before_it_falls_back_to_a_broadcast(monkeypatch, fetched, stale, expected):
+    from atoll import sync
+
+    monkeypatch.setattr(sync, "FETCH_RETRY_S", 0.0)
+    joiner = sync.IslandSync.__new__(sync.IslandSync)  # only the fetch loop: no model, no processes
+    joiner.diloco, joiner.member = object(), ScriptedJoin(stale)
+    joiner.cfg = type("Cfg", (), {"mesh": type("Mesh", (), {"transfer_attempts": 3})})()
+    results = iter(fetched)
+    monkeypatch.setattr(joiner, "_fetch", lambda where: next(results), raising=False)
+    joiner._fetch_until_admitted()
+    assert joiner.member.calls == expected and next(results, None) is None
+
+
 def test_a_joiner_fetches_the_state_from_live_islands_and_survives_a_source_dying_mid_transfer(tmp_path, cache_dir):
     # island-1 dies (SIGKILL) as it is about to send its second chunk (each of its two connections
     # asks for one at once): the joiner finishes from island-0 and island-2, verified chunk by

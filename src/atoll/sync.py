@@ -98,6 +98,9 @@ def blamed_peer(error: str, epoch: Epoch) -> str | None:
 
 
 _PEER = re.compile(r"(?:from|to) rank (\d+)")
+FETCH_RETRY_S = 1.0
+"""A joiner's pause before it fetches again after a failed fetch: long enough for the sources to
+finish applying an outer step (they withdraw their state meanwhile)."""
 
 
 def island_first_sample(run_samples: int, island_index: int, global_batch: int) -> int:
@@ -435,8 +438,11 @@ class IslandSync:
     def _fetch_until_admitted(self) -> None:
         """A joiner's way in: fetch the state where the coordinator says, say it is ready, wait for
         admission; again while the state it fetched goes stale (a step was committed meanwhile).
-        After mesh.transfer_attempts failed fetches it says it is ready without a state and takes
-        it by broadcast on entering. Waits for admission are unbounded while the run lives."""
+        A failed fetch (say, every source was applying an outer step and withdrew its state) is
+        tried again after FETCH_RETRY_S, with the sources the coordinator names then. After
+        mesh.transfer_attempts fetches that failed or went stale it says it is ready without a
+        state and takes it by broadcast on entering. Waits for admission are unbounded while the
+        run lives."""
         if self.diloco is None:
             raise RuntimeError("ddp mode has a fixed membership: an island cannot join a running ddp run (restart the whole run)")
         attempts = 0
@@ -445,8 +451,12 @@ class IslandSync:
             if attempts < self.cfg.mesh.transfer_attempts:
                 attempts += 1
                 step = self._fetch(self.member.fetch)
-            if self.member.post_ready(step):
-                self.member.admit()
+                if step < 0 and attempts < self.cfg.mesh.transfer_attempts:
+                    time.sleep(FETCH_RETRY_S)
+                    self.member.admit()  # answered at once: where to fetch now
+                    continue
+            self.member.post_ready(step)
+            self.member.admit()  # admitted; or, the state being stale, where to fetch now
 
     def _fetch(self, where: dict[str, Any]) -> int:
         """Every local rank fetches its shard of the state from the same local rank of every source
