@@ -106,10 +106,6 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(numel * 4 for _, numel in self.tensors)
 
-    def header(self) -> Manifest:
-        """This manifest without its hashes (what a server sends before it has hashed anything)."""
-        return Manifest(self.version, self.step, self.samples, self.tensors, self.chunk_bytes, ())
-
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
 
