@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,22 @@ def run_atoll(args: list[str], timeout: float, cwd: Path | None = None) -> subpr
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive loopback ports nothing listens on, chosen below the kernel's
+    ephemeral range (32768 and up on Linux), so that no outgoing connection of another process
+    (an island's client, a gloo pair) can take it between this call and the bind that follows."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000 - count)
+        try:
+            for offset in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free loopback port between 20000 and 32000")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import outer_step
+from conftest import free_port, outer_step
 
 from atoll.comm.allreduce import GlobalMean, ring_bytes
 from atoll.comm.codecs import get_codec
@@ -85,12 +84,6 @@ def test_outer_step_on_one_island_is_exactly_nesterov_sgd():
     assert mean.wire.bytes_sent == 0  # one island sends nothing
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _island(rank: int, world: int, port: int, outer_steps: int, lr: float, momentum: float, results) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=30))
@@ -110,7 +103,7 @@ def _island(rank: int, world: int, port: int, outer_steps: int, lr: float, momen
 def run_islands(world: int, outer_steps: int, lr: float, momentum: float) -> list[tuple]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_island, args=(r, world, port, outer_steps, lr, momentum, results)) for r in range(world)]
     for p in procs:
         p.start()

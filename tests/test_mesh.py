@@ -21,6 +21,8 @@ from datetime import timedelta
 
 import pytest
 
+from conftest import free_port
+
 from atoll.comm.allreduce import ring_bytes
 from atoll.errors import UserError
 from atoll.mesh import protocol
@@ -42,13 +44,6 @@ def serving_coordinator():
     coord = Coordinator(LOOPBACK, 0, 2, token=TOKEN).start()
     yield coord
     coord.stop()
-
-
-def free_port() -> int:
-    """A port that nothing listens on (bound once by the OS, then released)."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def coordinator_threads() -> list[threading.Thread]:
@@ -475,8 +470,6 @@ def test_global_group_averages_a_tensor_across_two_island_processes(serving_coor
 )
 def test_ring_bytes_is_two_n_minus_one_over_n_times_the_payload(numel, element_size, world, expected):
     assert ring_bytes(numel, element_size, world) == expected
-
-
 
 
 # --- the command line: safe defaults ------------------------------------------------------------------

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_metrics
+from conftest import REPO, free_port, read_metrics
 from test_elastic import assert_live_islands_agree, leftover_processes, membership
 
 from atoll.mesh.coordinator import Coordinator
@@ -47,11 +47,15 @@ def island(address: str, name: str, run_dir: Path, steps: int, cache: str, *extr
                   "--island-id", name, "--run-dir", str(run_dir / name), *extra], run_dir / f"{name}.log")
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, alive: list[subprocess.Popen] = ()) -> None:
+    """Wait until `condition()`; fail at `timeout`, or at once if a process of `alive` has exited."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        for proc in alive:
+            if proc.poll() is not None:
+                pytest.fail(f"atoll {proc.args[3]} (pid {proc.pid}) exited with {proc.returncode} while waiting for {what}")
         time.sleep(0.1)
 
 
@@ -115,13 +119,16 @@ def test_an_island_killed_and_restarted_under_its_id_with_resume_rejoins_and_end
     run_dir.mkdir()
     coord = Coordinator(LOOPBACK, 0, 3, Rules(heartbeat_timeout_s=3), run_dir / "membership.jsonl", TOKEN).start()
     try:
-        procs = {name: island(coord.address, name, run_dir, 320, cache, "--checkpoint.every", "8") for name in ("a", "b", "c")}
-        wait_for(lambda: len(outer_steps(run_dir, "b")) >= 3, TIMEOUT_S, "outer step 3")
+        # H=16: with H=4 a fast machine commits an outer step every ~0.1 s, faster than the restarted
+        # island can fetch and say it is ready, so it would fall back to the broadcast
+        rest = ("--checkpoint.every", "8", "--diloco.inner_steps", "16")
+        procs = {name: island(coord.address, name, run_dir, 320, cache, *rest) for name in ("a", "b", "c")}
+        wait_for(lambda: len(outer_steps(run_dir, "b")) >= 3, TIMEOUT_S, "outer step 3", list(procs.values()))
         os.killpg(procs["b"].pid, signal.SIGKILL)
         procs["b"].wait()
         time.sleep(1.0)  # restarted within 2 s, well before the 3 s heartbeat timeout
         first_life = outer_steps(run_dir, "b")
-        again = island(coord.address, "b", run_dir, 320, cache, "--checkpoint.every", "8", "--resume", str(run_dir / "b"))
+        again = island(coord.address, "b", run_dir, 320, cache, *rest, "--resume", str(run_dir / "b"))
         codes = finish([procs["a"], procs["c"], again], run_dir)
     finally:
         coord.stop()
@@ -143,7 +150,7 @@ def test_an_island_killed_and_restarted_under_its_id_with_resume_rejoins_and_end
 def test_a_coordinator_killed_and_restarted_mid_run_continues_it(tmp_path, cache):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    port = free_port()
+    port = free_port(2)  # and the rendezvous store on port + 1
     coordinator_args = ["coordinator", "--port", str(port), "--islands", "2", "--heartbeat-timeout", "3",
                         "--events", str(run_dir / "membership.jsonl")]
     coordinator = atoll(coordinator_args, run_dir / "coordinator-1.log")
@@ -151,7 +158,7 @@ def test_a_coordinator_killed_and_restarted_mid_run_continues_it(tmp_path, cache
     procs = [island(address, name, run_dir, 48, cache) for name in ("a", "b")]
     restarted = None
     try:
-        wait_for(lambda: len(outer_steps(run_dir, "a")) >= 2, TIMEOUT_S, "outer step 2")
+        wait_for(lambda: len(outer_steps(run_dir, "a")) >= 2, TIMEOUT_S, "outer step 2", [coordinator, *procs])
         os.killpg(coordinator.pid, signal.SIGKILL)
         coordinator.wait()
         time.sleep(2.0)
@@ -187,25 +194,17 @@ def test_islands_started_in_another_order_give_identical_losses(tmp_path, cache)
     assert finals[0] == finals[1]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_a_three_second_blip_of_the_coordinator_drops_no_one(tmp_path, cache):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    port = free_port()
+    port = free_port(2)  # and the rendezvous store on port + 1
     coordinator = atoll(["coordinator", "--port", str(port), "--islands", "2", "--heartbeat-timeout", "3",
                          "--events", str(run_dir / "membership.jsonl")], run_dir / "coordinator.log")
     address = f"{LOOPBACK}:{port}"
     procs = [island(address, name, run_dir, 32, cache) for name in ("a", "b")]
     try:
-        wait_for(lambda: len(outer_steps(run_dir, "a")) >= 2, TIMEOUT_S, "outer step 2")
+        wait_for(lambda: len(outer_steps(run_dir, "a")) >= 2, TIMEOUT_S, "outer step 2", [coordinator, *procs])
         os.killpg(coordinator.pid, signal.SIGSTOP)  # nothing answers, connections stay open: a blip
         time.sleep(3.0)
         os.killpg(coordinator.pid, signal.SIGCONT)

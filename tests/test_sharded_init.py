@@ -7,13 +7,14 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port
 
 from atoll.config import JobConfig
 from atoll.digest import model_digest
@@ -25,12 +26,6 @@ from sharded_init_worker import stepped_weights
 WORKER = Path(__file__).with_name("sharded_init_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
 TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(world: int, spec: dict) -> list[dict]:
