@@ -406,7 +406,10 @@ def test_a_joiner_fetches_the_state_from_live_islands_and_survives_a_source_dyin
     # chunk, and enters without anyone broadcasting
     output: list[str] = []
     outer = simulate(
-        tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, faults=["island-1=kill@serve:2"], starts=["island-3@1"],
+        tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, starts=["island-3@1"],
+        # island-0 stalls 4 s in outer step 3's inner phase, so that the joiner (seconds to start)
+        # enters mid-run however fast the members train
+        faults=["island-1=kill@serve:2", "island-0=sleep@inner:40:4"],
         # H=16: a fetch that starts as the members apply a commit finds island-1 a version behind (or
         # ahead) of the others and drops it unserved; longer phases make that race rare
         extra=["--diloco.inner_steps", "16", "--mesh.transfer_chunk_mb", "0.1"], output=output,

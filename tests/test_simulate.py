@@ -121,6 +121,18 @@ def test_summary_of_a_run_without_evaluation_has_no_val_loss(tmp_path):
     assert "val_loss" not in line
 
 
+def test_summary_of_a_joiner_that_entered_at_the_last_outer_step_says_it_trained_nothing(tmp_path):
+    write_island(tmp_path, "island-0", 12_000_000, [0.1, 0.5, 0.2], [0.9, 0.8, 0.85])
+    write_island(tmp_path, "island-3", 0, [0.1], [0.0])
+    metrics = tmp_path / "island-3" / "metrics.jsonl"  # its only record: the outer step it entered at
+    metrics.write_text(json.dumps({"step": 12, "outer_step": 3, "sync_s": 0.1, "world_size": 2, "bytes_sent": 0}) + "\n")
+
+    lines = summarize(tmp_path).splitlines()
+
+    assert lines[0].startswith("island-0: loss 3.2500")
+    assert lines[1] == "island-3: entered at the run's last outer step; it trained no steps"
+
+
 # --- CLI errors, as a user sees them ------------------------------------------------------------
 
 

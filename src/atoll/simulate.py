@@ -347,8 +347,11 @@ def summarize(run_dir: Path) -> str:
     for island_dir in sorted(run_dir.glob("island-*")):
         if not (island_dir / "run.json").is_file() or not (records := read_records(island_dir)):
             continue  # an island killed before it logged anything
+        if not (trained := [r for r in records if "loss" in r]):
+            lines.append(f"{island_dir.name}: entered at the run's last outer step; it trained no steps")
+            continue
         info = json.loads((island_dir / "run.json").read_text())
-        last = records[-1]
+        last = trained[-1]
         outer = [r for r in records if "outer_step" in r]
         islands = last["world_size"]
         params = info["params"]["total"]

@@ -98,9 +98,10 @@ def blamed_peer(error: str, epoch: Epoch) -> str | None:
 
 
 _PEER = re.compile(r"(?:from|to) rank (\d+)")
-FETCH_RETRY_S = 1.0
+FETCH_RETRY_S = 0.2
 """A joiner's pause before it fetches again after a failed fetch: long enough for the sources to
-finish applying an outer step (they withdraw their state meanwhile)."""
+finish applying an outer step (they withdraw their state for the milliseconds that takes), short
+against an inner phase, whose commit would make the next fetch stale."""
 
 
 def island_first_sample(run_samples: int, island_index: int, global_batch: int) -> int:
@@ -204,9 +205,13 @@ class IslandSync:
         diloco.anneal_with_schedule is on.
         """
         self.faults.at("inner", step)
-        if self.diloco is None or (step % self.inner_steps and not is_last):
+        if not self.outer_step_due(step, is_last):
             return {}
         return self._outer_record(anneal_weight)
+
+    def outer_step_due(self, step: int, is_last: bool) -> bool:
+        """Whether `after_step(step, is_last)` runs an outer step."""
+        return self.diloco is not None and (step % self.inner_steps == 0 or is_last)
 
     def _outer_record(self, anneal_weight: float) -> dict[str, Any]:
         if self.cfg.diloco.anneal_with_schedule:
