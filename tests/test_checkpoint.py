@@ -4,6 +4,7 @@ rollback came from, remote copies through fsspec (memory and local filesystems).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -120,6 +121,40 @@ def saved_steps(directory: Path, steps: list[int], keep: int = 5, resumed_from: 
         checkpointer.save(step, {"w": {"t": torch.full((1000,), float(step))}})
     checkpointer.close()
     return checkpointer
+
+
+def test_a_save_returns_before_the_copy_and_staged_waits_for_it_inner_state_first(tmp_path, monkeypatch):
+    """save() returns while the copy to host memory is held; staged() lets it finish the inner
+    state only, staged(everything=True) the outer state too; changes made after each wait never
+    reach the checkpoint, and the waits count as blocked time."""
+    from torch.distributed.checkpoint.staging import StateDictStager
+
+    release, copied = threading.Event(), []
+    original = StateDictStager.stage
+
+    def held_stage(self, state_dict, **kwargs):
+        assert release.wait(30), "the test never released the copy"
+        copied.append(sorted(state_dict))
+        return original(self, state_dict, **kwargs)
+
+    monkeypatch.setattr(StateDictStager, "stage", held_stage)
+    inner, outer = {"t": torch.full((1000,), 1.0)}, {"t": torch.full((1000,), 10.0)}
+    checkpointer = Checkpointer(tmp_path, keep=2, is_leader=True)
+    checkpointer.start(None)
+    report = checkpointer.save(3, {"model": inner, "diloco.rank0": outer}, later={"diloco.rank0"})
+    assert copied == [], "save() waited for the copy"
+    release.set()
+    waited = checkpointer.staged()
+    assert copied[0] == ["model"]  # the inner state is copied first
+    inner["t"].fill_(2.0)  # the optimizer step may change the weights now
+    checkpointer.staged(everything=True)
+    outer["t"].fill_(20.0)  # and the outer step the outer weights
+    assert checkpointer.staged(everything=True) == 0.0  # nothing left to wait for
+    checkpointer.wait()
+    assert report.blocked_s >= waited and report.total_s >= report.blocked_s
+    loaded = {"model": {"t": torch.zeros(1000)}, "diloco.rank0": {"t": torch.zeros(1000)}}
+    Checkpointer(tmp_path, keep=2, is_leader=True).load(tmp_path / "step-00000003", loaded)
+    assert bool((loaded["model"]["t"] == 1.0).all()) and bool((loaded["diloco.rank0"]["t"] == 10.0).all())
 
 
 def test_flipped_bytes_then_a_truncated_file_in_latest_fall_back_with_one_line_each(tmp_path):

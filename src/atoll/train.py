@@ -300,8 +300,9 @@ def train_step(
     Under FSDP2 every micro-batch's gradients are reduce-scattered at once, so a rank only ever
     holds sharded gradients (skipping the sync would keep unsharded fp32 gradients of the whole
     model between micro-batches). The loss is chunked over the vocabulary inside the model's
-    forward. `after_backward` runs once the island's gradients are complete (the ddp baseline
-    averages them across islands there); `guard` skips the optimizer step of inner step `step`
+    forward. `after_backward` runs once the island's gradients are complete and before anything
+    changes the weights (the ddp baseline averages gradients across islands there; a checkpoint
+    still copying the weights finishes there); `guard` skips the optimizer step of inner step `step`
     (1-based) on a non-finite loss or gradient norm. Returns the rank's mean loss (cross-entropy, before
     z-loss) and the global gradient norm, both device tensors: reading them is the caller's host sync,
     done only when it logs (the guard's one flag per step aside).
@@ -518,16 +519,33 @@ def _train_in(
     loss_value = float("nan")
     val_loss = None
     window_start, window_tokens = time.perf_counter(), 0
+
+    blocked = 0.0  # by checkpoints since the last metrics row
+
+    def staged(everything: bool = False) -> None:
+        """Let the save in flight finish copying what training is about to change (blocked time)."""
+        nonlocal window_start, blocked
+        waited = checkpointer.staged(everything)
+        window_start += waited
+        blocked += waited
+        sync.pause(waited)
+
+    def after_backward() -> None:
+        sync.after_backward()
+        staged()
+
     while state.step < cfg.train.steps:
         lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
         set_lr(optimizer, lr)
         inputs, targets = sync.next_batch(loader)
-        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, sync.after_backward, guard, state.step + 1)
+        loss, grad_norm = train_step(model, optimizer, inputs, targets, accum, cfg, island, after_backward, guard, state.step + 1)
         state.step += 1
         state.tokens += cfg.train.global_batch * seq_len
         window_tokens += cfg.train.global_batch * seq_len
 
         is_last = state.step == cfg.train.steps
+        if sync.outer_step_due(state.step, is_last):
+            staged(everything=True)  # the outer step changes the outer weights and momentum
         record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
         outer_digest = record.get("outer_digest", outer_digest)
         for note in [*sync.drain_notes(), *loader.drain_notes()]:
@@ -542,20 +560,24 @@ def _train_in(
             paused = time.perf_counter() - eval_start  # throughput and compute_s count training only
             window_start += paused
             sync.pause(paused)
-        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end):
-            started = checkpointer.save(state.step, stateful, checkpoint_facts(sync, outer_digest))
+        saving = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end)
+        if saving:
+            started = checkpointer.save(state.step, stateful, checkpoint_facts(sync, outer_digest), later=sync.stateful().keys())
             if started.waited_s > 0.01:
                 log.info(f"atoll: checkpoint: the previous save was still being written; training waited {started.waited_s:.2f}s "
                          "for it (a save takes longer than checkpoint.every steps)")
-            if is_last:
-                checkpointer.wait()  # the last record reports the last save's total time
-            record["checkpoint_blocked_s"] = started.blocked_s
             window_start += started.blocked_s
+            blocked += started.blocked_s
             sync.pause(started.blocked_s)
-        if state.step % cfg.metrics.log_every == 0 or is_last or record:
+            if is_last:
+                staged(everything=True)
+                checkpointer.wait()  # the last record reports the last save's times
+        if state.step % cfg.metrics.log_every == 0 or is_last or record or saving:
             for done in checkpointer.completed():  # leader-local: never decides whether to log
                 log.info(describe_save(done))
                 record.update(checkpoint_step=done.step, checkpoint_s=done.total_s)
+            if blocked:
+                record["checkpoint_blocked_s"], blocked = blocked, 0.0
             loss_value = float(all_reduce_mean(loss))
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             log.log({

@@ -10,9 +10,14 @@ A save, collective over the island's local ranks:
 1. waits for the previous save if it is still being written (at most one in flight; the wait is
    reported, and counts as blocked time: a save that cannot keep up slows training down rather
    than queueing copies of the state without bound),
-2. stages the state into host memory (DCP's `DefaultStager`: a copy into buffers reused from
-   one save to the next, pinned when CUDA is present): training is blocked only for this copy,
-3. returns to training; a background thread writes the staged copy with `dcp.save` over a gloo
+2. starts staging the state into host memory (DCP's `DefaultStager` with asynchronous staging:
+   a copy, on a thread of its own, into buffers reused from one save to the next, pinned when
+   CUDA is present) and returns to training at once. The copy overlaps the next forward and
+   backward, which only read the weights: training waits (`staged`) only if it is about to
+   change the state before the copy is done, i.e. before its optimizer step. State that changes
+   only at outer steps (the outer weights and momentum, `later`) is copied second and waited for
+   only before the next outer step, so the optimizer step waits for the inner state alone;
+3. a background thread then writes the staged copy with `dcp.save` over a gloo
    group of its own (so its collectives never interleave with training's) into
    `step-N.partial/`, then the leader hashes the files, writes the manifest, renames the
    directory to `step-N`, prunes, and optionally uploads the checkpoint through fsspec.
@@ -30,7 +35,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -88,7 +93,8 @@ class SaveReport:
     step: int
     path: Path
     blocked_s: float
-    """Time training was blocked: waiting for the previous save, then staging to host memory."""
+    """Time training was blocked: waiting for the previous save, starting the save, then waiting
+    in `Checkpointer.staged` for the copy to host memory (final once the save is written)."""
     waited_s: float
     """The part of blocked_s spent waiting for the previous save to finish writing."""
     total_s: float = 0.0
@@ -153,6 +159,8 @@ class Checkpointer:
         self._stager: DefaultStager | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._in_flight: Future[SaveReport] | None = None
+        self._staging: tuple[Future[dict[str, Any]] | None, Future[dict[str, Any]], SaveReport] | None = None
+        """The save in flight's copies still to wait for: (inner state or None once waited, `later` keys, its report)."""
         self._done: list[SaveReport] = []
 
     # --- timelines --------------------------------------------------------------------------------
@@ -236,13 +244,16 @@ class Checkpointer:
 
     # --- save -------------------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any], facts: dict[str, Any] | None = None) -> SaveReport:
+    def save(self, step: int, state: dict[str, Any], facts: dict[str, Any] | None = None, later: Collection[str] = ()) -> SaveReport:
         """Checkpoint `state` (Statefuls or plain dicts of tensors) at `step`.
 
-        `facts` fills the manifest's outer_step, epoch, members and outer_digest. Returns as soon
-        as the state is staged (asynchronous) or written (not); the report's total_s is known
-        when the save completes (`completed`, `wait`). Raises UserError if the previous save
-        failed on an OSError (disk full, permissions), naming the path.
+        `facts` fills the manifest's outer_step, epoch, members and outer_digest. Asynchronous:
+        returns as soon as the copy to host memory has started; the caller must call `staged()`
+        before it changes any of the state's tensors, and `staged(everything=True)` before it
+        changes those of the keys in `later` (copied second). Not asynchronous: returns once the
+        checkpoint is written. The report's total_s is known when the save completes
+        (`completed`, `wait`). Raises UserError if the previous save failed on an OSError (disk
+        full, permissions), naming the path.
         """
         start = time.perf_counter()
         previous = self.wait()  # at most one save in flight: the staging buffers are reused
@@ -256,17 +267,45 @@ class Checkpointer:
         self._ensure_started()
         dist.barrier()
         plain = {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
-        staged = self._stager.stage(plain) if self.asynchronous else plain
         manifest = replace(self.identity, step=step, timeline=self.timeline, **(facts or {}))
         report = SaveReport(step, final, blocked_s=0.0, waited_s=waited)
         if self.asynchronous:
+            first = self._stager.stage({key: value for key, value in plain.items() if key not in later})
+            second = self._stager.stage({key: value for key, value in plain.items() if key in later})
+            self._staging = (first, second, report)
             report.blocked_s = time.perf_counter() - start
-            self._in_flight = self._writer.submit(self._write, staged, partial, final, manifest, report, start)
+            self._in_flight = self._writer.submit(self._write_staged, first, second, partial, final, manifest, report, start)
             return report
-        self._write(staged, partial, final, manifest, report, start)
+        self._write(plain, partial, final, manifest, report, start)
         report.blocked_s = report.total_s
         self._done.append(report)
         return report
+
+    def staged(self, everything: bool = False) -> float:
+        """Wait until the save in flight has copied the state that is not in its `later` keys (and,
+        with `everything`, those too); returns the seconds waited, which count as blocked time
+        (0.0 when there was nothing left to wait for).
+
+        Local to this rank, never collective. A copy that failed (out of host memory) raises here.
+        """
+        if self._staging is None:
+            return 0.0
+        first, second, report = self._staging
+        if first is None and not everything:
+            return 0.0
+        start = time.perf_counter()
+        if first is not None:
+            first.result()
+        if everything:
+            second.result()
+        self._staging = None if everything else (None, second, report)
+        waited = time.perf_counter() - start
+        report.blocked_s += waited
+        return waited
+
+    def _write_staged(self, first: Future[dict[str, Any]], second: Future[dict[str, Any]], partial: Path, final: Path,
+                      manifest: Manifest, report: SaveReport, start: float) -> SaveReport:
+        return self._write({**first.result(), **second.result()}, partial, final, manifest, report, start)
 
     def _write(self, staged: dict[str, Any], partial: Path, final: Path, manifest: Manifest, report: SaveReport, start: float) -> SaveReport:
         # DCP's last phase gathers every rank's write results before the leader writes .metadata,
@@ -290,14 +329,14 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo")
         if self.asynchronous:
             cuda = torch.cuda.is_available()
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=cuda))
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda))
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-checkpoint")
 
     def wait(self) -> SaveReport | None:
         """Block until the save in flight (if any) is written; returns its report, or None."""
         if self._in_flight is None:
             return None
-        future, self._in_flight = self._in_flight, None
+        future, self._in_flight, self._staging = self._in_flight, None, None
         try:
             report = future.result()
         except OSError as err:
