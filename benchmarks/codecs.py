@@ -7,7 +7,8 @@ the seconds taken (so encode, decode and clone are comparable). Each repeat time
 then every codec's encode and decode, interleaved so machine noise spreads over all of them; the
 table shows medians, the ratio to the clone (a fresh tensor, as encode and decode return: its
 page faults count), the rate of a `copy_` into a preallocated tensor (the memory bandwidth, printed
-for reference), the relative L2 error of decode(encode(x)) and the
+for reference), `decode_into` a preallocated tensor (what the ring's all-gather and owner do), the
+relative L2 error of decode(encode(x)) and the
 compression ratio (fp32 bytes / payload bytes); fp32's decode is a view of the payload and shows
 as such. On CPU the codecs use torch's intra-op threads
 (the count is printed); `--device cuda` runs the same vectorised torch code on a GPU. This prints
@@ -57,12 +58,13 @@ def main() -> None:
     reference = torch.empty_like(values)
     seconds: dict[str, list[float]] = {"clone": [], "copy_": []}
     for name in CODECS:
-        seconds[f"{name}.encode"], seconds[f"{name}.decode"] = [], []
+        seconds[f"{name}.encode"], seconds[f"{name}.decode"], seconds[f"{name}.into"] = [], [], []
     for round_index in range(args.repeats + 1):  # round 0 warms up allocator and threads
         laps = {"clone": timed(values.clone, device), "copy_": timed(lambda: reference.copy_(values), device)}
         for name, codec in CODECS.items():
             laps[f"{name}.encode"] = timed(lambda: codec.encode(values), device)
             laps[f"{name}.decode"] = timed(lambda: codec.decode(payloads[name], numel), device)
+            laps[f"{name}.into"] = timed(lambda: codec.decode_into(payloads[name], reference), device)
         if round_index:
             for key, lap in laps.items():
                 seconds[key].append(lap)
@@ -74,15 +76,16 @@ def main() -> None:
     threads = f"{torch.get_num_threads()} intra-op threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{args.mib} MiB fp32 Gaussian on {device.type} ({threads}), median of {args.repeats} rounds")
     print(f"clone: {clone:.2f} GB/s, copy_ into a preallocated tensor: {rate('copy_'):.2f} GB/s")
-    print(f"{'codec':<10} {'encode GB/s':>11} {'x clone':>8} {'decode GB/s':>11} {'x clone':>8} {'rel L2 err':>10} {'ratio':>6}")
+    print(f"{'codec':<10} {'encode GB/s':>11} {'x clone':>8} {'decode GB/s':>11} {'x clone':>8} {'into GB/s':>10} {'x clone':>8} "
+          f"{'rel L2 err':>10} {'ratio':>6}")
     for name, codec in CODECS.items():
-        encode, decode = rate(f"{name}.encode"), rate(f"{name}.decode")
+        encode, decode, into = rate(f"{name}.encode"), rate(f"{name}.decode"), rate(f"{name}.into")
         decoded = codec.decode(payloads[name], numel)
         # a decode that views the payload copies nothing: its rate would only time the call
         shown = f"{'view':>11} {'-':>8}" if decoded.data_ptr() == payloads[name].data_ptr() else f"{decode:>11.2f} {decode / clone:>8.2f}"
         error = ((decoded.double() - values.double()).norm() / values.double().norm()).item()
         ratio = nbytes / payloads[name].numel()
-        print(f"{name:<10} {encode:>11.2f} {encode / clone:>8.2f} {shown} {error:>10.3%} {ratio:>6.2f}")
+        print(f"{name:<10} {encode:>11.2f} {encode / clone:>8.2f} {shown} {into:>10.2f} {into / clone:>8.2f} {error:>10.3%} {ratio:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,9 @@ def main() -> None:
         for c in chunks:  # each payload is dropped once made, as the ring drops it once sent
             codec.encode(c)
 
-    def decode() -> None:
+    def decode() -> None:  # into the chunk, as the ring's all-gather does (the next round recomputes them)
         for c, payload in zip(chunks, payloads):
-            codec.decode(payload, c.numel())
+            codec.decode_into(payload, c)
 
     phases: dict[str, Callable[[], object]] = {
         "pseudo-gradient": lambda: diloco.average(mean),

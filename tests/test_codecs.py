@@ -59,6 +59,18 @@ def test_encoded_size_is_fixed_by_numel_and_decode_restores_the_length(name, num
     assert decoded.dtype == torch.float32 and decoded.shape == (numel,)
 
 
+@pytest.mark.parametrize("name", list(CODECS))
+def test_decode_into_a_buffer_writes_the_bits_decode_returns(name):
+    codec = get_codec(name)
+    numel = 3 * Int8Codec.SPAN_BLOCKS * INT8_BLOCK + 37  # on the int8 pool, with a partial block
+    values = laplace_with_spikes(numel)
+    values[5], values[numel - 1] = float("nan"), float("inf")
+    payload = codec.encode(values)
+    out = torch.full((numel,), 7.0)
+    codec.decode_into(payload, out)
+    assert torch.equal(out.view(torch.int32), codec.decode(payload, numel).view(torch.int32))
+
+
 def test_fp32_round_trip_is_exact_including_non_finite_values():
     values = torch.cat([gaussian(1009), torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, 3e38])])
     decoded = round_trip("fp32", values)

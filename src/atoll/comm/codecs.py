@@ -71,6 +71,11 @@ class Codec(ABC):
     def decode(self, data: torch.Tensor, numel: int) -> torch.Tensor:
         """The fp32 values of a payload (may share memory with `data`)."""
 
+    def decode_into(self, data: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the fp32 values of a payload into `out` (contiguous 1-D fp32), bit for bit what
+        `decode` returns, without allocating `out`'s size anew."""
+        out.copy_(self.decode(data, out.numel()))
+
     def _check(self, values: torch.Tensor) -> None:
         if values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
             raise ValueError(f"{self.name} encodes contiguous 1-D fp32 tensors, got {values.dtype} of shape {tuple(values.shape)}")
@@ -113,6 +118,10 @@ class HalfCodec(Codec):
     def decode(self, data: torch.Tensor, numel: int) -> torch.Tensor:
         self._check_payload(data, numel)
         return data.view(self.dtype).float()
+
+    def decode_into(self, data: torch.Tensor, out: torch.Tensor) -> None:
+        self._check_payload(data, out.numel())
+        out.copy_(data.view(self.dtype))
 
 
 def _blocks(flat: torch.Tensor, block: int) -> list[torch.Tensor]:
@@ -178,11 +187,15 @@ class Int8Codec(Codec):
         return out
 
     def decode(self, data: torch.Tensor, numel: int) -> torch.Tensor:
-        self._check_payload(data, numel)
-        scales, codes = self._split(data, numel)
         out = torch.empty(numel, dtype=torch.float32, device=data.device)
-        _run(_decode_span, self._spans(out, codes, scales), self.POOL_SPANS)
+        self.decode_into(data, out)
         return out
+
+    def decode_into(self, data: torch.Tensor, out: torch.Tensor) -> None:
+        self._check(out)
+        self._check_payload(data, out.numel())
+        scales, codes = self._split(data, out.numel())
+        _run(_decode_span, self._spans(out, codes, scales), self.POOL_SPANS)
 
 
 def _encode_span(rows: torch.Tensor, code_rows: torch.Tensor, scales: torch.Tensor) -> None:

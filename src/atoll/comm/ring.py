@@ -250,14 +250,13 @@ class _Ring:
 
     def combine(self, step: int, values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """Fold a received chunk into `values`; return what to send at the next step."""
-        decoded = self.codec.decode(buffer, values.numel())
         if step > self.world - 2:  # all-gather: keep the owner's values, forward its bytes
-            values.copy_(decoded)
+            self.codec.decode_into(buffer, values)
             return buffer
-        values.add_(decoded)
+        values.add_(self.codec.decode(buffer, values.numel()))
         if step < self.world - 2:
             return self.codec.encode(values)
         values.div_(self.world)  # this member now owns the segment's sum: the one and only division
         owned = self.codec.encode(values)
-        values.copy_(self.codec.decode(owned, values.numel()))
+        self.codec.decode_into(owned, values)
         return owned
