@@ -3,6 +3,7 @@
     python benchmarks/allreduce.py                   # 100mbit links, 20 ms one-way, 2 and 3 islands (needs root)
     python benchmarks/allreduce.py --islands 2 --rate 1gbit --delay 5ms --mib 16 --repeats 1
     python benchmarks/allreduce.py --mac --islands 2 3 --mib 64 --repeats 7   # the ring's MAC: cost on WAN and loopback
+    python benchmarks/allreduce.py --buckets 42 --islands 3                     # many buckets: one ring after another vs pipelined
 
 For each island count the script builds an emulated WAN (`atoll.wan`: one network namespace per
 island, tbf-shaped links, a userspace delay line), a TCPStore in the coordinator's namespace, and one
@@ -12,6 +13,11 @@ barriers: gloo's own fp32 `all_reduce` (the group's allreduce, then a division),
 pipelined ring (`comm/ring.py`) with the fp32, int8 and codebook8 codecs. All rows of a table
 come from one run, and repeats are interleaved (every method once per round, the order reversed
 every other round) so that noise from other work on the machine hits every method alike.
+
+`--buckets N` measures instead the payload cut into N equal buckets, as DiLoCo averages its
+per-layer buckets, in `--codec`: one `ring_all_reduce_mean_` after another (each ring drains
+before the next starts, as atoll did before) against `ring_all_reduce_means_` (each bucket's ring
+starts as the previous one begins its second step), interleaved as above.
 
 `--mac` measures instead what authenticating the ring costs: the ring in `--codec` (int8, the
 default `comm.codec`) without a key and with an epoch key (every payload carries an HMAC-SHA256
@@ -50,6 +56,8 @@ GLOO = "gloo fp32"
 RING = "atoll ring "
 MAC = " + MAC"
 METHODS = (GLOO, "atoll ring fp32", "atoll ring int8", "atoll ring codebook8")
+ONE_BY_ONE = " buckets one by one"
+PIPELINED = " buckets pipelined"
 """A method is gloo's all_reduce or RING + codec name, with MAC appended when payloads are tagged."""
 TX_BYTES = "/sys/class/net/{device}/statistics/tx_bytes"
 LOOPBACK = "lo"
@@ -66,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from atoll.comm.codecs import get_codec
-    from atoll.comm.ring import ring_all_reduce_mean_
+    from atoll.comm.ring import ring_all_reduce_mean_, ring_all_reduce_means_
 
     host, port = args.store.rsplit(":", 1)
     store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False, timeout=GROUP_TIMEOUT)
@@ -89,6 +97,14 @@ def worker(args: argparse.Namespace) -> None:
                 opts.reduceOp = dist.ReduceOp.SUM
                 group.allreduce([tensor], opts).wait()
                 tensor.div_(args.world)
+            elif method.endswith((ONE_BY_ONE, PIPELINED)):
+                codec, buckets = get_codec(method.removeprefix(RING).split()[0]), tensor.tensor_split(args.buckets)
+                if method.endswith(PIPELINED):
+                    ring_all_reduce_means_(buckets.__getitem__, len(buckets), group, codec, RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence)
+                else:
+                    for i, bucket in enumerate(buckets):
+                        ring_all_reduce_mean_(bucket, group, codec, RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence + i)
+                sequence += len(buckets)
             else:
                 codec = method.removeprefix(RING).removesuffix(MAC)
                 ring_all_reduce_mean_(tensor, group, get_codec(codec), RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence,
@@ -167,6 +183,7 @@ def run_islands(network: Network, args: argparse.Namespace, methods: tuple[str, 
              sys.executable, __file__, "--worker", "--rank", str(rank), "--world", str(islands),
              "--store", f"{network.store_host}:{store.port}", "--mib", str(args.mib),
              "--repeats", str(args.repeats), "--chunk-mb", str(args.chunk_mb), "--methods", ",".join(methods),
+             "--buckets", str(args.buckets),
              "--key", key.hex(), "--device", network.device, "--sharing-link", str(network.sharing_link)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -244,7 +261,8 @@ def main() -> None:
     parser.add_argument("--chunk-mb", type=float, default=4.0, help="ring pipelining chunk in MB of fp32, as comm.chunk_mb (default 4)")
     parser.add_argument("--mac", action="store_true",
                         help="measure the ring's MAC instead: --codec with and without it, on the WAN and on loopback")
-    parser.add_argument("--codec", default="int8", choices=CODECS, help="the ring's codec with --mac (default int8, as comm.codec)")
+    parser.add_argument("--codec", default="int8", choices=CODECS, help="the ring's codec with --mac or --buckets (default int8, as comm.codec)")
+    parser.add_argument("--buckets", type=int, default=0, help="cut the payload into this many buckets: one ring after another vs pipelined")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
@@ -274,6 +292,8 @@ def main() -> None:
 
     wan_name = f"{args.rate} WAN"
     methods = (RING + args.codec, RING + args.codec + MAC) if args.mac else METHODS
+    if args.buckets:
+        methods = tuple(f"{RING}{args.codec} x {args.buckets}{how}" for how in (ONE_BY_ONE, PIPELINED))
     key = secrets.token_bytes(32)  # stands in for an epoch key: same length, same HMAC work
     networks = [lambda n: emulated_wan(n, rate_bps, delay_s, wan_name)] + ([loopback] if args.mac else [])
     print(f"{args.mib} MiB fp32 all-reduce ({args.mib * 2**20 // 4:,} values) over {wan_name}: {args.delay} one-way "

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from atoll.comm.allreduce import GlobalMean
 from atoll.comm.codecs import CODECS, Codec, get_codec
-from atoll.comm.ring import RingError, ring_all_reduce_mean_
+from atoll.comm.ring import RingError, ring_all_reduce_mean_, ring_all_reduce_means_
 
 CASE_LENGTHS = [1, 7, 1009, 100_003]
 SMALL_CHUNK_BYTES = 4 * 1024
@@ -138,9 +138,45 @@ def _average_every_case(rank: int, world: int, store_path: str, results) -> None
                 sequence += 1
                 rows.append((w, numel, name, digest(values), torch.equal(values, ordered), relative_error(values, exact), sent, recv))
             del inputs, ordered, exact
+        if w == 3:
+            rows.append(("pipelined", *_pipelined(group, rank, w, sequence)))
         if w == 2:
             rows.extend((w, *row) for row in _two_streams(store, rank, w))
     results.put((rank, rows))
+
+
+PIPELINED_LENGTHS = (5000, 17, 12_001)
+
+
+def _pipelined(group: dist.ProcessGroup, rank: int, world: int, sequence: int) -> tuple:
+    """Three tensors through ring_all_reduce_means_: the order in which their rings started and
+    finished, whether fp32 gave each one's ring-order mean, and whether int8 gave the bits of one
+    ring_all_reduce_mean_ call each."""
+    events: list[str] = []
+    inputs = [[island_values(r, n) for r in range(world)] for n in PIPELINED_LENGTHS]
+    exact = True
+    for name in ("fp32", "int8"):
+        tensors = [case[rank].clone() for case in inputs]
+
+        def given(i: int, tensors=tensors, name=name) -> torch.Tensor:
+            events.append(f"{name} start {i}")
+            return tensors[i]
+
+        def done(i: int, tensor: torch.Tensor, name=name) -> None:
+            events.append(f"{name} done {i}")
+
+        codec = get_codec(name)
+        ring_all_reduce_means_(given, len(tensors), group, codec, DEADLINE_S, SMALL_CHUNK_BYTES, sequence, None, done)
+        sequence += len(tensors)
+        for i, case in enumerate(inputs):
+            if name == "fp32":
+                want = ring_order_mean(case)
+            else:
+                want = case[rank].clone()
+                ring_all_reduce_mean_(want, group, codec, DEADLINE_S, SMALL_CHUNK_BYTES, sequence)
+                sequence += 1
+            exact = exact and torch.equal(tensors[i], want)
+    return -1, "pipelined", " / ".join(events), exact, 0.0, 0, 0
 
 
 def _two_streams(store: dist.Store, rank: int, world: int) -> list[tuple]:
@@ -168,10 +204,10 @@ def results(tmp_path_factory):
     relative error, bytes sent, bytes received)."""
     out, codes = run_islands(max(WORLDS), _average_every_case, tmp_path_factory.mktemp("ring") / "store")
     assert codes == [0] * max(WORLDS) and len(out) == max(WORLDS), (codes, out)
-    table: dict[int, dict[tuple[int, str], list[tuple]]] = {w: {} for w in WORLDS}
+    table: dict[int | str, dict[tuple[int, str], list[tuple]]] = {w: {} for w in WORLDS}
     for _, rows in out:
         for world, numel, name, *row in rows:
-            table[world].setdefault((numel, name), []).append(tuple(row))
+            table.setdefault(world, {}).setdefault((numel, name), []).append(tuple(row))
     return table.__getitem__
 
 
@@ -237,6 +273,14 @@ def test_over_64_mib_on_two_islands_in_4_mb_chunks(results):
     assert len({d for d, *_ in int8}) == 1
     # what 8 bits saved on the wire
     assert sum(r[3] for r in fp32) / sum(r[3] for r in int8) > 3.85
+
+
+@pytest.mark.timeout(PROCESS_TIMEOUT_S * 2)
+def test_pipelined_rings_start_the_next_before_the_last_is_done_and_give_each_calls_result(results):
+    rows = results("pipelined")[(-1, "pipelined")]
+    assert len(rows) == 3 and all(exact for _, exact, *_ in rows)
+    order = "start 0 / {c} start 1 / {c} done 0 / {c} start 2 / {c} done 1 / {c} done 2"
+    assert {events for events, *_ in rows} == {f"fp32 {order.format(c='fp32')} / int8 {order.format(c='int8')}"}
 
 
 @pytest.mark.timeout(PROCESS_TIMEOUT_S * 2)

@@ -4,7 +4,8 @@
 is split into K contiguous parts, one per stream (`comm.streams` process groups per local rank),
 and each part goes through atoll's pipelined ring (`comm/ring.py`) in the configured codec; the K
 rings run at the same time in threads, so one process can keep K connections busy. `mean_buckets_`
-averages many slices (DiLoCo's per-layer buckets) with one thread per stream for all of them.
+averages many slices (DiLoCo's per-layer buckets) with one thread per stream for all of them,
+each bucket's ring starting as the previous one drains.
 Bytes are counted as the ring puts them on the wire (encoded sizes).
 
 Failure semantics: a dead peer (closed socket) makes the rings raise `RingError` at once, a silent
@@ -31,7 +32,7 @@ import torch.distributed as dist
 
 from atoll.comm import sealed
 from atoll.comm.codecs import Codec
-from atoll.comm.ring import RingError, ring_all_reduce_mean_
+from atoll.comm.ring import RingError, ring_all_reduce_means_
 
 ABANDON_POLL_S = 0.2
 """How often a running mean_ asks its `abandoned` check (one coordinator store lookup each)."""
@@ -134,11 +135,13 @@ class GlobalMean:
         """mean_ of each slice of a contiguous 1-D CPU fp32 tensor, one ring after another.
 
         The same results, ring tags and failure semantics as one mean_ per bucket, without the
-        per-bucket overhead: one thread per stream runs all buckets back to back (a failed
-        stream stops the others at their next bucket); with an `abandoned` check, one poll loop
-        covers all buckets and the rings run on one work buffer per stream the size of the
-        largest bucket's part, copied back bucket by bucket while this call still waits (never
-        after it has given up), so no copy of the whole tensor is made.
+        per-bucket overhead: one thread per stream runs all buckets, each bucket's ring putting
+        its first step on the wire as the previous one begins its second (`ring_all_reduce_means_`),
+        so the link does not idle between buckets; a failed stream stops the others at their
+        next bucket. With an `abandoned` check, one poll loop covers all buckets and the rings
+        run on two work buffers per stream the size of the largest bucket's part (the draining
+        ring's and the starting one's), copied back bucket by bucket while this call still waits
+        (never after it has given up), so no copy of the whole tensor is made.
         """
         first = self.calls
         self.calls += len(buckets)
@@ -157,22 +160,27 @@ class GlobalMean:
         streams = len(self.groups)
 
         def stream(k: int) -> tuple[int, int]:
-            sent = recv = 0
             parts = [tensor[bucket].tensor_split(streams)[k] for bucket in buckets]
-            work = torch.empty(max((p.numel() for p in parts), default=0)) if deliver is not None else None
-            for i, part in enumerate(parts):
+            # two work buffers: bucket i+1's ring starts while bucket i's drains
+            longest = max((p.numel() for p in parts), default=0)
+            works = [torch.empty(longest), torch.empty(longest)] if deliver is not None else None
+
+            def target(i: int) -> torch.Tensor:
                 if stop.is_set():  # another stream failed or the caller left: its error is what counts
                     raise RingError("ring stopped: another stream of this all-reduce failed or it was abandoned")
-                target = part if work is None else work[: part.numel()].copy_(part)
-                try:
-                    moved = ring_all_reduce_mean_(target, self.groups[k], self.codec, self.deadline_s, self.chunk_bytes, first + i, self.key)
-                except BaseException:
-                    stop.set()
-                    raise
+                return parts[i] if works is None else works[i % 2][: parts[i].numel()].copy_(parts[i])
+
+            def done(i: int, averaged: torch.Tensor) -> None:
                 if deliver is not None:
-                    deliver(part, target)
-                sent, recv = sent + moved[0], recv + moved[1]
-            return sent, recv
+                    deliver(parts[i], averaged)
+
+            try:
+                return ring_all_reduce_means_(
+                    target, len(parts), self.groups[k], self.codec, self.deadline_s, self.chunk_bytes, first, self.key, done,
+                )
+            except BaseException:
+                stop.set()
+                raise
 
         if streams == 1:
             return [stream(0)]

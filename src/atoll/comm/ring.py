@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,14 +90,61 @@ def ring_all_reduce_mean_(
     Raises RingError on a dead peer at once and on a silent one after `deadline_s` without
     progress, or on a payload whose MAC does not verify; `tensor` is then undefined.
     """
-    if tensor.dtype != torch.float32 or tensor.dim() != 1 or not tensor.is_contiguous() or tensor.is_cuda:
-        raise ValueError(f"the ring averages contiguous 1-D CPU fp32 tensors, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    return ring_all_reduce_means_(lambda _: tensor, 1, group, codec, deadline_s, chunk_bytes, sequence, key)
+
+
+def ring_all_reduce_means_(
+    tensors: Callable[[int], torch.Tensor],
+    count: int,
+    group: dist.ProcessGroup,
+    codec: Codec,
+    deadline_s: float,
+    chunk_bytes: int,
+    first_sequence: int = 0,
+    key: bytes | None = None,
+    done: Callable[[int, torch.Tensor], None] = lambda index, tensor: None,
+) -> tuple[int, int]:
+    """`ring_all_reduce_mean_` of `count` tensors in turn, call sequences `first_sequence + i`,
+    pipelined across them: ring i+1 puts its first step on the wire as ring i begins its second
+    (measured on the 100 Mbit/s, 40 ms emulated WAN, 3 islands, 42 buckets: 1.30x faster than one
+    ring after another; 1.24x starting with ring i's first step, 1.20x with its last), so the link
+    does not idle while a ring drains. The results are those of one call each.
+
+    `tensors(i)` gives the i-th tensor, asked for just before its ring starts (while ring i-1
+    still runs: it must not share memory with it); `done(i, tensor)` runs once ring i has
+    finished. Either may raise to stop (the error propagates). Returns the total (bytes sent,
+    bytes received). Failures as in `ring_all_reduce_mean_`; the tensors of the rings running
+    when it fails (at most two) are then undefined.
+    """
     if chunk_bytes < FP32_BYTES:
         raise ValueError(f"chunk_bytes must hold at least one fp32 value, got {chunk_bytes}")
-    world = group.size()
-    if world == 1:
+    deadline = timedelta(seconds=deadline_s)
+
+    def checked(index: int) -> torch.Tensor:
+        tensor = tensors(index)
+        if tensor.dtype != torch.float32 or tensor.dim() != 1 or not tensor.is_contiguous() or tensor.is_cuda:
+            raise ValueError(f"the ring averages contiguous 1-D CPU fp32 tensors, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+        return tensor
+
+    if group.size() == 1:  # the mean of one is itself
+        for index in range(count):
+            done(index, checked(index))
         return 0, 0
-    return _Ring(tensor, group, codec, timedelta(seconds=deadline_s), chunk_bytes, sequence, key).run()
+
+    def started(index: int) -> _Ring:
+        ring = _Ring(checked(index), group, codec, deadline, chunk_bytes, first_sequence + index, key)
+        ring.start()
+        return ring
+
+    sent = received = 0
+    rings: list[_Ring | None] = [started(0)]
+    for index in range(count):
+        more = index + 1 < count
+        moved = rings[index].finish(lambda: rings.append(started(index + 1)) if more else None)
+        sent, received = sent + moved[0], received + moved[1]
+        done(index, rings[index].tensor)
+        rings[index] = None  # its buffers go now, not at the end of the call
+    return sent, received
 
 
 @dataclass(frozen=True)
@@ -121,7 +168,7 @@ class _Ring:
         self, tensor: torch.Tensor, group: dist.ProcessGroup, codec: Codec, deadline: timedelta, chunk_bytes: int, sequence: int,
         key: bytes | None,
     ) -> None:
-        self.group, self.codec, self.deadline, self.key = group, codec, deadline, key
+        self.tensor, self.group, self.codec, self.deadline, self.key = tensor, group, codec, deadline, key
         self.world, self.rank = group.size(), group.rank()
         self.left, self.right = (self.rank - 1) % self.world, (self.rank + 1) % self.world
         segments = tensor.tensor_split(self.world)
@@ -220,13 +267,20 @@ class _Ring:
             for work in works:
                 self.wait(work, f"send of step {step} chunk {chunk} to rank {self.right}")
 
-    def run(self) -> tuple[int, int]:
+    def start(self) -> None:
+        """Post the first step: every chunk's receive, and the send of this member's own segment."""
         for c in range(self.num_chunks):
             self.post_recv(0, c)
             values = self.chunks[self.send_segment(0)][c]
             if values.numel():
                 self.post_send(0, c, self.codec.encode(values))
+
+    def finish(self, start_next: Callable[[], None]) -> tuple[int, int]:
+        """Run every step to the end (after `start`); `start_next()` runs as the second step
+        begins (this member's first sends are out). Returns (bytes sent, bytes received)."""
         for step in range(self.steps):
+            if step == min(1, self.steps - 1):
+                start_next()
             segment = self.chunks[self.recv_segment(step)]
             for c in range(self.num_chunks):
                 values = segment[c]
