@@ -76,7 +76,9 @@ def draw_scenario(rng: random.Random, islands: int, events: int) -> list[tuple[i
 
 
 def scenario_toml(plan: list[tuple[int, str, str]]) -> str:
-    blocks = []
+    # the plan keeps two islands alive once every start has been admitted; keep_alive holds a kill
+    # until then (a started island takes seconds to join, and outer steps may take less)
+    blocks = ["keep_alive = 2\n"]
     for outer, action, island in plan:
         if action in ("kill", "restart"):
             blocks.append(f'[[signal]]\nisland = "{island}"\naction = "{action}"\nafter_outer = {outer}\n')

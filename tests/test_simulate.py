@@ -15,7 +15,7 @@ from conftest import REPO
 
 from atoll.cli import EXIT_USER_ERROR, main
 from atoll.comm.allreduce import ring_bytes
-from atoll.simulate import _wait_all, summarize
+from atoll.simulate import Scenario, Signal, _wait_all, signal_waits, summarize
 
 DEBUG_CONFIG = str(REPO / "configs" / "debug.toml")
 RUN_TIMEOUT_S = 240
@@ -131,6 +131,22 @@ def test_summary_of_a_joiner_that_entered_at_the_last_outer_step_says_it_trained
 
     assert lines[0].startswith("island-0: loss 3.2500")
     assert lines[1] == "island-3: entered at the run's last outer step; it trained no steps"
+
+
+def test_a_kill_waits_until_the_run_would_keep_its_floor_of_members(tmp_path):
+    scenario = tmp_path / "chaos.toml"
+    scenario.write_text('keep_alive = 2\n\n[[signal]]\nisland = "island-1"\naction = "kill"\nafter_outer = 3\n')
+    parsed = Scenario.parse(scenario, [], [])
+    assert parsed.keep_alive == 2 and parsed.signals == [Signal("island-1", "kill", 3)]
+    kill = parsed.signals[0]
+    assert signal_waits(kill, ["island-0", "island-1"], 4, 2, None)  # island-3 started but not admitted yet
+    assert not signal_waits(kill, ["island-0", "island-1", "island-3"], 4, 2, None)
+    assert not signal_waits(kill, ["island-0", "island-2"], 4, 2, None)  # not a member: nobody is lost
+    # island-2 was killed in epoch 4 and still counts there: wait for the epoch without it
+    assert signal_waits(kill, ["island-0", "island-1", "island-2", "island-3"], 4, 2, 4)
+    assert not signal_waits(kill, ["island-0", "island-1", "island-3"], 5, 2, 4)
+    assert not signal_waits(Signal("island-1", "cont", 3), ["island-1"], 4, 2, None)
+    assert not signal_waits(kill, ["island-1"], 4, 0, None)  # no floor unless the scenario sets one
 
 
 # --- CLI errors, as a user sees them ------------------------------------------------------------

@@ -69,7 +69,8 @@ on the same ports with the same journal (what an operator restarting it would do
 
 @dataclass(frozen=True)
 class Signal:
-    """Send `action` (kill, stop or cont) to island `island`'s processes once any island has logged outer step `after_outer`."""
+    """Send `action` (kill, stop or cont) to island `island`'s processes once any island has logged outer step `after_outer`
+    (a kill or stop later, while the scenario's keep_alive holds it)."""
 
     island: str
     action: str
@@ -100,11 +101,17 @@ class Scenario:
         island = "coordinator"   # the coordinator: crashed and started again from its journal
         action = "restart"
         after_outer = 6
+
+        keep_alive = 2           # a kill or stop waits until the run would keep this many members
     """
 
     faults: dict[str, list[Fault]] = field(default_factory=dict)
     starts: list[Start] = field(default_factory=list)
     signals: list[Signal] = field(default_factory=list)
+    keep_alive: int = 0
+    """A kill or stop signal waits (and every later signal with it) until the current epoch keeps at
+    least this many members without its target: islands started by the scenario count only once
+    admitted, however fast the others train."""
 
     def add_signal(self, island: str, action: str, after_outer: int) -> None:
         if island == COORDINATOR and action != "restart":
@@ -130,6 +137,7 @@ class Scenario:
                     scenario.starts.append(Start(str(start["island"]), int(start["after_outer"])))
                 for sent in raw.get("signal", []):
                     scenario.add_signal(str(sent["island"]), str(sent["action"]), int(sent["after_outer"]))
+                scenario.keep_alive = int(raw.get("keep_alive", 0))
             except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
                 raise UserError(f"scenario {path}: {type(err).__name__}: {err}") from None
         for flag in fault_flags:
@@ -218,13 +226,21 @@ def simulate(
 
     pending = sorted(scenario.starts, key=lambda s: s.after_outer)
     signals = sorted(scenario.signals, key=lambda s: s.after_outer)
+    killed_in: int | None = None
+    """With keep_alive: the epoch in which the launcher last killed or stopped a member."""
 
     def start_due() -> None:
         if not signals and not pending:
             return  # nothing scripted: do not re-read every island's metrics on each tick
         reached = _outer_steps_logged(run_dir)
         nonlocal coordinator
+        nonlocal killed_in
         while signals and signals[0].after_outer <= reached:
+            epoch = coordinator.epoch
+            if signal_waits(signals[0], epoch.members if epoch else (), epoch.number if epoch else None, scenario.keep_alive, killed_in):
+                break  # on a later tick
+            if scenario.keep_alive and signals[0].action in ("kill", "stop") and epoch is not None and signals[0].island in epoch.members:
+                killed_in = epoch.number
             sent = signals.pop(0)
             if sent.island == COORDINATOR:
                 print("atoll: restarting the coordinator", flush=True)
@@ -287,6 +303,18 @@ def _outer_steps_logged(run_dir: Path) -> int:
                 except (json.JSONDecodeError, KeyError):
                     continue  # a line being written
     return best
+
+
+def signal_waits(sent: Signal, members: tuple[str, ...] | list[str], number: int | None, keep_alive: int, killed_in: int | None) -> bool:
+    """Whether a kill or stop must wait under `keep_alive`: while the member the launcher last
+    killed (in epoch `killed_in`) still counts, the current epoch being `number`; or while the
+    current epoch's `members` without its target are fewer than `keep_alive` (a joiner not yet
+    admitted)."""
+    if not keep_alive or sent.action not in ("kill", "stop"):
+        return False
+    if killed_in is not None and (number is None or number <= killed_in):
+        return True
+    return len([m for m in members if m != sent.island]) < keep_alive
 
 
 def _start_coordinator(
