@@ -183,6 +183,8 @@ class _Ring:
         longest = [max(self.chunks[s][c].numel() for s in range(self.world)) for c in range(self.num_chunks)]
         self.buffers = [[torch.empty(codec.encoded_size(n), dtype=torch.uint8) for _ in range(2)] for n in longest]
         self.mac_buffers = [[torch.empty(TAG_BYTES, dtype=torch.uint8) for _ in range(2)] for _ in longest] if key is not None else None
+        self.scratch = torch.empty(max(longest))
+        """A received partial sum, decoded before it is added (reduce-scatter)."""
         self.receiving: dict[int, _Receive] = {}
         self.sending: dict[int, list[tuple[int, list[dist.Work], list[torch.Tensor]]]] = {c: [] for c in range(self.num_chunks)}
         self.sent = self.received = 0
@@ -307,7 +309,9 @@ class _Ring:
         if step > self.world - 2:  # all-gather: keep the owner's values, forward its bytes
             self.codec.decode_into(buffer, values)
             return buffer
-        values.add_(self.codec.decode(buffer, values.numel()))
+        received = self.scratch[: values.numel()]
+        self.codec.decode_into(buffer, received)
+        values.add_(received)
         if step < self.world - 2:
             return self.codec.encode(values)
         values.div_(self.world)  # this member now owns the segment's sum: the one and only division
