@@ -35,7 +35,10 @@ same bytes raw over plain TCP from both (what the emulated links carry at best).
 throughputs and their ratio (target: >= 90% of the link), and the servers' median inner-step time
 before, while serving and during the raw read (target: serving <= 5% slower). The delay line that
 carries the emulated WAN is a process on this machine too: its CPU shares the 2 cores with the
-servers' training, which the raw-TCP window shows on its own.
+servers' training, which the raw-TCP window shows on its own. With --pin, island0 runs alone on
+CPU 0 and island1, the joiner and the delay line on the others: island0's inner-step time then
+shows what serving costs the serving island itself, as on a host whose network and peers do not
+share its cores (island1 shows the contended case).
 
 Recovery = wall time at which the first survivor logs outer step 2 (its record's `time`, written
 right after the step is applied) minus the wall time the faulty island printed just before it
@@ -101,6 +104,14 @@ def protocol_overhead(run_dir: Path) -> list[float]:
 
 TRANSFER_KEY = "62" * 32
 SERVED_VERSION = 12
+
+
+def pin(pid: int, cpus: set[int] | None) -> None:
+    """Every thread of process `pid` on `cpus` (None: leave it where it is)."""
+    if cpus is None:
+        return
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
 
 
 def serve_peer(state_mb: float, chunk_mb: float, host: str) -> None:
@@ -187,23 +198,30 @@ def fetch_peer(state_mb: float, sources: list[str], raw_ports: list[str]) -> Non
     }), flush=True)
 
 
-def transfer_row(state_mb: float, chunk_mb: float, rate: str | None, delay: str, settle_s: float = 4.0) -> None:
-    """Two serving islands training, one joiner fetching from both (see the module docstring)."""
+def transfer_row(state_mb: float, chunk_mb: float, rate: str | None, delay: str, settle_s: float = 4.0, pinned: bool = False) -> None:
+    """Two serving islands training, one joiner fetching from both (see the module docstring).
+
+    `pinned`: island0 alone on CPU 0, island1, the joiner and the delay line on the other CPUs, so
+    island0's inner-step time shows its own serving cost without the emulation's CPU on its core."""
     script = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    rest = set(range(1, os.cpu_count() or 2)) if pinned else None
+    cpus = ({0}, rest, rest) if pinned else (None, None, None)
     if rate is None:
-        _transfer(script, env, state_mb, chunk_mb, lambda i, cmd: cmd, lambda i: "127.0.0.1", None, "loopback", settle_s)
+        _transfer(script, env, state_mb, chunk_mb, lambda i, cmd: cmd, lambda i: "127.0.0.1", None, "loopback", settle_s, cpus)
         return
     from atoll.wan.network import EmulatedWan
     from atoll.wan.units import parse_delay, parse_rate
 
     rate_bps = parse_rate(rate)
     with EmulatedWan(3, rate_bps, parse_delay(delay)) as wan:
-        _transfer(script, {**env, **wan.island_env()}, state_mb, chunk_mb, wan.island_command, wan.island_address, rate_bps,
-                  f"emulated WAN {rate}, {delay} one way", settle_s)
+        if wan.delay_line is not None:
+            pin(wan.delay_line.pid, rest)
+        where = f"emulated WAN {rate}, {delay} one way" + (", island0 alone on CPU 0" if pinned else "")
+        _transfer(script, {**env, **wan.island_env()}, state_mb, chunk_mb, wan.island_command, wan.island_address, rate_bps, where, settle_s, cpus)
 
 
-def _transfer(script, env, state_mb, chunk_mb, command, address, rate_bps, where, settle_s) -> None:
+def _transfer(script, env, state_mb, chunk_mb, command, address, rate_bps, where, settle_s, cpus) -> None:
     servers = [
         subprocess.Popen(command(i, [*script, "--peer", "serve", "--transfer-mb", str(state_mb), "--chunk-mb", str(chunk_mb), "--host", address(i)]),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -211,11 +229,14 @@ def _transfer(script, env, state_mb, chunk_mb, command, address, rate_bps, where
     ]
     try:
         ports = [server.stdout.readline().split() for server in servers]
+        for server, cpu in zip(servers, cpus):  # once they have started every thread
+            pin(server.pid, cpu)
         time.sleep(settle_s)  # the servers warm up
         sources = [f"{address(i)}:{state}" for i, (state, _) in enumerate(ports)]
         raw_ports = [raw for _, raw in ports]
+        joiner_cpus = ["--cpus", ",".join(map(str, sorted(cpus[2])))] if cpus[2] else []
         joiner = subprocess.run(
-            command(2, [*script, "--peer", "fetch", "--transfer-mb", str(state_mb), *sources, "--raw-ports", *raw_ports]),
+            command(2, [*script, "--peer", "fetch", "--transfer-mb", str(state_mb), *sources, "--raw-ports", *raw_ports, *joiner_cpus]),
             capture_output=True, text=True, env=env, timeout=900,
         )
         if joiner.returncode != 0:
@@ -271,7 +292,10 @@ def main() -> None:
     parser.add_argument("--transfer-mb", type=float, default=200.0, help="outer state served to the joiner, MB (default 200)")
     parser.add_argument("--chunk-mb", type=float, default=MeshConfig().transfer_chunk_mb, help="state transfer chunk size, MB (mesh.transfer_chunk_mb)")
     parser.add_argument("--transfer-only", action="store_true", help="only the state-transfer row")
+    parser.add_argument("--pin", action="store_true",
+                        help="state-transfer row: island0 alone on CPU 0, everything else on the other CPUs (its serving cost alone)")
     parser.add_argument("--peer", choices=["serve", "fetch"], help=argparse.SUPPRESS)
+    parser.add_argument("--cpus", help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("sources", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--raw-ports", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -279,11 +303,13 @@ def main() -> None:
     if args.peer == "serve":
         serve_peer(args.transfer_mb, args.chunk_mb, args.host)
         return
+    if args.cpus:
+        pin(os.getpid(), {int(c) for c in args.cpus.split(",")})
     if args.peer == "fetch":
         fetch_peer(args.transfer_mb, args.sources, args.raw_ports)
         return
     if args.transfer_only:
-        transfer_row(args.transfer_mb, args.chunk_mb, args.wan_rate, args.wan_delay)
+        transfer_row(args.transfer_mb, args.chunk_mb, args.wan_rate, args.wan_delay, pinned=args.pin)
         return
     print(f"3 islands, debug model, H=4, heartbeat every 0.5 s, heartbeat timeout {args.heartbeat_timeout:g} s, report grace 0.5 s")
     print(f"{'fault':<38}{'recovery s (median)':>20}  {'runs':<28}{'world after':>12}{'attempts':>10}  target")
@@ -305,7 +331,7 @@ def main() -> None:
         overhead = protocol_overhead(calm)
         print(f"fault-free protocol overhead per outer step: median {1000 * statistics.median(overhead):.1f} ms "
               f"(min {1000 * min(overhead):.1f}, max {1000 * max(overhead):.1f}) over {len(overhead)} outer steps; target <= 10 ms")
-    transfer_row(args.transfer_mb, args.chunk_mb, args.wan_rate, args.wan_delay)
+    transfer_row(args.transfer_mb, args.chunk_mb, args.wan_rate, args.wan_delay, pinned=args.pin)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,8 @@ class Checkpointer:
         manifest = replace(self.identity, step=step, timeline=self.timeline, **(facts or {}))
         report = SaveReport(step, final, blocked_s=0.0, waited_s=waited)
         if self.asynchronous:
+            if torch.cuda.is_available():  # the copy runs on a stream of its own: it must see the last step's writes
+                torch.cuda.current_stream().synchronize()
             first = self._stager.stage({key: value for key, value in plain.items() if key not in later})
             second = self._stager.stage({key: value for key, value in plain.items() if key in later})
             self._staging = (first, second, report)
