@@ -222,21 +222,22 @@ def transfer_row(state_mb: float, chunk_mb: float, rate: str | None, delay: str,
 
 
 def _transfer(script, env, state_mb, chunk_mb, command, address, rate_bps, where, settle_s, cpus) -> None:
+    def on(i: int) -> list[str]:  # a peer pins itself before it starts a thread
+        return ["--cpus", ",".join(map(str, sorted(cpus[i])))] if cpus[i] else []
+
     servers = [
-        subprocess.Popen(command(i, [*script, "--peer", "serve", "--transfer-mb", str(state_mb), "--chunk-mb", str(chunk_mb), "--host", address(i)]),
+        subprocess.Popen(command(i, [*script, "--peer", "serve", "--transfer-mb", str(state_mb), "--chunk-mb", str(chunk_mb),
+                                     "--host", address(i), *on(i)]),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         for i in range(2)
     ]
     try:
         ports = [server.stdout.readline().split() for server in servers]
-        for server, cpu in zip(servers, cpus):  # once they have started every thread
-            pin(server.pid, cpu)
         time.sleep(settle_s)  # the servers warm up
         sources = [f"{address(i)}:{state}" for i, (state, _) in enumerate(ports)]
         raw_ports = [raw for _, raw in ports]
-        joiner_cpus = ["--cpus", ",".join(map(str, sorted(cpus[2])))] if cpus[2] else []
         joiner = subprocess.run(
-            command(2, [*script, "--peer", "fetch", "--transfer-mb", str(state_mb), *sources, "--raw-ports", *raw_ports, *joiner_cpus]),
+            command(2, [*script, "--peer", "fetch", "--transfer-mb", str(state_mb), *sources, "--raw-ports", *raw_ports, *on(2)]),
             capture_output=True, text=True, env=env, timeout=900,
         )
         if joiner.returncode != 0:
@@ -300,11 +301,11 @@ def main() -> None:
     parser.add_argument("sources", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--raw-ports", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpus:  # a peer of the transfer row, with --pin
+        pin(os.getpid(), {int(c) for c in args.cpus.split(",")})
     if args.peer == "serve":
         serve_peer(args.transfer_mb, args.chunk_mb, args.host)
         return
-    if args.cpus:
-        pin(os.getpid(), {int(c) for c in args.cpus.split(",")})
     if args.peer == "fetch":
         fetch_peer(args.transfer_mb, args.sources, args.raw_ports)
         return

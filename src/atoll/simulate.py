@@ -62,6 +62,8 @@ class Start:
 
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}
+STOPPING = ("kill", "stop")
+"""The signals that take a member out of the run (what a scenario's keep_alive holds back)."""
 COORDINATOR = "coordinator"
 """The target of the `restart` signal: the simulated coordinator is crashed and started again
 on the same ports with the same journal (what an operator restarting it would do)."""
@@ -227,21 +229,20 @@ def simulate(
     pending = sorted(scenario.starts, key=lambda s: s.after_outer)
     signals = sorted(scenario.signals, key=lambda s: s.after_outer)
     killed_in: int | None = None
-    """With keep_alive: the epoch in which the launcher last killed or stopped a member."""
+    """The epoch in which the launcher last killed or stopped a member (keep_alive waits for a newer one)."""
 
     def start_due() -> None:
         if not signals and not pending:
             return  # nothing scripted: do not re-read every island's metrics on each tick
         reached = _outer_steps_logged(run_dir)
-        nonlocal coordinator
-        nonlocal killed_in
+        nonlocal coordinator, killed_in
         while signals and signals[0].after_outer <= reached:
             epoch = coordinator.epoch
             if signal_waits(signals[0], epoch.members if epoch else (), epoch.number if epoch else None, scenario.keep_alive, killed_in):
                 break  # on a later tick
-            if scenario.keep_alive and signals[0].action in ("kill", "stop") and epoch is not None and signals[0].island in epoch.members:
-                killed_in = epoch.number
             sent = signals.pop(0)
+            if sent.action in STOPPING and epoch is not None and sent.island in epoch.members:
+                killed_in = epoch.number
             if sent.island == COORDINATOR:
                 print("atoll: restarting the coordinator", flush=True)
                 coordinator = _restart_coordinator(coordinator, islands, wan, mesh, run_dir / EVENTS_FILE, env[TOKEN_ENV])
@@ -310,7 +311,7 @@ def signal_waits(sent: Signal, members: tuple[str, ...] | list[str], number: int
     killed (in epoch `killed_in`) still counts, the current epoch being `number`; or while the
     current epoch's `members` without its target are fewer than `keep_alive` (a joiner not yet
     admitted)."""
-    if not keep_alive or sent.action not in ("kill", "stop"):
+    if not keep_alive or sent.action not in STOPPING:
         return False
     if killed_in is not None and (number is None or number <= killed_in):
         return True

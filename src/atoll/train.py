@@ -519,16 +519,18 @@ def _train_in(
     loss_value = float("nan")
     val_loss = None
     window_start, window_tokens = time.perf_counter(), 0
-
     blocked = 0.0  # by checkpoints since the last metrics row
 
-    def staged(everything: bool = False) -> None:
-        """Let the save in flight finish copying what training is about to change (blocked time)."""
+    def outside_training(seconds: float, checkpoint: bool = False) -> None:
+        """Exclude `seconds` (evaluation, or training blocked by a checkpoint) from throughput and compute_s."""
         nonlocal window_start, blocked
-        waited = checkpointer.staged(everything)
-        window_start += waited
-        blocked += waited
-        sync.pause(waited)
+        window_start += seconds
+        blocked += seconds if checkpoint else 0.0
+        sync.pause(seconds)
+
+    def staged(everything: bool = False) -> None:
+        """Let the save in flight finish copying what training is about to change."""
+        outside_training(checkpointer.staged(everything), checkpoint=True)
 
     def after_backward() -> None:
         sync.after_backward()
@@ -557,18 +559,14 @@ def _train_in(
             record["val_loss"] = val_loss
             if data.mixture:
                 record["val_loss_by_source"] = val_losses
-            paused = time.perf_counter() - eval_start  # throughput and compute_s count training only
-            window_start += paused
-            sync.pause(paused)
+            outside_training(time.perf_counter() - eval_start)
         saving = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end)
         if saving:
             started = checkpointer.save(state.step, stateful, checkpoint_facts(sync, outer_digest), later=sync.stateful().keys())
             if started.waited_s > 0.01:
                 log.info(f"atoll: checkpoint: the previous save was still being written; training waited {started.waited_s:.2f}s "
                          "for it (a save takes longer than checkpoint.every steps)")
-            window_start += started.blocked_s
-            blocked += started.blocked_s
-            sync.pause(started.blocked_s)
+            outside_training(started.blocked_s, checkpoint=True)
             if is_last:
                 staged(everything=True)
                 checkpointer.wait()  # the last record reports the last save's times
