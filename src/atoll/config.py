@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from atoll.atomic import atomic_write
 from atoll.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser from PyPI (a dependency there)
+    import tomli as tomllib
 
 
 class Section(BaseModel):
@@ -199,6 +203,10 @@ class MeshConfig(Section):
     """diloco: average pseudo-gradients every diloco.inner_steps; ddp: average gradients every step (baseline)."""
     connect_timeout_s: float = Field(default=30.0, gt=0)
     """Seconds to wait for the coordinator to answer before giving up."""
+    coordinator_retry_s: float = Field(default=300.0, gt=0)
+    """Seconds an island keeps retrying a coordinator that stopped answering mid-run (paused,
+    restarting, a network outage) before it exits as having lost it (exit code 3). A pause of the
+    coordinator shorter than this costs the run its length and nothing else."""
     join_timeout_s: float = Field(default=600.0, gt=0)
     """Seconds to reach the coordinator and register. Waiting for admission afterwards (the run's
     start, or a running run's next outer step) is unbounded while the run is alive, with a line

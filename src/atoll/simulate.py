@@ -32,14 +32,13 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from atoll.comm.allreduce import ring_bytes
-from atoll.config import MeshConfig
+from atoll.config import MeshConfig, tomllib
 from atoll.errors import UserError
 from atoll.faults import FAULTS_ENV, SURVIVABLE_ACTIONS, Fault, parse_faults
 from atoll.mesh.auth import TOKEN_ENV, new_token, run_token
