@@ -7,6 +7,8 @@ trained once; transformers then loads its export and must agree with atoll's own
 from __future__ import annotations
 
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -167,6 +169,23 @@ def test_export_refuses_a_non_empty_out_and_a_path_without_checkpoints(run, expo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "already exists and is not empty" in err[0] and "no complete checkpoint" in err[1]
     assert not (tmp_path / "x").exists()
+
+
+def test_export_and_the_runs_json_files_respect_the_umask(run, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(run), "--out", str(tmp_path / "public")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "public").iterdir()}
+    assert stat.S_IMODE((tmp_path / "public").stat().st_mode) == 0o755
+    assert modes["tokenizer.json"] == modes["config.json"] == modes["model.safetensors"] == 0o644, modes
+    assert set(modes.values()) == {0o644}
+    made_by_run = 0o666 & ~old  # the run's process inherited the test's umask
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert stat.S_IMODE((checkpoint / "manifest.json").stat().st_mode) == made_by_run
+    assert stat.S_IMODE((run / "checkpoints" / "timelines.json").stat().st_mode) == made_by_run
+    assert stat.S_IMODE((run / "run.json").stat().st_mode) == made_by_run
 
 
 def test_version_and_print_config(capsys):

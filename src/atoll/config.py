@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from atoll.atomic import atomic_write
+from atoll.atomic import FILE_MODE, PRIVATE_MODE, atomic_write
 from atoll.errors import UserError
 
 try:
@@ -426,9 +426,10 @@ def _describe(err: ValidationError, path: str | Path | None, overrides: dict[str
 
 
 def dump_config(cfg: JobConfig, path: Path) -> None:
-    """Write the resolved config as TOML (None fields omitted: they mean 'the default')."""
+    """Write the resolved config as TOML (None fields omitted: they mean 'the default'); readable by
+    the owner only when it holds mesh.token."""
     text = tomli_w.dumps(cfg.model_dump(exclude_none=True))
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), PRIVATE_MODE if cfg.mesh.token else FILE_MODE)
 
 
 def describe_fields() -> str:

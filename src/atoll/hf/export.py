@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from atoll.atomic import atomic_write, fsync_dir
+from atoll.atomic import atomic_write, fsync_dir, temp_dir_beside, umask_mode
 from atoll.checkpoint.reader import RunCheckpoint, find_checkpoint
 from atoll.errors import UserError
 from atoll.hf.convert import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, hf_config, hf_name, json_text, to_hf
@@ -78,12 +77,13 @@ def export(source: Path, out: Path, dtype: str = "fp32", max_shard_bytes: int = 
     names = [WEIGHTS_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    tmp = temp_dir_beside(out, ".partial")
     try:
         weight_map = {}
         for file, shard in zip(names, shards):
             tensors = {hf_name(n): to_hf(n, reader.read(n), run.args).to(torch_dtype).contiguous() for n in shard}
             save_file(tensors, tmp / file, metadata={"format": "pt"})
+            os.chmod(tmp / file, umask_mode())  # safetensors writes 0600 whatever the umask
             _fsync(tmp / file)
             weight_map.update(dict.fromkeys(tensors, file))
             del tensors
