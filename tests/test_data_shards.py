@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -225,6 +227,21 @@ def test_zstd_jsonl_parquet_text_field_and_saved_hf_dataset_sources(tmp_path):
         list(Source(SourceSpec("z", str(tmp_path / "a.jsonl.zst"))).documents(Source(SourceSpec("z", str(tmp_path / "a.jsonl.zst"))).pieces[0]))
     with pytest.raises(SourceError, match="nothing matches"):
         Source(SourceSpec("m", str(tmp_path / "missing" / "*.parquet")))
+
+
+def test_a_mistyped_local_path_is_named_at_once_and_only_owner_name_goes_to_the_hub(tmp_path, monkeypatch):
+    from atoll.data import sources
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus" / "docs").mkdir(parents=True)
+    opened = []
+    monkeypatch.setattr(sources, "_open_hf", lambda spec, fmt: opened.append(spec.path) or SimpleNamespace(n_shards=2))
+    for path in ["corpus/dcos", "./dcos", "corpus/dcos/*.txt", "dcos.jsonl", "data/en/dcos", "~/dcos"]:
+        with pytest.raises(SourceError, match=f"nothing matches {re.escape(repr(path))}; give an existing file") as err:
+            Source(SourceSpec("c", path))
+        assert ('format = "hf"' in str(err.value)) == (path == "corpus/dcos")
+    assert opened == []
+    assert len(Source(SourceSpec("h", "someowner/somename")).pieces) == 2 and opened == ["someowner/somename"]
 
 
 def test_unreachable_hub_dataset_is_one_line(monkeypatch):

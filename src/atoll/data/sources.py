@@ -233,9 +233,10 @@ def _resolve(spec: SourceSpec) -> tuple[str, list[str]]:
     else:
         candidates = sorted(p for p in glob.glob(str(local), recursive=True) if os.path.isfile(p))
     if not candidates:
-        if spec.format == "auto" and not any(c in spec.path for c in "*?[") and spec.path.count("/") <= 1:
+        if spec.format == "auto" and not _looks_local(spec.path):
             return "hf", []  # "owner/name" that is no local path: a Hub dataset
-        raise SourceError(f"source {spec.name!r}: nothing matches {spec.path!r}; give an existing file, directory or glob")
+        hub = ' (for a Hugging Face dataset of that name, set format = "hf")' if spec.format == "auto" and _hub_like(spec.path) else ""
+        raise SourceError(f"source {spec.name!r}: nothing matches {spec.path!r}; give an existing file, directory or glob{hub}")
     formats = {_format_of(f) for f in candidates}
     if spec.format != "auto":
         files = [f for f in candidates if _format_of(f) == spec.format] if local.is_dir() else candidates
@@ -252,6 +253,20 @@ def _resolve(spec: SourceSpec) -> tuple[str, list[str]]:
         )
     fmt = known.pop()
     return fmt, [str(Path(f).resolve()) for f in candidates if _format_of(f) == fmt]
+
+
+def _hub_like(path: str) -> bool:
+    """Whether `path` has the shape of a Hub dataset name ("name" or "owner/name"): not absolute or
+    explicitly relative, no glob, no file name ending."""
+    return (not path.startswith(("/", "./", "../", "~")) and not any(c in path for c in "*?[")
+            and _format_of(path) is None and len(Path(path).parts) <= 2)
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a path that matches nothing was meant as a local one: not shaped like a Hub name, or
+    under an existing directory (a typo such as corpus/dcos for corpus/docs)."""
+    parts = Path(path).parts
+    return not _hub_like(path) or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
 
 
 def _format_of(path: str) -> str | None:
