@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import REPO
+from conftest import REPO, run_atoll
 
 from atoll.config import load_config
 from atoll.data import (
@@ -179,7 +179,7 @@ def test_shards_live_behind_an_fsspec_url(corpus, tmp_path):
 
 def test_binary_file_is_refused_or_skipped_and_counted(tmp_path):
     (tmp_path / "src").mkdir()
-    for i in range(3):
+    for i in range(30):  # enough that some are held out for validation
         (tmp_path / "src" / f"{i}.txt").write_text("good text\n" * 50)
     blob = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes().replace(b"\x00", b"\x01")
     (tmp_path / "src" / "blob.txt").write_bytes(blob)  # ~43% undecodable, as a renamed binary would be
@@ -190,8 +190,26 @@ def test_binary_file_is_refused_or_skipped_and_counted(tmp_path):
     lines = []
     manifest = prepare(spec, str(tmp_path / "b"), skip, log=lines.append, progress=False).manifests["t"]
     assert [p.rsplit("/", 1)[-1] for p in manifest["skipped_files"]] == ["blob.txt"]
-    assert manifest["documents"]["train"] + manifest["documents"]["val"] == 3
+    assert manifest["documents"]["train"] + manifest["documents"]["val"] == 30
     assert any("skipped 1 bad file(s)" in line for line in lines)
+
+
+def test_prepare_refuses_a_source_without_validation_tokens_naming_the_fix(tmp_path):
+    (tmp_path / "src").mkdir()
+    for i in range(20):
+        (tmp_path / "src" / f"{i:02d}.txt").write_text(f"document {i}\n" * 30)
+    config = tmp_path / "data.toml"
+    config.write_text(f'[data]\nprepared = "{tmp_path / "out"}"\nval_fraction = 0.01\n'
+                      f'[[data.sources]]\nname = "small"\npath = "{tmp_path / "src"}"\n')
+    refused = run_atoll(["data", "prepare", str(config), "--no-progress"], 120)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert ("source 'small': none of its 20 documents fell in the validation split (data.val_fraction 0.01): "
+            "set data.val_fraction to 0.15 or more and prepare again") in refused.stderr
+    assert not (tmp_path / "out" / "small" / "manifest.json").exists()
+    fixed = run_atoll(["data", "prepare", str(config), "--no-progress", "--data.val_fraction", "0.15"], 120)
+    assert fixed.returncode == 0, fixed.stderr
+    manifest = json.loads((tmp_path / "out" / "small" / "manifest.json").read_text())
+    assert manifest["documents"]["val"] > 0 and manifest["tokens"]["val"] > 0
 
 
 def test_legacy_directory_source_refuses_a_binary_file(tmp_path):

@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import uuid
@@ -244,8 +245,10 @@ def prepare(
     finally:
         bar.close()
     for name, (spec, source, identity) in pending.items():
-        report.manifests[name] = _write_manifest(store, spec, source, identity, tokenizer)
-        m = report.manifests[name]
+        m = _join_manifest(store, spec, source, identity, tokenizer)
+        _check_val_tokens(m, settings.val_fraction)
+        store.write_json(m, spec.name, MANIFEST)
+        report.manifests[name] = m
         skipped = f"; skipped {len(m['skipped_files'])} bad file(s)" if m["skipped_files"] else ""
         log(f"atoll: {name}: {m['documents']['train']:,} + {m['documents']['val']:,} documents, "
             f"{m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens in "
@@ -378,8 +381,26 @@ def _broken_pieces(store: Store, name: str, manifest: dict[str, Any]) -> set[str
     return broken
 
 
-def _write_manifest(store: Store, spec: SourceSpec, source: Source, identity: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
-    """Join the pieces' records (in piece order) into the source's manifest, written last."""
+def _check_val_tokens(manifest: dict[str, Any], val_fraction: float) -> None:
+    """Refuse a source that leaves no validation tokens, naming the data.val_fraction that would give some.
+
+    Checked before the manifest is written, so the source stays unprepared until it is fixed.
+    """
+    if manifest["tokens"]["val"] > 0:
+        return
+    documents = manifest["documents"]["train"] + manifest["documents"]["val"]
+    name = manifest["source"]
+    if documents < 2:
+        raise SourceError(f"source {name!r} holds {documents} document(s): nothing can be held out for validation; give it more documents")
+    enough = min(0.5, math.ceil(300 / documents) / 100)  # about 3 documents held out
+    raise SourceError(
+        f"source {name!r}: none of its {documents:,} documents fell in the validation split (data.val_fraction "
+        f"{val_fraction}): set data.val_fraction to {enough} or more and prepare again"
+    )
+
+
+def _join_manifest(store: Store, spec: SourceSpec, source: Source, identity: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """Join the pieces' records (in piece order) into the source's manifest (the caller writes it, last)."""
     manifest: dict[str, Any] = {
         "identity": identity, "source": spec.name, "path": spec.path, "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name,
@@ -394,7 +415,6 @@ def _write_manifest(store: Store, spec: SourceSpec, source: Source, identity: di
             manifest["shards"][split] += record["shards"][split]
             manifest["documents"][split] += record["documents"][split]
             manifest["tokens"][split] += sum(s["tokens"] for s in record["shards"][split])
-    store.write_json(manifest, spec.name, MANIFEST)
     return manifest
 
 
