@@ -4,7 +4,9 @@ rollback came from, remote copies through fsspec (memory and local filesystems).
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -272,6 +274,34 @@ def test_the_run_dir_lock_names_its_owner_and_is_free_again_after_release(tmp_pa
         RunDirLock(tmp_path, "paris")
     lock.release()
     RunDirLock(tmp_path, "paris").release()
+
+
+def test_a_failed_start_leaves_no_directory_holding_only_the_lock(tmp_path):
+    RunDirLock(tmp_path / "runs" / "fresh", "berlin").release()
+    assert not (tmp_path / "runs").exists()  # both directories the lock made are gone
+    (tmp_path / "mine").mkdir()
+    RunDirLock(tmp_path / "mine", None).release()
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []  # the user's own directory stays
+    lock = RunDirLock(tmp_path / "ran", None)
+    (tmp_path / "ran" / "run.json").write_text("{}")
+    lock.release()
+    assert sorted(p.name for p in (tmp_path / "ran").iterdir()) == [".atoll.lock", "run.json"]
+
+
+def test_a_restarted_island_waiting_on_a_failed_start_takes_a_lock_file_that_exists(tmp_path):
+    first = RunDirLock(tmp_path / "run", "berlin")
+    taken = []
+    waiter = threading.Thread(target=lambda: taken.append(RunDirLock(tmp_path / "run", "berlin", same_island_wait_s=30)))
+    waiter.start()
+    time.sleep(0.5)  # the waiter has opened the lock file and is polling it
+    first.release()  # a failed start: the lock file and the directory are removed
+    waiter.join(timeout=30)
+    second = taken[0]
+    assert (tmp_path / "run" / ".atoll.lock").is_file()
+    assert os.stat(second.path).st_ino == os.fstat(second._file.fileno()).st_ino
+    with pytest.raises(UserError, match="in use by island 'berlin'"):
+        RunDirLock(tmp_path / "run", "paris")
+    second.release()
 
 
 def test_an_island_restarted_under_its_id_waits_for_its_previous_process_then_gives_up(tmp_path):

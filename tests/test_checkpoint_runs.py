@@ -113,6 +113,12 @@ def test_fresh_run_into_a_used_directory_is_refused_in_one_line(finished_run, tm
     assert after == before
 
 
+def test_a_failed_start_leaves_no_run_directory_behind(tmp_path, cache_dir):
+    result = run_atoll(train_args(tmp_path / "runs" / "new", cache_dir, 4, "--data.source", str(tmp_path / "no-corpus")), TIMEOUT)
+    assert result.returncode == 2 and "no-corpus" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_second_island_in_a_directory_in_use_is_refused_by_the_lock(tmp_path, cache_dir):
     run_dir = tmp_path / "shared"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

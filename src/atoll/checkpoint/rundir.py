@@ -36,6 +36,8 @@ class RunDirLock:
         When the owner is the same island (an island restarted under its id while its previous
         process is still exiting), waits up to `same_island_wait_s` for it to go first.
         """
+        self.run_dir = run_dir
+        self._made = _first_missing(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / LOCK
         self._file: TextIO | None = self.path.open("a+")
@@ -43,7 +45,12 @@ class RunDirLock:
         while True:
             try:
                 fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if _still_linked(self._file, self.path):
+                    break
+                # the owner removed the lock file of a failed start as we waited: lock the new one
+                self._file.close()
+                run_dir.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a+")
             except BlockingIOError:
                 self._file.seek(0)
                 text = self._file.read()
@@ -62,11 +69,50 @@ class RunDirLock:
         self._file.flush()
 
     def release(self) -> None:
-        """Drop the lock (also dropped by the kernel when the process exits)."""
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+        """Drop the lock (also dropped by the kernel when the process exits).
+
+        A start that failed before the directory held anything of a run (`holds_a_run`) leaves no
+        trace: the lock file goes, and so do the directories the lock created, if empty.
+        """
+        if self._file is None:
+            return
+        if holds_a_run(self.run_dir) is None:  # unlinked while still locked: see _still_linked
+            self.path.unlink(missing_ok=True)
+            _remove_empty(self.run_dir, self._made)
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` (itself included) that does not exist yet, or None."""
+    missing = None
+    for directory in [path, *path.parents]:
+        if directory.exists():
+            break
+        missing = directory
+    return missing
+
+
+def _remove_empty(path: Path, up_to: Path | None) -> None:
+    """Remove `path` and its parents up to `up_to` (the directories a lock created) while they are empty."""
+    if up_to is None:
+        return
+    for directory in [path, *path.parents]:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (another process wrote into it), or gone
+            return
+        if directory == up_to:
+            return
+
+
+def _still_linked(file: TextIO, path: Path) -> bool:
+    """Whether the locked `file` is still the one at `path` (a released failed start unlinks it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _owner_island(text: str) -> str | None:
