@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
 import numpy as np
 import pytest
 import torch
@@ -227,6 +228,9 @@ def test_remote_copy_through_fsspec_is_verified_on_download(tmp_path, scheme):
     checkpointer = Checkpointer(tmp_path / "local", keep=2, is_leader=True, remote_url=url)
     checkpointer.start(None)
     checkpointer.save(5, {"w": {"t": torch.arange(100.0)}})
+    checkpointer.wait()
+    checkpointer.wait_remote(60)
+    assert [e.fields for e in checkpointer.remote_events()] == [{"checkpoint_remote_step": 5}]
     checkpointer.close()
     fs, root = fsspec.core.url_to_fs(url)
     assert sorted(Path(p).name for p in fs.ls(f"{root}/step-00000005", detail=False)) == [".metadata", "__0_0.distcp", "manifest.json"]
@@ -241,6 +245,55 @@ def test_remote_copy_through_fsspec_is_verified_on_download(tmp_path, scheme):
     fs.rm(f"{root}/step-00000005/manifest.json")
     with pytest.raises(CorruptCheckpoint, match="manifest"):
         remote.download(f"{url}/step-00000005", tmp_path / "again" / "step-00000005")
+
+
+class FlakyFileSystem(MemoryFileSystem):
+    """An in-memory bucket whose next `failures` uploads of a file fail, as a full or unreachable store does."""
+
+    protocol = "atoll-flaky"
+    failures = 0
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        if FlakyFileSystem.failures > 0:
+            FlakyFileSystem.failures -= 1
+            raise OSError(28, "No space left on device")
+        return super().put_file(lpath, rpath, *args, **kwargs)
+
+
+def test_a_failing_remote_copy_is_retried_reported_and_recovers_while_local_retention_goes_on(tmp_path):
+    fsspec.register_implementation(FlakyFileSystem.protocol, FlakyFileSystem, clobber=True)
+    url = "atoll-flaky://bucket/island-0"
+    FlakyFileSystem.failures = 3  # both tries of step 1, then the first of step 2
+    checkpointer = Checkpointer(tmp_path, keep=2, is_leader=True, remote_url=url, remote_attempts=2, remote_backoff_s=0.01)
+    checkpointer.start(None)
+    report = checkpointer.save(1, {"w": {"t": torch.full((100,), 1.0)}})  # returns: the copy happens behind it
+    checkpointer.wait()
+    checkpointer.wait_remote(60)
+    [failed] = checkpointer.remote_events()
+    assert report.step == 1 and (tmp_path / "step-00000001" / "manifest.json").is_file()
+    assert set(failed.fields) == {"checkpoint_remote_error"} and failed.fields["checkpoint_remote_error"] == failed.line
+    assert failed.line == (f"checkpoint: remote copy of step-00000001 to {url}/step-00000001 failed (2 attempt(s), last: "
+                           "OSError: [Errno 28] No space left on device); training goes on and the next checkpoint is copied again")
+    fs, root = fsspec.core.url_to_fs(url)
+    assert not fs.exists(f"{root}/step-00000001/manifest.json")  # an incomplete copy, which download refuses
+
+    checkpointer.save(2, {"w": {"t": torch.full((100,), 2.0)}})
+    checkpointer.wait()
+    checkpointer.wait_remote(60)
+    [recovered] = checkpointer.remote_events()
+    assert recovered.fields == {"checkpoint_remote_step": 2} and recovered.line.endswith("after 2 attempts")
+    assert remote.download(f"{url}/step-00000002", tmp_path / "fetched" / "step-00000002").step == 2
+    assert FlakyFileSystem.failures == 0
+
+    FlakyFileSystem.failures = 10**6  # the store is gone for good: retention goes on without it
+    for step in (3, 4):
+        checkpointer.save(step, {"w": {"t": torch.full((100,), float(step))}})
+    checkpointer.wait()
+    checkpointer.wait_remote(60)
+    assert all("checkpoint_remote_error" in e.fields for e in checkpointer.remote_events())
+    checkpointer.close()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
+    FlakyFileSystem.failures = 0
 
 
 def test_manifest_records_the_mesh_facts_it_is_given(tmp_path):

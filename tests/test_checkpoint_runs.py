@@ -113,6 +113,19 @@ def test_fresh_run_into_a_used_directory_is_refused_in_one_line(finished_run, tm
     assert after == before
 
 
+def test_a_remote_store_that_always_fails_never_stops_training(tmp_path, cache_dir):
+    (tmp_path / "bucket").write_text("a file where the remote directory should be")
+    run_dir = tmp_path / "run"
+    result = run_atoll(train_args(run_dir, cache_dir, 8, "--checkpoint.remote", f"file://{tmp_path}/bucket/island-0",
+                                  "--checkpoint.remote_attempts", "2", "--checkpoint.remote_backoff_s", "0"), TIMEOUT)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    errors = {r["step"]: r["checkpoint_remote_error"] for r in read_metrics(run_dir) if "checkpoint_remote_error" in r}
+    assert "remote copy of step-00000008" in errors[8] and set(errors) <= {6, 8}, errors  # step 4's in a later record
+    assert all("failed (2 attempt(s)" in e and "training goes on" in e for e in errors.values())
+    assert sum("atoll: checkpoint: remote copy of step-" in line for line in result.stdout.splitlines()) == 2
+    assert checkpoint_names(run_dir) == ["step-00000004", "step-00000008"] and read_metrics(run_dir)[-1]["step"] == 8
+
+
 def test_a_failed_start_leaves_no_run_directory_behind(tmp_path, cache_dir):
     result = run_atoll(train_args(tmp_path / "runs" / "new", cache_dir, 4, "--data.source", str(tmp_path / "no-corpus")), TIMEOUT)
     assert result.returncode == 2 and "no-corpus" in result.stderr and "Traceback" not in result.stderr

@@ -182,7 +182,15 @@ class CheckpointConfig(Section):
     asynchronous: bool = True
     """Stage the state to host memory and write it in the background (false: write before training goes on)."""
     remote: str | None = None
-    """A fsspec URL (s3://bucket/run/island-0, file:///mnt/x, ...) that receives a copy of every checkpoint, manifest last."""
+    """A fsspec URL (s3://bucket/run/island-0, file:///mnt/x, ...) that receives a copy of every checkpoint, manifest
+    last, in the background: training never waits for it nor stops for it (a failure is a log line and the metrics
+    field checkpoint_remote_error; the next checkpoint is copied again), and checkpoint.keep prunes regardless."""
+    remote_attempts: int = Field(default=3, ge=1)
+    """Tries of one checkpoint's remote copy before it is reported as failed."""
+    remote_backoff_s: float = Field(default=5.0, ge=0)
+    """Seconds before the second try of a remote copy, doubling before each later one."""
+    remote_final_wait_s: float = Field(default=600.0, ge=0)
+    """At the end of training, how long to wait for the last checkpoint's remote copy (retries included)."""
 
 
 class MetricsConfig(Section):

@@ -413,6 +413,7 @@ def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, id
     checkpointer = Checkpointer(
         run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader,
         asynchronous=cfg.checkpoint.asynchronous, remote_url=cfg.checkpoint.remote,
+        remote_attempts=cfg.checkpoint.remote_attempts, remote_backoff_s=cfg.checkpoint.remote_backoff_s,
     )
     server = serve_state(cfg, island)
     try:
@@ -570,10 +571,15 @@ def _train_in(
             if is_last:
                 staged(everything=True)
                 checkpointer.wait()  # the last record reports the last save's times
+        if is_last:  # and how the last remote copy went
+            checkpointer.wait_remote(cfg.checkpoint.remote_final_wait_s)
         if state.step % cfg.metrics.log_every == 0 or is_last or record or saving:
             for done in checkpointer.completed():  # leader-local: never decides whether to log
                 log.info(describe_save(done))
                 record.update(checkpoint_step=done.step, checkpoint_s=done.total_s)
+            for event in checkpointer.remote_events():
+                log.info(f"atoll: {event.line}")
+                record.update(event.fields)
             if blocked:
                 record["checkpoint_blocked_s"], blocked = blocked, 0.0
             loss_value = float(all_reduce_mean(loss))

@@ -20,7 +20,8 @@ A save, collective over the island's local ranks:
 3. a background thread then writes the staged copy with `dcp.save` over a gloo
    group of its own (so its collectives never interleave with training's) into
    `step-N.partial/`, then the leader hashes the files, writes the manifest, renames the
-   directory to `step-N`, prunes, and optionally uploads the checkpoint through fsspec.
+   directory to `step-N`, hands it to the remote copier (if any; see `atoll.checkpoint.remote`:
+   the copy runs on a thread of its own, retried, and never blocks or stops training) and prunes.
 A crash at any moment leaves every earlier complete checkpoint as it was: `.partial`
 directories are never loaded and are cleared by the next save.
 
@@ -98,7 +99,7 @@ class SaveReport:
     waited_s: float
     """The part of blocked_s spent waiting for the previous save to finish writing."""
     total_s: float = 0.0
-    """From the start of the save to the checkpoint being published (and uploaded)."""
+    """From the start of the save to the checkpoint being published (its remote copy is not waited for)."""
     bytes: int = 0
 
 
@@ -142,17 +143,20 @@ class Checkpointer:
     `save`, `load`, `wait` and `close` are collective over the island's local group: all local
     ranks call them together. Only the leader touches shared files (manifest, rename, pruning,
     timeline registry, upload). `asynchronous=False` writes inside `save` (the benchmark's
-    baseline). `remote`, a fsspec URL, receives a copy of every checkpoint after it is published.
+    baseline). `remote_url`, a fsspec URL, receives a copy of every checkpoint after it is published,
+    in the background (`remote_attempts` tries each, `remote_backoff_s` doubling between them; see
+    `RemoteCopier`); the leader's `remote_events` tell how those copies went.
     """
 
     def __init__(
         self, directory: Path, keep: int, is_leader: bool, *, asynchronous: bool = True, remote_url: str | None = None,
+        remote_attempts: int = 3, remote_backoff_s: float = 5.0,
     ) -> None:
         self.directory = directory
         self.keep = keep
         self.is_leader = is_leader
         self.asynchronous = asynchronous
-        self.remote_url = remote_url.rstrip("/") if remote_url else None
+        self._copier = remote.RemoteCopier(remote_url, remote_attempts, remote_backoff_s) if remote_url and is_leader else None
         self.timeline = 0
         self.identity = Manifest(run_id=uuid.uuid4().hex, island_id=None, step=0)
         self._group: dist.ProcessGroup | None = None
@@ -318,9 +322,9 @@ class Checkpointer:
             write_manifest(partial, manifest)
             report.bytes = checkpoint_bytes(manifest)
             _replace_dir(partial, final)
+            if self._copier is not None:  # before pruning: a copy of a pruned checkpoint then yields to this one
+                self._copier.submit(final)
             self._prune()
-            if self.remote_url:
-                remote.upload(final, f"{self.remote_url}/{final.name}")
         report.total_s = time.perf_counter() - start
         return report
 
@@ -353,9 +357,22 @@ class Checkpointer:
         done, self._done = self._done, []
         return done
 
+    def remote_events(self) -> list[remote.RemoteEvent]:
+        """Outcomes of the remote copies that finished since the last call (leader only; never blocks)."""
+        return self._copier.events() if self._copier is not None else []
+
+    def wait_remote(self, timeout_s: float) -> None:
+        """Wait at most `timeout_s` for the remote copy in progress, retries included (leader only;
+        a copy still running then is reported by `remote_events` and left to finish or not)."""
+        if self._copier is not None:
+            self._copier.wait(timeout_s)
+
     def close(self) -> list[SaveReport]:
-        """Finish the save in flight and release the writer; returns the reports not yet collected."""
+        """Finish the save in flight, release the writer and stop the remote copier (a copy in
+        progress is abandoned: `wait_remote` first to finish it); returns the reports not yet collected."""
         self.wait()
+        if self._copier is not None:
+            self._copier.close()
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
