@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 from conftest import read_metrics, run_atoll
 
-from atoll.checkpoint import Checkpointer, newest_verified
+from atoll.checkpoint import Checkpointer, newest_verified, read_manifest
+from atoll.mesh.coordinator import Coordinator
+from atoll.mesh.membership import Rules
 
 TIMEOUT = 180
 
@@ -130,6 +132,27 @@ def test_a_failed_start_leaves_no_run_directory_behind(tmp_path, cache_dir):
     result = run_atoll(train_args(tmp_path / "runs" / "new", cache_dir, 4, "--data.source", str(tmp_path / "no-corpus")), TIMEOUT)
     assert result.returncode == 2 and "no-corpus" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_island_restarted_without_resume_into_its_own_directory_keeps_the_old_runs_checkpoints_aside(tmp_path, cache_dir):
+    island_dir = tmp_path / "berlin"
+    outputs = []
+    for run, steps, every in ((1, 8, 4), (2, 4, 2)):  # two runs, each with its own coordinator, same island id and directory
+        coordinator = Coordinator("127.0.0.1", 0, 1, Rules(), tmp_path / f"membership-{run}.jsonl").start()
+        try:
+            result = run_atoll(train_args(island_dir, cache_dir, steps, "--coordinator", coordinator.address, "--island-id", "berlin",
+                                          "--diloco.inner_steps", "2", "--checkpoint.every", str(every), "--checkpoint.keep", "2"), TIMEOUT)
+        finally:
+            coordinator.stop()
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        outputs.append(result.stdout)
+    assert (f"atoll: checkpoints: {island_dir / 'checkpoints'} holds another run's checkpoints (newest step-00000008); "
+            "this fresh run writes timeline 1 beside them and never prunes or resumes from them") in outputs[1]
+    # the old run's newest two are kept aside; the new run's are pruned among themselves only
+    assert checkpoint_names(island_dir) == ["step-00000002-t1", "step-00000004", "step-00000004-t1", "step-00000008"]
+    assert Checkpointer(island_dir / "checkpoints", 2, True).latest().name == "step-00000004-t1"
+    runs = {name: read_manifest(island_dir / "checkpoints" / name).run_id for name in checkpoint_names(island_dir)}
+    assert runs["step-00000004-t1"] == runs["step-00000002-t1"] != runs["step-00000008"] == runs["step-00000004"]
 
 
 def test_a_second_island_in_a_directory_in_use_is_refused_by_the_lock(tmp_path, cache_dir):

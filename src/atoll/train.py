@@ -177,7 +177,9 @@ def open_checkpoints(checkpointer: Checkpointer, resume: str | None, cfg: JobCon
     if island.is_leader:
         try:
             found = checkpointer.find_resumable(resume, report=lambda line: print(f"atoll: {line}", flush=True)) if resume else None
-            checkpointer.start(found.path if found else None, found.manifest.run_id if found else None, ident, fingerprint)
+            note = checkpointer.start(found.path if found else None, found.manifest.run_id if found else None, ident, fingerprint)
+            if note is not None:
+                print(f"atoll: {note}", flush=True)
             answer = {"timeline": checkpointer.timeline, "run_id": checkpointer.identity.run_id}
             if found is not None:
                 m = found.manifest

@@ -148,7 +148,9 @@ def check_fresh_run_dir(run_dir: Path, island_id: str | None) -> None:
     """Refuse a fresh (not resumed) run in a directory that holds another run.
 
     One exception: an island of a mesh restarted under its own id into its own directory (its
-    run.json names the same island) goes through; the mesh decides what state it receives.
+    run.json names the same island) goes through; the mesh decides what state it receives, and
+    `Checkpointer.start` keeps the checkpoints already there aside on a timeline of their own
+    (the island cannot know, before it joins, whether they are of the run it joins).
     Raises UserError in one line naming the directory and both ways out.
     """
     found = holds_a_run(run_dir)

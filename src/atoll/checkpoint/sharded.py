@@ -169,20 +169,30 @@ class Checkpointer:
 
     # --- timelines --------------------------------------------------------------------------------
 
-    def start(self, resumed_from: Path | None, run_id: str | None = None, island_id: str | None = None, config_fingerprint: str | None = None) -> None:
+    def start(self, resumed_from: Path | None, run_id: str | None = None, island_id: str | None = None,
+              config_fingerprint: str | None = None) -> str | None:
         """Fix the timeline this run writes and the identity its manifests carry (leader writes the registry).
 
-        Fresh run: timeline 0. Resumed from the newest checkpoint of the current timeline's
-        history: that timeline continues. Resumed from anything older here, or from a checkpoint
-        elsewhere into a directory that already has a history: a new timeline. Island leader
-        only (it reads and writes the registry); the other local ranks take `timeline` and
-        `identity` from it (see `atoll.train.open_checkpoints`).
+        Fresh run into an unused directory: timeline 0. Fresh run into a directory that holds
+        another run's checkpoints (an island of a mesh restarted without --resume into its own
+        directory, the one case `check_fresh_run_dir` lets in): a new timeline with no parent, so
+        `latest` and retention see only this run's checkpoints and the other run's are kept
+        aside, never pruned; returns one line saying so (None otherwise). Resumed from the newest
+        checkpoint of the current timeline's history: that timeline continues. Resumed from
+        anything older here, or from a checkpoint elsewhere into a directory that already has a
+        history: a new timeline. Island leader only (it reads and writes the registry); the other
+        local ranks take `timeline` and `identity` from it (see `atoll.train.open_checkpoints`).
         """
         self.identity = Manifest(run_id=run_id or uuid.uuid4().hex, island_id=island_id, step=0, config_fingerprint=config_fingerprint)
         had_registry = (self.directory / timeline.REGISTRY).is_file()
         timelines = timeline.load_registry(self.directory)
         history = timeline.lineage(self.directory, timelines, timelines[-1].id)
-        if resumed_from is None or (history and history[-1].resolve() == resumed_from.resolve()):
+        note = None
+        if resumed_from is None and history:
+            timelines, changed = [*timelines, Timeline(max(t.id for t in timelines) + 1)], True
+            note = (f"checkpoints: {self.directory} holds another run's checkpoints (newest {history[-1].name}); this fresh "
+                    f"run writes timeline {timelines[-1].id} beside them and never prunes or resumes from them")
+        elif resumed_from is None or (history and history[-1].resolve() == resumed_from.resolve()):
             changed = False  # the current timeline continues
         elif not history and not had_registry:
             timelines, changed = [Timeline(0, origin=str(resumed_from))], True
@@ -193,6 +203,7 @@ class Checkpointer:
         self.timeline = timelines[-1].id
         if self.is_leader and (changed or not had_registry):
             timeline.save_registry(self.directory, timelines)
+        return note
 
     def latest(self) -> Path | None:
         """The newest complete (not necessarily verified) checkpoint of the current timeline's history."""
