@@ -83,6 +83,19 @@ def test_rollback_keeps_the_checkpoint_it_came_from_and_metrics_continue_without
     assert [r["step"] for r in read_metrics(run_dir)] == steps
 
 
+def test_extending_a_finished_run_names_the_changed_keys_and_what_its_lr_does(finished_run, tmp_path, cache_dir):
+    run_dir = copy_of(finished_run, tmp_path)
+    result = run_atoll(train_args(run_dir, cache_dir, 16, "--resume", "--train.z_loss_weight", "1e-4"), TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "; note: the config differs from the checkpoint's: train.steps 12 -> 16, train.z_loss_weight 0.0 -> 0.0001\n" in result.stdout
+    assert ("atoll: train.steps 12 -> 16: the LR schedule now spans 16 steps (it is a function of the step and train.steps "
+            "alone, so every island agrees), so the LR goes from 0 (step 12 of the old schedule) to 0.003 at step 13; to extend "
+            "it without raising the LR, resume from a checkpoint at or before step 10, where its decay began") in result.stdout
+    lr = {r["step"]: r["lr"] for r in read_metrics(run_dir)}
+    assert lr[10] == pytest.approx(0.003) and lr[12] == 0.0  # the first 12 steps' schedule decayed over steps 11-12
+    assert lr[14] == pytest.approx(0.002) and lr[16] == 0.0  # the new one decays over steps 14-16
+
+
 def test_flipped_bytes_and_a_truncated_shard_in_latest_fall_back_with_one_line_each(finished_run, tmp_path, cache_dir):
     run_dir = copy_of(finished_run, tmp_path)
     shard = run_dir / "checkpoints" / "step-00000012" / "__0_0.distcp"

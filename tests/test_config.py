@@ -1,5 +1,6 @@
 """Config tests: override parsing, TOML loading, one-line errors naming the key, round trips, --help."""
 
+import dataclasses
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,13 +13,18 @@ from atoll.config import (
     JobConfig,
     OptimConfig,
     ScheduleConfig,
+    SourceConfig,
     TrainConfig,
     describe_fields,
     dump_config,
     load_config,
     parse_overrides,
 )
+from atoll.data import ByteTokenizer
 from atoll.errors import UserError
+from atoll.fingerprint import job_fingerprint
+from atoll.mesh.membership import fingerprint_mismatch
+from atoll.model import get_size
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.toml"))
@@ -291,6 +297,52 @@ def test_every_field_of_every_section_is_listed_with_a_description():
             assert field.description, f"{section_name}.{name} has no description"
             assert f"--{section_name}.{name} (default {field.default!r})" in text
             assert field.description in text
+
+
+def test_per_island_keys_are_real_fields_and_help_marks_them():
+    text = describe_fields()
+    for section_name, section_field in JobConfig.model_fields.items():
+        section = section_field.annotation
+        assert section.per_island <= set(section.model_fields), f"{section_name}.per_island names no field"
+        for name in section.per_island:
+            assert f"--{section_name}.{name} (default {section.model_fields[name].default!r}) per island" in text
+    assert SourceConfig.per_island == {"path", "format"} and "--optim.lr (default 0.0003)\n" in text
+
+
+def fingerprint_of(cfg: JobConfig) -> dict:
+    args = dataclasses.replace(get_size(cfg.model.name), vocab_size=cfg.model.vocab_size or get_size(cfg.model.name).vocab_size)
+    return job_fingerprint(cfg, args, ByteTokenizer(), cfg.train.seq_len or args.max_seq_len)
+
+
+def test_the_join_check_covers_every_run_wide_setting_and_no_per_island_one():
+    run = load_config(None, {"train.seq_len": 64})
+    same = load_config(None, {
+        "train.seq_len": 64, "train.micro_batch": 2, "train.device": "cpu", "eval.every": 7, "checkpoint.keep": 9,
+        "data.cache_dir": "/elsewhere", "mesh.island_id": "paris", "mesh.coordinator": "10.0.0.1:29400",
+        "metrics.log_every": 5, "model.compile": True, "mesh.heartbeat_interval_s": 1.0,
+    })
+    assert fingerprint_mismatch(fingerprint_of(run), fingerprint_of(same)) == []
+    differs = load_config(None, {"train.seq_len": 64, "optim.lr": 1e-3, "train.z_loss_weight": 2e-4, "schedule.min_lr_ratio": 0.1,
+                                 "mesh.outer_attempts": 5, "comm.streams": 2})
+    assert fingerprint_mismatch(fingerprint_of(run), fingerprint_of(differs)) == [
+        "comm.streams: run has 1, island has 2",
+        "mesh.outer_attempts: run has 3, island has 5",
+        "optim.lr: run has 0.0003, island has 0.001",
+        "schedule.min_lr_ratio: run has 0.0, island has 0.1",
+        "train.z_loss_weight: run has 0.0, island has 0.0002",
+    ]
+    # a setting left to the model size and the same value set explicitly resolve alike
+    explicit = load_config(None, {"train.seq_len": 64, "model.vocab_size": get_size("debug").vocab_size})
+    assert fingerprint_mismatch(fingerprint_of(run), fingerprint_of(explicit)) == []
+
+
+def test_a_mixtures_sources_are_compared_by_name_weight_and_content_not_path():
+    def mixture(path: str, weight: float) -> JobConfig:
+        return load_config(None, {"data.sources": [{"name": "web", "path": path, "weight": weight}, {"name": "code", "path": "c"}]})
+
+    assert fingerprint_mismatch(fingerprint_of(mixture("/a/web", 1.0)), fingerprint_of(mixture("/b/web", 1.0))) == []
+    assert fingerprint_mismatch(fingerprint_of(mixture("/a/web", 1.0)), fingerprint_of(mixture("/a/web", 2.0))) == [
+        "data.sources.web.weight: run has 1.0, island has 2.0"]
 
 
 def test_sections_reject_unknown_keys_on_construction_and_assignment():

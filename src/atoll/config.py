@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,14 +25,23 @@ except ModuleNotFoundError:  # Python 3.10: the same parser from PyPI (a depende
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, field docstrings are the documentation."""
+    """A config section: unknown keys are errors, field docstrings are the documentation.
+
+    Every field is run-wide unless its section lists it in `per_island`: the islands of one run
+    must agree on it, and the coordinator refuses an island that differs, naming the key
+    (`atoll.fingerprint`). Per-island fields are where this machine keeps things, what it logs and
+    saves, how it spends its own memory and time, and how it reaches the run.
+    """
 
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
     )
+    per_island: ClassVar[frozenset[str]] = frozenset()
 
 
 class ModelConfig(Section):
+    # init_from is a path on this machine: the files must hold the same weights on every island
+    per_island = frozenset({"activation_checkpointing", "compile", "init_from"})
     name: str = "debug"
     """Named model size (see `atoll model-info`): debug, demo, 150m, 1b, 8b, intellect-1-10b."""
     vocab_size: int | None = Field(default=None, gt=0)
@@ -75,6 +84,7 @@ class ScheduleConfig(Section):
 
 
 class SourceConfig(Section):
+    per_island = frozenset({"path", "format"})  # where this machine keeps the source, and how it is found there
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Short name of the source: names its shard directory and its entries in tokens_by_source / val_loss_by_source."""
     path: str
@@ -94,6 +104,8 @@ class SourceConfig(Section):
 
 
 class DataConfig(Section):
+    # the tokenizer is compared by what it is (kind, vocabulary, file name), not by where it lives
+    per_island = frozenset({"tokenizer", "cache_dir", "mixture", "prepared", "workers"})
     source: str = "stdlib"
     """Corpus when data.sources is empty: "stdlib" (the running Python's standard library sources, always present) or a directory / text file."""
     tokenizer: str = "byte"
@@ -142,6 +154,8 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
+    # micro_batch splits the same global batch to fit this machine's memory
+    per_island = frozenset({"micro_batch", "device", "run_name", "max_skipped_inner"})
     steps: int = Field(default=100, gt=0)
     """Optimizer steps to train for (the schedule spans exactly this many)."""
     seq_len: int | None = Field(default=None, gt=0)
@@ -165,6 +179,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    per_island = frozenset({"every", "batches"})  # evaluation reads the model, never changes it
     every: int = Field(default=50, ge=0)
     """Compute validation loss every this many steps and at the end; 0 disables."""
     batches: int = Field(default=4, gt=0)
@@ -172,6 +187,7 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
+    per_island = frozenset({"every", "at_end", "keep", "asynchronous", "remote", "remote_attempts", "remote_backoff_s", "remote_final_wait_s"})
     every: int = Field(default=0, ge=0)
     """Save a checkpoint every this many steps; 0 saves only at the end (if at_end)."""
     at_end: bool = True
@@ -194,6 +210,7 @@ class CheckpointConfig(Section):
 
 
 class MetricsConfig(Section):
+    per_island = frozenset({"log_every", "peak_flops", "progress"})
     log_every: int = Field(default=1, gt=0)
     """Write a metrics.jsonl record (and a log line) every this many steps."""
     peak_flops: float | None = Field(default=None, gt=0)
@@ -203,6 +220,14 @@ class MetricsConfig(Section):
 
 
 class MeshConfig(Section):
+    # how this island reaches the run and how long it waits; run-wide: mode, and outer_attempts (the
+    # islands must give up on an outer step together to skip it alike). Settings read by the
+    # coordinator (heartbeat_timeout_s, report_grace_s, evict_after) are per island: islands never use them.
+    per_island = frozenset({
+        "coordinator", "island_id", "connect_timeout_s", "coordinator_retry_s", "join_timeout_s", "collective_timeout_s",
+        "heartbeat_interval_s", "heartbeat_timeout_s", "report_grace_s", "evict_after", "enter_attempts",
+        "max_skipped_in_a_row", "token", "serve_host", "transfer_chunk_mb", "transfer_attempts",
+    })
     coordinator: str | None = None
     """host:port of the run's coordinator; None trains this island alone (set by --coordinator)."""
     island_id: str | None = None
@@ -441,13 +466,14 @@ def dump_config(cfg: JobConfig, path: Path) -> None:
 
 
 def describe_fields() -> str:
-    """Every config key with its type, default and description, for `--help`."""
-    lines = []
+    """Every config key with its type, default, scope and description, for `--help`."""
+    lines = ["Keys marked 'per island' may differ between the islands of a run; the others must agree."]
     for section_name, section_field in JobConfig.model_fields.items():
         section = section_field.annotation
         lines.append(f"[{section_name}]")
         for name, field in section.model_fields.items():  # type: ignore[union-attr]
-            lines.append(f"  --{section_name}.{name} (default {field.default!r})")
+            scope = " per island" if name in section.per_island else ""  # type: ignore[union-attr]
+            lines.append(f"  --{section_name}.{name} (default {field.default!r}){scope}")
             lines.append(f"      {field.description}")
     return "\n".join(lines)
 

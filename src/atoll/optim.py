@@ -61,6 +61,31 @@ def outer_anneal_weight(step: int, total_steps: int, cfg: ScheduleConfig) -> flo
     return 1.0 if step < cfg.warmup_steps else lr_factor(step, total_steps, cfg)
 
 
+def describe_new_horizon(step: int, old_total: int, new_total: int, cfg: ScheduleConfig, peak_lr: float) -> str | None:
+    """What a resume at `step` with train.steps changed from `old_total` to `new_total` does to the
+    LR, in one line; None when the LR goes on as it would have.
+
+    The schedule stays a pure function of the step and train.steps, the same on every island (a
+    joiner included), so a new horizon is a new schedule from the resumed step on: resumed in a
+    wsd run's stable phase the LR goes on unchanged; resumed in or after its decay (or along a
+    cosine) it jumps to the new schedule's value.
+    """
+    if old_total == new_total:
+        return None
+    continuing = lr_factor(min(step, old_total - 1), old_total, cfg)  # what the old schedule would have set next (or last)
+    if math.isclose(continuing, lr_factor(step, new_total, cfg), rel_tol=1e-9, abs_tol=1e-12):
+        return None
+    before = peak_lr * lr_factor(step - 1, old_total, cfg) if step > 0 else 0.0
+    after = peak_lr * lr_factor(step, new_total, cfg)
+    line = (f"train.steps {old_total} -> {new_total}: the LR schedule now spans {new_total} steps (it is a function of the "
+            f"step and train.steps alone, so every island agrees), so the LR goes from "
+            f"{before:.3g} (step {step} of the old schedule) to {after:.3g} at step {step + 1}")
+    decay_start = old_total - max(1, round(cfg.decay_fraction * old_total)) if cfg.decay_fraction > 0 else old_total
+    if cfg.kind == "wsd" and step > decay_start:
+        line += f"; to extend it without raising the LR, resume from a checkpoint at or before step {decay_start}, where its decay began"
+    return line
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:

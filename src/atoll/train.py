@@ -43,14 +43,14 @@ from atoll.island import (
     start_island,
     stop_island,
 )
-from atoll.fingerprint import job_fingerprint
+from atoll.fingerprint import config_changes, flat_config, job_fingerprint
 from atoll.launch import default_run_dir, exit_with_launcher, generated_island_id
 from atoll.mesh.client import parse_address
 from atoll.mesh.member import MeshMember, join_mesh
 from atoll.metrics import MetricsLog, abandon_metrics_after, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size
 from atoll.model.llama import apply_activation_checkpointing
-from atoll.optim import build_optimizer, clip_grad_norm, lr_factor, outer_anneal_weight, set_lr
+from atoll.optim import build_optimizer, clip_grad_norm, describe_new_horizon, lr_factor, outer_anneal_weight, set_lr
 from atoll.sync import IslandSync
 
 
@@ -136,6 +136,19 @@ def config_fingerprint(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
 
 
+def recorded_config(cfg: JobConfig) -> dict[str, Any]:
+    """The flat config every manifest records, without the mesh's addresses and token."""
+    hidden = {f"mesh.{key}" for key in ADDRESS_KEYS}
+    return {k: v for k, v in flat_config(cfg).items() if k not in hidden}
+
+
+def describe_config_change(manifest_config: dict[str, Any], cfg: JobConfig) -> str:
+    """The resume note for a config that differs from the checkpoint's, naming the keys."""
+    if not manifest_config:
+        return "; note: the config differs from the checkpoint's (which does not record its keys)"
+    return "; note: the config differs from the checkpoint's: " + ", ".join(config_changes(manifest_config, recorded_config(cfg)))
+
+
 @dataclass
 class ResumePoint:
     """Where a run continues from, the same on every local rank."""
@@ -143,6 +156,8 @@ class ResumePoint:
     path: Path
     timeline: int
     outer_digest: str | None
+    steps: int | None
+    """The train.steps the checkpoint was written under (None: not recorded)."""
 
 
 def claim_run_dir(run_dir: Path, resume: str | None, ident: str | None, island: Island) -> RunDirLock | None:
@@ -184,18 +199,19 @@ def open_checkpoints(checkpointer: Checkpointer, resume: str | None, cfg: JobCon
             if found is not None:
                 m = found.manifest
                 print(f"atoll: verified {found.path} ({len(m.files)} files, {sum(f['bytes'] for f in m.files.values()) / 1e6:.1f} MB, "
-                      f"sha256) in {found.verify_s:.2f}s" + ("" if m.config_fingerprint == fingerprint else "; note: the config differs from the checkpoint's"), flush=True)
-                answer.update(path=str(found.path), outer_digest=m.outer_digest)
+                      f"sha256) in {found.verify_s:.2f}s" + ("" if m.config_fingerprint == fingerprint else describe_config_change(m.config, cfg)), flush=True)
+                answer.update(path=str(found.path), outer_digest=m.outer_digest, steps=m.config.get("train.steps"))
         except UserError as err:
             answer = {"error": str(err)}
     answer = json.loads(broadcast_text(json.dumps(answer), island))
     if "error" in answer:
         raise UserError(answer["error"])
-    checkpointer.identity = dataclasses.replace(checkpointer.identity, run_id=answer["run_id"], island_id=ident, config_fingerprint=fingerprint)
+    checkpointer.identity = dataclasses.replace(checkpointer.identity, run_id=answer["run_id"], island_id=ident,
+                                                config_fingerprint=fingerprint, config=recorded_config(cfg))
     checkpointer.timeline = answer["timeline"]
     if "path" not in answer:
         return None
-    return ResumePoint(Path(answer["path"]), answer["timeline"], answer["outer_digest"])
+    return ResumePoint(Path(answer["path"]), answer["timeline"], answer["outer_digest"], answer["steps"])
 
 
 def describe_save(report: SaveReport) -> str:
@@ -477,6 +493,9 @@ def _train_in(
             return TrainResult(run_dir, state.step, float("nan"), None, init_digest)
         if island.is_leader:
             abandon_metrics_after(run_dir / "metrics.jsonl", state.step, resumed.timeline)
+            horizon = describe_new_horizon(state.step, resumed.steps, cfg.train.steps, cfg.schedule, cfg.optim.lr) if resumed.steps else None
+            if horizon is not None:
+                print(f"atoll: {horizon}", flush=True)
     sync.start()
     if resumed is not None and not sync.inner_state_valid:
         optimizer.state.clear()  # AdamW's moments were of the checkpoint's weights, not the run's

@@ -50,6 +50,8 @@ class Manifest:
     members: list[str] = field(default_factory=list)
     outer_digest: str | None = None
     config_fingerprint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    """The run's resolved config as {dotted key: value} (no addresses or token), to name what a resume changes."""
     timeline: int = 0
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     created: float = 0.0
