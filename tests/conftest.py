@@ -16,6 +16,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a test that takes minutes by design (deselect with -m 'not slow')")
+
+
 def run_atoll(args: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m atoll.cli ARGS` and kill its whole process group if it outlives `timeout`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -1,25 +1,31 @@
 """The `atoll` command line: train, coordinator, simulate, demo, data prepare, export, eval, sample, model-info, tokenizer.
 
-User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2.
+User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2;
+the other expected failures of a run (lost coordinator, dropped, ...) print one line and exit with
+their code from `atoll.errors`. `atoll --debug` adds their tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atoll import __version__
 from atoll.config import JobConfig, describe_fields, load_config, parse_overrides
-from atoll.errors import UserError
+from atoll.errors import DEBUG_ENV, USER_ERROR, ExpectedFailure, UserError
 
 if TYPE_CHECKING:
     from atoll.wan.network import EmulatedWan
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = USER_ERROR
+TORCHRUN_RANK_ENV = "RANK"
+"""atoll.island.RANK_ENV, read here without importing torch (a user error is said at once)."""
 SIMULATE_DESCRIPTIONS = {
     "simulate": "Run a coordinator and N islands on this machine, each an `atoll train` of CONFIG (plus overrides) joined to "
                 "the coordinator, their output prefixed by island id; optionally over an emulated WAN and with scripted "
@@ -51,13 +57,18 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # the ranks and islands it starts inherit it
     try:
         if rest and args.command not in ("train", "simulate", "demo", "eval", "data"):
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")
         return args.handler(args, rest)
-    except UserError as err:
-        print(f"atoll: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except ExpectedFailure as err:
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        if os.environ.get(TORCHRUN_RANK_ENV, "0") == "0":  # an island's ranks fail alike (`member.from_leader`): its leader says it once
+            print(f"atoll: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     except KeyboardInterrupt:
         return 130
 
@@ -65,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoll", description="Train LLMs across islands of compute.")
     parser.add_argument("--version", action="version", version=f"atoll {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of expected failures too (exit codes: README)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(

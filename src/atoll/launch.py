@@ -2,10 +2,14 @@
 
 The launcher resolves the run directory once, so every rank writes into the same one, and passes
 the user's arguments through unchanged. Under torchrun each rank reads RANK/WORLD_SIZE itself.
+torchrun runs inside `python -m atoll.launch`, which ends with the exit code of the rank that
+failed first (an expected failure's documented code, see `atoll.errors`) instead of torchrun's
+traceback and failure table: the rank has said in one line what went wrong.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -44,7 +48,7 @@ def run_torchrun(nproc: int, train_args: list[str]) -> int:
     Standalone rendezvous on a free local port, so several islands can share a machine.
     """
     command = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "atoll.launch",
         "--standalone", f"--nproc-per-node={nproc}",
         "-m", "atoll.cli", "train", *train_args,
     ]
@@ -83,3 +87,27 @@ def launcher_alive(pid: int) -> bool:
         return False
     except OSError:
         return True  # no /proc to read: presume alive rather than kill a healthy rank
+
+
+def torchrun(argv: list[str]) -> int:
+    """torchrun's `run` on `argv`; the exit code of the first rank that failed (1 if it died by a
+    signal), with torchrun's own traceback and log lines of the failure left out unless ATOLL_DEBUG."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from atoll.errors import DEBUG_ENV
+
+    if not os.environ.get(DEBUG_ENV):
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        exitcode = err.get_first_failure()[1].exitcode
+        return exitcode if exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun(sys.argv[1:]))

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from atoll import errors
 from atoll.comm.allreduce import GlobalMean, WireStats
 from atoll.comm.codecs import get_codec
 from atoll.comm.transfer import ServedState, Source, TransferError, fetch_state
@@ -76,6 +77,7 @@ from atoll.config import JobConfig
 from atoll.data import PackedLoader
 from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.diloco import DiLoCo, average_gradients
+from atoll.errors import ExpectedFailure
 from atoll.faults import FaultInjector
 from atoll.island import Island, all_ranks_ok, broadcast_ints
 from atoll.mesh.groups import global_groups
@@ -328,9 +330,10 @@ class IslandSync:
             if attempts >= self.cfg.mesh.outer_attempts:
                 self.skipped_in_a_row += 1
                 if self.skipped_in_a_row >= self.cfg.mesh.max_skipped_in_a_row:
-                    raise RuntimeError(
+                    raise ExpectedFailure(
                         f"{self.skipped_in_a_row} outer steps in a row were skipped (the islands cannot average): islands "
-                        "training alone are not a run; see membership.jsonl for who failed (mesh.max_skipped_in_a_row)"
+                        "training alone are not a run; see membership.jsonl for who failed (mesh.max_skipped_in_a_row)",
+                        errors.SKIPPED_STEPS,
                     )
                 return True, self.island_digest(tensor_digest([("outer", self.diloco.outer)])), attempts, epoch
 
@@ -349,16 +352,16 @@ class IslandSync:
     def _enter(self, number: int) -> None:
         """Move to epoch `number` (or a newer one, if it fails too): barrier, groups, state.
 
-        Raises RuntimeError if this island is not a member (the coordinator dropped it, e.g.
-        after it hung past the heartbeat timeout): it must be restarted to join again; and after
-        mesh.enter_attempts epochs in a row that could not be entered.
+        Raises ExpectedFailure if this island is not a member (DROPPED: the coordinator dropped it,
+        e.g. after it hung past the heartbeat timeout): it must be restarted to join again; and
+        after mesh.enter_attempts epochs in a row that could not be entered (CANNOT_ENTER).
         """
         for _ in range(self.cfg.mesh.enter_attempts):
             epoch = self.member.epoch_named(number)
             if not epoch.has(self.member.island_id, self.member.incarnation):
-                raise RuntimeError(
+                raise ExpectedFailure(
                     f"island {self.member.island_id!r} was dropped from the run in epoch {number} ({epoch.reason}); "
-                    "restart it to join again"
+                    "restart it to join again", errors.DROPPED,
                 )
             previous, self.member.epoch = self.member.epoch, epoch
             if previous.number != number:
@@ -381,7 +384,10 @@ class IslandSync:
                 return
             self.member.report_failure(error or "a local rank could not enter the epoch")
             number = self.member.next_epoch()
-        raise RuntimeError(f"could not enter an epoch in {self.cfg.mesh.enter_attempts} attempts in a row (mesh.enter_attempts); last: epoch {number}")
+        raise ExpectedFailure(
+            f"could not enter an epoch in {self.cfg.mesh.enter_attempts} attempts in a row (mesh.enter_attempts); last: epoch "
+            f"{number}; see membership.jsonl for who failed", errors.CANNOT_ENTER,
+        )
 
     def _share_state(self) -> None:
         """Every member ends with the newest state any member holds (raw tensors over the group,

@@ -58,6 +58,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
+from atoll.errors import UserError
 from atoll.mesh.auth import sign, verify
 
 MANIFEST_PATH = "/state/manifest"
@@ -623,8 +624,15 @@ def _read_into(response: http.client.HTTPResponse, target: memoryview) -> int:
 
 def route_address(host: str, port: int) -> str:
     """This host's address on the route to (host, port): what peers that reach `host` can reach
-    (no packet is sent: a UDP socket's connect only picks the route)."""
+    (no packet is sent: a UDP socket's connect only picks the route). A host that does not
+    resolve, or has no route, is a UserError naming it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, port))
+        try:
+            probe.connect((host, port))
+        except OSError as err:
+            raise UserError(
+                f"the coordinator address {host}:{port}: {err.strerror or err}; fix --coordinator (mesh.coordinator) to a "
+                "host name or address this machine can reach, or set mesh.serve_host"
+            ) from None
         return probe.getsockname()[0]

@@ -6,11 +6,14 @@ move to the same epoch. Every local rank connects to the coordinator's rendezvou
 global groups (`store_address`).
 
 Failure semantics, for every request (`CoordinatorClient.call`):
-- timeout or a closed connection (a blip, a coordinator restart): reconnect, say hello again and
-  resend with a fresh sequence number, for up to `retry_s` (at least the heartbeat timeout); then
-  RuntimeError ("lost the coordinator"). Every op is safe to resend.
+- timeout or a closed connection (a blip, a stopped or restarting coordinator): reconnect, say
+  hello again and resend with a fresh sequence number, for up to `retry_s`
+  (mesh.coordinator_retry_s), saying at the first failure what it waits for and until when; then
+  ExpectedFailure (LOST_COORDINATOR). Every op is safe to resend. A request of its own that timed
+  out closes its connection, which never costs the island its place: the coordinator keeps an
+  incarnation that beats again on a new connection (see `atoll.mesh.membership.reconnect_grace_s`).
 - the coordinator restarted with its journal: the same run id, so the island keeps its place. A
-  coordinator that restarted without it runs another run: UserError.
+  coordinator that restarted without it runs another run: ExpectedFailure (LOST_COORDINATOR).
 - refused (401): the token is wrong (UserError at registration) or the message was mangled.
 - waits (admission, barriers, outcomes, next epoch) are long-polls repeated until the event; they
   print what they wait for every WAIT_LOG_S, honour SIGTERM (the handler raises in the blocking
@@ -24,12 +27,15 @@ import http.client
 import itertools
 import json
 import secrets
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from atoll.errors import UserError
+from atoll import errors
+from atoll.errors import ExpectedFailure, UserError
 from atoll.mesh import protocol
 from atoll.mesh.auth import run_key, sign, verify
 from atoll.mesh.membership import Epoch
@@ -37,6 +43,19 @@ from atoll.mesh.membership import Epoch
 LONG_POLL_S = 20.0
 WAIT_LOG_S = 30.0
 RETRY_PAUSE_S = 0.2
+HELLO_TIMEOUT_S = 10.0
+REFUSAL_CODES = {"duplicate": errors.DUPLICATE, "mismatch": errors.CONFIG_MISMATCH, "ended": errors.RUN_ENDED}
+"""Exit codes of the coordinator's refusals, by the kind it names (`refused_as`)."""
+
+
+def to_stderr(line: str) -> None:
+    """Where a client says what it waits for, unless told otherwise."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def clock(deadline: float) -> str:
+    """A monotonic deadline as the UTC wall-clock time it falls at (HH:MM:SS UTC)."""
+    return time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + deadline - time.monotonic()))
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -59,27 +78,41 @@ class CoordinatorClient:
 
     def __init__(
         self, address: str, island_id: str, incarnation: str, token: str | None, connect_timeout: float, retry_s: float,
-        channel: str = "main",
+        channel: str = "main", log: Callable[[str], None] = to_stderr,
     ) -> None:
+        """Say hello, retrying for `connect_timeout` (saying at the first failure what it waits
+        for and until when); then a UserError naming the address and the fix. A host name that
+        does not resolve is a UserError at once."""
         self.address = address
         self.host, self.port = parse_address(address)
         self.island_id, self.incarnation, self.channel = island_id, incarnation, channel
         self.token = token
         self.retry_s = retry_s
+        self.log = log
         self._seq = itertools.count(int(time.time() * 1000) * 1000)  # above any earlier run of this incarnation's channel
         self._conn: http.client.HTTPConnection | None = None
+        self._outage_since: float | None = None
         deadline = time.monotonic() + connect_timeout
         while True:
             try:
                 self._hello()
                 break
+            except socket.gaierror as err:
+                raise UserError(
+                    f"the coordinator address {address}: host {self.host!r} does not resolve ({err.strerror}); "
+                    "fix --coordinator (mesh.coordinator) to a host name or address this machine can reach"
+                ) from None
             except (OSError, http.client.HTTPException, ValueError) as err:
                 if time.monotonic() > deadline:
                     raise UserError(
                         f"cannot reach the coordinator at {address} ({err}): start `atoll coordinator --port {self.port}` "
                         "there, or fix --coordinator"
                     ) from None
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    self.log(f"atoll: waiting for the coordinator at {address} ({err}) until {clock(deadline)} (mesh.connect_timeout_s)")
                 time.sleep(RETRY_PAUSE_S)
+        self._outage_since = None
         self.run_id: str = self.hello["run_id"]
         self.key = run_key(token, self.run_id)
 
@@ -112,19 +145,32 @@ class CoordinatorClient:
         return response.status, data, response.getheader(protocol.MAC_HEADER, "")
 
     def _hello(self) -> None:
-        status, data, _ = self._exchange("GET", protocol.HELLO_PATH, None, {}, 10.0)
+        status, data, _ = self._exchange("GET", protocol.HELLO_PATH, None, {}, HELLO_TIMEOUT_S)
         if status != 200:
             raise ValueError(f"not an atoll coordinator (HTTP {status})")
         hello = json.loads(data)
         if hasattr(self, "run_id") and hello["run_id"] != self.run_id:
-            raise UserError(
+            raise ExpectedFailure(
                 f"the coordinator at {self.address} now runs another run ({hello['run_id']}, not {self.run_id}): it was "
-                "restarted without its journal; restart the islands to start a new run"
+                "restarted without its journal; restart the islands to start a new run", errors.LOST_COORDINATOR,
             )
         self.hello = hello
 
+    def _outage(self, op: str, err: Exception, deadline: float) -> None:
+        """Note a failed request: the first of an outage says what the client waits for and until when."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self.log(f"atoll: no answer from the coordinator at {self.address} ({op} on {self.channel}: {err}); "
+                     f"retrying until {clock(deadline)} (mesh.coordinator_retry_s)")
+
+    def _answered(self) -> None:
+        if self._outage_since is not None:
+            self.log(f"atoll: the coordinator at {self.address} answers again after {time.monotonic() - self._outage_since:.0f}s")
+            self._outage_since = None
+
     def call(self, op: str, args: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
-        """One authenticated request; retried through blips and coordinator restarts (see module doc)."""
+        """One authenticated request; retried through blips, pauses and restarts of the coordinator
+        for `retry_s`, then ExpectedFailure (LOST_COORDINATOR); see the module doc."""
         deadline = time.monotonic() + self.retry_s
         while True:
             body = protocol.request_body(op, self.island_id, self.incarnation, self.channel, self.hello["boot"], next(self._seq), args)
@@ -143,10 +189,15 @@ class CoordinatorClient:
                     )
                 if status != 200 or not verify(self.key, answer_mac, mac, data):
                     raise ValueError(f"a bad answer to {op} (HTTP {status})")
+                self._answered()
                 return json.loads(data)
             except (OSError, http.client.HTTPException, ValueError) as err:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"lost the coordinator at {self.address} for {self.retry_s:.0f}s ({op}: {err})") from None
+                    raise ExpectedFailure(
+                        f"lost the coordinator at {self.address}: no answer for {self.retry_s:.0f}s ({op}: {err}); restart "
+                        "it with its journal and restart this island with --resume (mesh.coordinator_retry_s)", errors.LOST_COORDINATOR,
+                    ) from None
+                self._outage(op, err, deadline)
                 time.sleep(RETRY_PAUSE_S)
                 try:
                     self._hello()
@@ -172,11 +223,12 @@ class CoordinatorClient:
 class Heartbeat:
     """Beats every `interval_s` on a connection of its own, the island's control connection.
 
-    The coordinator drops the island at once when this connection closes without a deathrattle
-    (the process died), and after the heartbeat timeout when beats stop while it stays open (the
-    process hangs, e.g. SIGSTOP). A failed beat is retried at the next interval (a blip or a
-    coordinator restart never ends the thread); each answer tells the newest epoch, which
-    `dissolved` reads without a request.
+    The coordinator drops the island when this connection closes without a deathrattle and no
+    beat comes on a new one within the reconnect grace (the process died), and after the heartbeat
+    timeout when beats stop while it stays open (the process hangs, e.g. SIGSTOP). A failed beat
+    (a timeout of its own, a blip, a stopped or restarted coordinator) is retried on a new
+    connection at once and then every interval: nothing ends the thread but `stop`. Each answer
+    tells the newest epoch, which `dissolved` reads without a request.
     """
 
     def __init__(self, client: CoordinatorClient, interval_s: float) -> None:
@@ -192,8 +244,8 @@ class Heartbeat:
             try:
                 answer = self._client.call("beat", {"interval": self._interval_s})
                 self.latest = max(self.latest, int(answer["latest"]))
-            except (RuntimeError, UserError):
-                pass
+            except ExpectedFailure:
+                pass  # the main thread decides when the coordinator is lost
             self._stop.wait(self._interval_s)
 
     def stop(self) -> None:
@@ -204,10 +256,14 @@ class Heartbeat:
 
 def register(client: CoordinatorClient, local_ranks: int, fingerprint: dict[str, Any], serve: dict[str, Any] | None = None) -> None:
     """Announce this incarnation (and where its local ranks serve the run's state, if they do); a
-    refusal (wrong shape, a different job, a live duplicate id, an ended run) is a UserError saying why."""
+    refusal (wrong shape, a different job, a live duplicate id, an ended run) is a UserError saying
+    why, with the exit code of its kind (`REFUSAL_CODES`)."""
     answer = client.call("register", {"local_ranks": local_ranks, "fingerprint": fingerprint, "serve": serve or {}})
     if "refused" in answer:
-        raise UserError(f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}")
+        raise UserError(
+            f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}",
+            REFUSAL_CODES.get(answer.get("refused_as", ""), errors.USER_ERROR),
+        )
 
 
 def wait_for_admission(client: CoordinatorClient, after: int, log: Callable[[str], None]) -> Epoch | dict[str, Any]:
@@ -216,14 +272,14 @@ def wait_for_admission(client: CoordinatorClient, after: int, log: Callable[[str
     started and this joiner does not hold its state yet.
 
     Unbounded while the run is alive: a ready joiner waits for the next outer step however long
-    the inner phase is (saying where the run is every WAIT_LOG_S). An ended run or a refusal is a
-    UserError.
+    the inner phase is (saying where the run is every WAIT_LOG_S). An ended run (RUN_ENDED) or a
+    coordinator that no longer knows this process (DROPPED) is an ExpectedFailure.
     """
     answer = client.wait("admission", {"after": after}, "admission to the run", log)
     if "ended" in answer:
-        raise UserError(f"the run of the coordinator at {client.address} has ended ({answer['ended']}): nothing to join")
+        raise ExpectedFailure(f"the run of the coordinator at {client.address} has ended ({answer['ended']}): nothing to join", errors.RUN_ENDED)
     if "refused" in answer:
-        raise UserError(f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}")
+        raise ExpectedFailure(f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}", errors.DROPPED)
     return answer["fetch"] if "fetch" in answer else Epoch.from_dict(answer["epoch"])
 
 

@@ -18,7 +18,12 @@ Failure semantics:
 - Garbage and idle connections hold one thread each until they close or time out; members keep
   their own connections and are answered throughout.
 - An island whose control connection closes without a deathrattle (kill -9, OOM, a crash) is
-  dropped at once; one that hangs (SIGSTOP) at the heartbeat timeout.
+  dropped when that incarnation has not beaten again on a new connection within its reconnect
+  grace (two beats and a second); one that hangs (SIGSTOP) at the heartbeat timeout. An island's
+  client closes its connection itself when its own request times out (the coordinator was
+  stopped, or starved): it reconnects at once and is kept.
+- A coordinator that was stopped (SIGSTOP, a suspended VM) judges nobody on the silence it caused:
+  every heartbeat clock restarts when it runs again (`_forgive_own_stall`).
 - When every member has left, the run has ended: it says so to anyone who asks, and `serve()`
   returns (unless told to stay).
 """
@@ -238,8 +243,8 @@ class Coordinator:
         registration = Registration(island, incarnation, int(args["local_ranks"]), dict(args["fingerprint"]), dict(args.get("serve") or {}))
         refusal = self._admissible(registration)
         if refusal:
-            self.log(f"coordinator: refused island {island!r}: {refusal}")
-            return {"refused": refusal}
+            self.log(f"coordinator: refused island {island!r}: {refusal[0]}")
+            return {"refused": refusal[0], "refused_as": refusal[1]}
         old = self.views.get(island)
         if old is not None and old.registration.incarnation == incarnation:
             return {}
@@ -248,7 +253,7 @@ class Coordinator:
                 why = (f"island id {island!r} is in use by a live process (incarnation {old.registration.incarnation[:8]}): "
                        "give this island another --island-id, or stop the other one first")
                 self.log(f"coordinator: refused a second live island {island!r}")
-                return {"refused": why}
+                return {"refused": why, "refused_as": "duplicate"}
             self._drop_replaced(island)
         if self.local_ranks is None:
             self.local_ranks, self.fingerprint = registration.local_ranks, registration.fingerprint
@@ -261,16 +266,16 @@ class Coordinator:
         self._decide()
         return {}
 
-    def _admissible(self, registration: Registration) -> str | None:
-        """Why this registration cannot join the run, or None."""
+    def _admissible(self, registration: Registration) -> tuple[str, str] | None:
+        """(why, its kind: "ended" or "mismatch") this registration cannot join the run, or None."""
         if self.ended is not None:
-            return f"the run has ended ({self.ended}): nothing to join"
+            return f"the run has ended ({self.ended}): nothing to join", "ended"
         if self.local_ranks is not None and registration.local_ranks != self.local_ranks:
             return (f"this island runs {registration.local_ranks} local ranks but the run's islands run "
-                    f"{self.local_ranks}: use --nproc {self.local_ranks}")
+                    f"{self.local_ranks}: use --nproc {self.local_ranks}"), "mismatch"
         differences = fingerprint_mismatch(self.fingerprint, registration.fingerprint) if self.local_ranks is not None else []
         if differences:
-            return "this island's job differs from the run's: " + "; ".join(differences)
+            return "this island's job differs from the run's: " + "; ".join(differences), "mismatch"
         return None
 
     def _alive(self, view: IslandView) -> bool:
@@ -289,9 +294,15 @@ class Coordinator:
             self.arrivals = [r for r in self.arrivals if r.island_id != island]
 
     def _op_beat(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        """A heartbeat; the connection it comes on becomes (or stays) the incarnation's control
+        connection, and a beat on a new one after the old one closed means the process lives."""
         if self._member(island, incarnation):
             self._connections[connection] = (island, incarnation)
-            self.views[island].beat_interval_s = float(args.get("interval", 2.0))
+            view = self.views[island]
+            view.beat_interval_s = float(args.get("interval", 2.0))
+            if view.lost_at is not None:
+                self.log(f"coordinator: island {island!r} reconnected {time.monotonic() - view.lost_at:.1f}s after its control connection closed")
+                view.lost_at = None
         return self._status(island, incarnation)
 
     def _status(self, island: str, incarnation: str) -> dict:
@@ -409,10 +420,11 @@ class Coordinator:
         return {"epoch": epoch.to_dict() if epoch else None}
 
     def connection_closed(self, connection: int) -> None:
-        """A connection ended; if it was an incarnation's control connection, that process is gone."""
+        """A connection ended; if it was an incarnation's only control connection, that process is
+        gone unless it beats again within its reconnect grace (`membership.reconnect_grace_s`)."""
         with self._cond:
             owner = self._connections.pop(connection, None)
-            if owner is None or not self._member(*owner):
+            if owner is None or not self._member(*owner) or owner in self._connections.values():
                 return
             view = self.views[owner[0]]
             if view.leaving is None and view.lost_at is None:

@@ -5,9 +5,12 @@
 the island's other local ranks over the island's control group (a gloo group with a long timeout:
 they wait as long as the leader waits), so every local rank of an island moves as one.
 
-Failure semantics: see `atoll.mesh.client` (retries through blips and coordinator restarts; waits
-end when the coordinator decides). A leader that raises makes its island's other ranks fail at
-their next control-group collective, and the island leaves.
+Failure semantics: see `atoll.mesh.client` (retries through blips, pauses and restarts of the
+coordinator; waits end when the coordinator decides). An expected failure on the leader (lost
+coordinator, dropped, refused) is relayed to the other local ranks with the answer they wait for
+(`from_leader`), so every rank of the island raises it alike and the island ends as one, with one
+line and its exit code; a leader that raises anything else makes the other ranks fail at their
+next control-group collective.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import torch.distributed as dist
 
 from atoll.comm.allreduce import ABANDONED
 from atoll.config import MeshConfig
+from atoll.errors import ExpectedFailure
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
-from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, register, wait_for_admission
+from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, register, to_stderr, wait_for_admission
 from atoll.mesh.membership import Epoch
 
 ABORT, COMMIT, RESYNC = 0, 1, 2
@@ -77,22 +81,18 @@ class MeshMember:
         """The key of the current epoch's ring payloads (see `atoll.mesh.auth`)."""
         return epoch_key(self.client.key, self.epoch.number, self.epoch.members, self.epoch.incarnations)
 
-    def _leader(self, values: list[int]) -> list[int]:
-        return broadcast_ints(values, self.island)
-
     def barrier(self, name: str) -> bool:
         """True when every member of the epoch reached barrier `name`; False if the epoch was
         dissolved first (a member died, hung or left). Unbounded while the peers are alive."""
-        passed = -1
-        if self.island.is_leader:
+        def ask() -> bool:
             answer = self.client.wait("barrier", {"epoch": self.epoch.number, "name": name}, f"the other islands at {name}", self.log)
-            passed = int("passed" in answer)
-        return bool(self._leader([passed])[0])
+            return "passed" in answer
+
+        return from_leader(self.island, ask)
 
     def outcome(self, outer_step: int, round_: int, ok: bool, digest: str, error: str, blamed: str | None) -> Outcome:
         """Report a failure (if any), post this island's result and wait for the step's outcome."""
-        values = [-1, -1, -1]
-        if self.island.is_leader:
+        def ask() -> list[int]:
             number = self.epoch.number
             if not ok:
                 abandoned = ABANDONED in error
@@ -101,17 +101,18 @@ class MeshMember:
                 "result", {"epoch": number, "step": outer_step, "round": round_, "ok": ok, "digest": digest},
                 f"the outcome of outer step {outer_step}", self.log,
             )
-            values = [OUTCOMES[answer["outcome"]], int(answer["next"]), int(answer["source"])]
-        return Outcome(*self._leader(values))
+            return [OUTCOMES[answer["outcome"]], int(answer["next"]), int(answer["source"])]
+
+        return Outcome(*from_leader(self.island, ask))
 
     def admit(self) -> None:
         """Wait for admission: either an epoch has this process (`epoch` is set, `fetch` None), or
         the run has started and the coordinator says where to fetch its state (`fetch` is set)."""
-        text = ""
-        if self.island.is_leader:
+        def ask() -> dict[str, Any]:
             answer = wait_for_admission(self.client, NOT_ADMITTED, self.log)
-            text = json.dumps({"epoch": answer.to_dict()} if isinstance(answer, Epoch) else {"fetch": answer})
-        answer = json.loads(_broadcast_text(text, self.island))
+            return {"epoch": answer.to_dict()} if isinstance(answer, Epoch) else {"fetch": answer}
+
+        answer = from_leader(self.island, ask)
         self.fetch = answer.get("fetch")
         if "epoch" in answer:
             self.epoch = Epoch.from_dict(answer["epoch"])
@@ -119,29 +120,21 @@ class MeshMember:
     def post_ready(self, step: int) -> bool:
         """Tell the coordinator this joiner holds the state of outer step `step` (-1: none, it takes
         it by broadcast on entering); False if that state is stale (a step was committed since)."""
-        stale = 0
-        if self.island.is_leader:
-            stale = int("stale" in self.client.call("ready", {"step": step}))
-        return not self._leader([stale])[0]
+        return from_leader(self.island, lambda: "stale" not in self.client.call("ready", {"step": step}))
 
     def report_failure(self, what: str) -> None:
-        """Tell the coordinator that entering the current epoch failed here (local rank 0)."""
+        """Tell the coordinator that entering the current epoch failed here (local rank 0; no
+        collective: a rank may call it alone)."""
         if self.island.is_leader:
             self.client.call("report", {"epoch": self.epoch.number, "what": what, "blamed": None})
 
     def next_epoch(self) -> int:
         """Wait until the current epoch is dissolved; the newest epoch's number."""
-        number = -1
-        if self.island.is_leader:
-            number = int(self.client.wait("next_epoch", {"epoch": self.epoch.number}, "the next epoch", self.log)["next"])
-        return self._leader([number])[0]
+        return from_leader(self.island, lambda: int(self.client.wait("next_epoch", {"epoch": self.epoch.number}, "the next epoch", self.log)["next"]))
 
     def epoch_named(self, number: int) -> Epoch:
         """Epoch `number` as the coordinator published it, on every local rank."""
-        text = ""
-        if self.island.is_leader:
-            text = json.dumps(self.client.call("epoch", {"number": number})["epoch"])
-        return Epoch.from_dict(json.loads(_broadcast_text(text, self.island)))
+        return Epoch.from_dict(from_leader(self.island, lambda: self.client.call("epoch", {"number": number})["epoch"]))
 
     def dissolved(self, number: int) -> bool:
         """Whether epoch `number` has been replaced (the leader reads its heartbeat's news)."""
@@ -164,6 +157,24 @@ class MeshMember:
         self.heartbeat.stop()
 
 
+def from_leader(island: Island, ask: Callable[[], Any]) -> Any:
+    """Local rank 0's `ask()` (a JSON value) on every local rank, over the control group (the other
+    ranks wait as long as the leader does). An ExpectedFailure on the leader is raised on every
+    rank alike, so the island ends as one (with one line: the CLI prints it on local rank 0)."""
+    said = ""
+    if island.is_leader:
+        try:
+            said = json.dumps({"answer": ask()})
+        except ExpectedFailure as err:
+            if island.world > 1:
+                _broadcast_text(json.dumps({"failure": str(err), "code": err.exit_code}), island)
+            raise
+    said = json.loads(_broadcast_text(said, island))
+    if "failure" in said:
+        raise ExpectedFailure(said["failure"], said["code"])
+    return said["answer"]
+
+
 def _broadcast_text(text: str, island: Island) -> str:
     """Local rank 0's text on every local rank, over the control group."""
     if island.world == 1:
@@ -176,10 +187,6 @@ def _broadcast_text(text: str, island: Island) -> str:
     return bytes(payload.tolist()).decode()
 
 
-def retry_budget(cfg: MeshConfig) -> float:
-    """How long an island keeps retrying a lost coordinator: a restart or a blip of up to the
-    heartbeat timeout is ridden through, with room for the coordinator's own start-up."""
-    return max(3 * cfg.heartbeat_timeout_s, cfg.connect_timeout_s)
 
 
 def join_mesh(
@@ -196,12 +203,20 @@ def join_mesh(
     token = run_token(cfg.token)
     incarnation = _broadcast_text(new_incarnation() if island.is_leader else "", island)
     channel = "main" if island.is_leader else f"rank{island.rank}"
-    client = CoordinatorClient(cfg.coordinator, island_id, incarnation, token, min(cfg.connect_timeout_s, cfg.join_timeout_s), retry_budget(cfg), channel)
+    client = CoordinatorClient(
+        cfg.coordinator, island_id, incarnation, token, min(cfg.connect_timeout_s, cfg.join_timeout_s), cfg.coordinator_retry_s, channel,
+        to_stderr if island.is_leader else lambda line: None,  # the leader speaks for the island
+    )
     heartbeat = None
-    if island.is_leader:
+
+    def enrol() -> bool:
+        nonlocal heartbeat
         register(client, island.world, fingerprint, {"host": serve_host, "ports": serve_ports} if serve_ports else None)
-        beat = CoordinatorClient(cfg.coordinator, island_id, incarnation, token, cfg.connect_timeout_s, retry_budget(cfg), "beat")
+        beat = CoordinatorClient(cfg.coordinator, island_id, incarnation, token, cfg.connect_timeout_s, cfg.coordinator_retry_s, "beat")
         heartbeat = Heartbeat(beat, cfg.heartbeat_interval_s)
+        return True
+
+    from_leader(island, enrol)  # a refusal ends every local rank alike
     member = MeshMember(island_id, incarnation, Epoch(NOT_ADMITTED, (), island.world), client.store_address, island, client, heartbeat, log)
     member.admit()
     return member

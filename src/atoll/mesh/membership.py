@@ -127,7 +127,8 @@ class IslandView:
     heard_at: float
     """When the island's last heartbeat arrived (or it registered)."""
     lost_at: float | None = None
-    """When its control connection closed without a deathrattle (its process died)."""
+    """When its control connection closed without a deathrattle, until the same incarnation beats
+    again on a new one: a process that does not within `reconnect_grace_s` is gone."""
     leaving: str | None = None
     """The island's deathrattle (why it left), once written."""
     failed_at: float | None = None
@@ -182,10 +183,30 @@ class Rules:
     """Failed epochs in a row with unchanged members before the culprit is evicted."""
 
 
-def departures(members: tuple[str, ...], views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> dict[str, str]:
-    """Members gone for good: a deathrattle, a closed control connection, or a stale heartbeat.
+RECONNECT_SLACK_S = 1.0
 
-    Staleness is judged on the coordinator's clock: `now - heard_at`, where heard_at is when the
+
+def reconnect_grace_s(view: IslandView) -> float:
+    """How long a closed control connection waits for its incarnation to beat again on a new one
+    before the process counts as gone. A live island's client reconnects at its next beat (it
+    closes its connection itself when a request of its own times out, e.g. while the coordinator
+    was stopped), so two beat intervals and a second of slack tell a live process from a dead one."""
+    return 2 * view.beat_interval_s + RECONNECT_SLACK_S
+
+
+def reconnecting(members: tuple[str, ...], views: dict[str, IslandView], now: float) -> tuple[str, ...]:
+    """Members whose control connection closed within its grace: alive or dead, it is not known yet."""
+    return tuple(
+        m for m in members
+        if views[m].leaving is None and views[m].lost_at is not None and now - views[m].lost_at <= reconnect_grace_s(views[m])
+    )
+
+
+def departures(members: tuple[str, ...], views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> dict[str, str]:
+    """Members gone for good: a deathrattle, a control connection closed for longer than its
+    reconnect grace (see `reconnect_grace_s`), or a stale heartbeat.
+
+    Times are judged on the coordinator's clock: `now - heard_at`, where heard_at is when the
     coordinator last heard from the island (islands share no clock).
     """
     gone = {}
@@ -193,17 +214,18 @@ def departures(members: tuple[str, ...], views: dict[str, IslandView], now: floa
         view = views[island]
         if view.leaving is not None:
             gone[island] = f"left ({view.leaving})"
-        elif view.lost_at is not None:
-            gone[island] = "its control connection closed (process gone)"
+        elif view.lost_at is not None and now - view.lost_at > reconnect_grace_s(view):
+            gone[island] = f"its control connection closed and it did not reconnect within {reconnect_grace_s(view):.1f}s (process gone)"
         elif now - view.heard_at > heartbeat_timeout_s:
             gone[island] = f"no heartbeat for {now - view.heard_at:.1f}s"
     return gone
 
 
 def pending_joiners(current: Epoch, views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> tuple[str, ...]:
-    """Registered islands outside the epoch that are alive, sorted by id."""
-    outside = sorted(i for i in views if i not in current.members)
-    return tuple(i for i in outside if not departures((i,), views, now, heartbeat_timeout_s))
+    """Registered islands outside the epoch that are alive (and connected), sorted by id."""
+    outside = tuple(sorted(i for i in views if i not in current.members))
+    unsure = reconnecting(outside, views, now)
+    return tuple(i for i in outside if i not in unsure and not departures((i,), views, now, heartbeat_timeout_s))
 
 
 def majority_source(members: tuple[str, ...], digests: dict[str, str]) -> int:
@@ -242,8 +264,9 @@ def decide(
        commits, or, if their digests differ, resyncs from the majority's holder.
     2. Some member reported a failed collective: once `report_grace_s` has passed since the first
        report, or every member is accounted for, the next epoch is the members minus those that
-       are gone (deathrattle, closed connection, stale heartbeat). An island that is alive but
-       silent (busy in its ring, or slow) is never dropped for it. When the next epoch would have
+       are gone (deathrattle, closed connection not reopened within its grace, stale heartbeat);
+       while a member's connection is closed but its grace runs, the decision waits. An island
+       that is alive but silent (busy in its ring, or slow) is never dropped for it. When the next epoch would have
        the same members for the `evict_after`-th time in a row (`failures_in_a_row` counts the
        earlier ones), the culprit (see `culprit`) is evicted instead: a pair that cannot connect
        must not livelock the run.
@@ -251,7 +274,8 @@ def decide(
     4. Alive joiners that are ready (`IslandView.ready`) are admitted `at_boundary`: a new epoch
        with members and joiners, which the members enter from the barrier, so a joiner's first
        outer step is the one about to be averaged (it contributes nothing to it: it has not
-       trained). Never at a commit: the state a joiner fetched is then one step old.
+       trained). Never at a commit: the state a joiner fetched is then one step old, nor while a
+       member's closed connection is within its grace.
     When no member is left the run has ended (joiners cannot restart it: nobody holds its state).
     """
     members = current.members
@@ -270,6 +294,8 @@ def decide(
         heard = set(reported) | posted
         if now - min(reported.values()) < rules.report_grace_s and not heard | set(gone) >= set(members):
             return Decision()
+        if reconnecting(members, views, now):
+            return Decision()
         if not gone:
             if failures_in_a_row + 1 >= rules.evict_after and len(members) > 1:
                 evicted = culprit(members, views)
@@ -280,7 +306,7 @@ def decide(
     if gone:
         return without(current, views, gone, "departed", now)
     ready = tuple(j for j in pending_joiners(current, views, now, rules.heartbeat_timeout_s) if views[j].ready is not None)
-    if ready and at_boundary:
+    if ready and at_boundary and not reconnecting(members, views, now):
         return Decision(epoch=successor(current, members + ready, views, "joined", now), joined=ready)
     return Decision()
 

@@ -21,7 +21,8 @@ happens, or after `wait_s` with nothing, and the island asks again (so waits are
 yet no request outlives a restart of either side by long).
 
     register    {local_ranks, fingerprint, serve}
-                                                 -> {} | {"refused": why}; serve: {"host", "ports"},
+                                                 -> {} | {"refused": why, "refused_as": "duplicate" |
+                                                    "mismatch" | "ended"}; serve: {"host", "ports"},
                                                     where its local ranks serve the run's state
     beat        {seen, wait_s}                   -> {"latest", "ended", "known"}: a heartbeat that
                                                     waits up to wait_s for an epoch newer than
