@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING
 
 from atoll import __version__
 from atoll.config import JobConfig, describe_fields, load_config, parse_overrides
-from atoll.errors import DEBUG_ENV, USER_ERROR, ExpectedFailure, UserError
+from atoll.errors import DEBUG_ENV, USER_ERROR, ExpectedFailure, UserError, say
 
 if TYPE_CHECKING:
     from atoll.wan.network import EmulatedWan
 
 EXIT_USER_ERROR = USER_ERROR
-TORCHRUN_RANK_ENV = "RANK"
-"""atoll.island.RANK_ENV, read here without importing torch (a user error is said at once)."""
 SIMULATE_DESCRIPTIONS = {
     "simulate": "Run a coordinator and N islands on this machine, each an `atoll train` of CONFIG (plus overrides) joined to "
                 "the coordinator, their output prefixed by island id; optionally over an emulated WAN and with scripted "
@@ -66,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExpectedFailure as err:
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
-        if os.environ.get(TORCHRUN_RANK_ENV, "0") == "0":  # an island's ranks fail alike (`member.from_leader`): its leader says it once
-            print(f"atoll: error: {err}", file=sys.stderr, flush=True)
+        say(err)
         return err.exit_code
     except KeyboardInterrupt:
         return 130

@@ -8,8 +8,13 @@ every other exception is a bug and keeps its traceback. The README lists these c
 
 from __future__ import annotations
 
+import os
+import sys
+
 DEBUG_ENV = "ATOLL_DEBUG"
 """Set (by `atoll --debug`, and inherited by every rank) to print expected failures' tracebacks too."""
+TORCHRUN_RANK_ENV = "RANK"
+"""atoll.island.RANK_ENV, read here without importing torch."""
 
 USER_ERROR = 2
 """Bad input: a config key, a flag, a file, a coordinator address, the run token."""
@@ -49,9 +54,19 @@ class ExpectedFailure(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        self.said = False
 
 
 class UserError(ExpectedFailure):
     """An error caused by the user's input; the message names the input and the fix."""
 
     exit_code = USER_ERROR
+
+
+def say(err: ExpectedFailure) -> None:
+    """Print the failure's one line, once, as soon as it is known (before any clean-up: a rank of
+    an island can be ended by torchrun once another rank has failed). Only local rank 0 says it:
+    an island's ranks fail alike (`atoll.mesh.member.from_leader`)."""
+    if not err.said and os.environ.get(TORCHRUN_RANK_ENV, "0") == "0":
+        print(f"atoll: error: {err}", file=sys.stderr, flush=True)
+    err.said = True

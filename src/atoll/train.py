@@ -29,7 +29,7 @@ from atoll.checkpoint import Checkpointer, ModelOptimizerState, RunDirLock, Save
 from atoll.config import JobConfig, dump_config
 from atoll.data import BatchSource, TrainingData, iter_eval_batches, load_training_data, weighted_mean
 from atoll.digest import model_digest
-from atoll.errors import UserError
+from atoll.errors import ExpectedFailure, UserError, say
 from atoll.faults import FaultInjector
 from atoll.guard import InnerGuard
 from atoll.hf import load_hf_weights
@@ -408,6 +408,8 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
         run_dir = Path(broadcast_text(str(run_dir or default_run_dir(cfg.train.run_name, ident)), island))
         result = _train(cfg, run_dir, resume, island, ident, deathrattle)
     except BaseException as err:
+        if isinstance(err, ExpectedFailure):
+            say(err)  # now: the clean-up below can outlast torchrun's patience with this rank
         deathrattle(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": "))
         raise
     finally:

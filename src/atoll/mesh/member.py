@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from atoll.comm.allreduce import ABANDONED
 from atoll.config import MeshConfig
-from atoll.errors import ExpectedFailure
+from atoll.errors import ExpectedFailure, say
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
 from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, register, to_stderr, wait_for_admission
@@ -166,6 +166,7 @@ def from_leader(island: Island, ask: Callable[[], Any]) -> Any:
         try:
             said = json.dumps({"answer": ask()})
         except ExpectedFailure as err:
+            say(err)  # before the other ranks end, and torchrun with them ends this one
             if island.world > 1:
                 _broadcast_text(json.dumps({"failure": str(err), "code": err.exit_code}), island)
             raise
