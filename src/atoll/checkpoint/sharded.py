@@ -156,7 +156,9 @@ class Checkpointer:
         self.keep = keep
         self.is_leader = is_leader
         self.asynchronous = asynchronous
-        self._copier = remote.RemoteCopier(remote_url, remote_attempts, remote_backoff_s) if remote_url and is_leader else None
+        self._remote = (remote_url, remote_attempts, remote_backoff_s) if remote_url and is_leader else None
+        self._copier: remote.RemoteCopier | None = None
+        """Started by the first save that has a checkpoint to copy."""
         self.timeline = 0
         self.identity = Manifest(run_id=uuid.uuid4().hex, island_id=None, step=0)
         self._group: dist.ProcessGroup | None = None
@@ -333,7 +335,8 @@ class Checkpointer:
             write_manifest(partial, manifest)
             report.bytes = checkpoint_bytes(manifest)
             _replace_dir(partial, final)
-            if self._copier is not None:  # before pruning: a copy of a pruned checkpoint then yields to this one
+            if self._remote is not None:  # before pruning: a copy of a pruned checkpoint then yields to this one
+                self._copier = self._copier or remote.RemoteCopier(*self._remote)
                 self._copier.submit(final)
             self._prune()
         report.total_s = time.perf_counter() - start
