@@ -19,7 +19,10 @@ request for an older version is answered 410 and the joiner starts over on the n
 
 Requests carry X-Atoll-Island and X-Atoll-Mac = MAC under the run key of (path, island): only a
 holder of the run token is served, and every path holds a fresh nonce the server remembers, so a
-recorded request cannot be replayed. Nothing is unpickled: chunks are raw little-endian fp32
+recorded request cannot be replayed. The server is an `atoll.mesh.service.BoundedServer`
+(connections capped per source and in all, idle ones closed, before anyone is authenticated), and
+the MAC over the raw request target is checked before the target is parsed; a joiner reads no
+manifest line longer than MAX_MANIFEST_LINE_BYTES before checking its MAC. Nothing is unpickled: chunks are raw little-endian fp32
 bytes, copied into buffers the joiner already has, after their sha256 matched the manifest.
 
 A server hashes its state on the first manifest request (and keeps the hashes for later joiners
@@ -52,7 +55,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -60,6 +62,7 @@ import torch
 
 from atoll.errors import UserError
 from atoll.mesh.auth import sign, verify
+from atoll.mesh.service import BoundedHandler, BoundedServer
 
 MANIFEST_PATH = "/state/manifest"
 CHUNK_PATH = "/state/chunk"
@@ -68,6 +71,9 @@ ISLAND_HEADER = "X-Atoll-Island"
 GONE = 410
 """The requested version is no longer served (an outer step was applied since)."""
 REMEMBERED_NONCES = 1 << 16
+MAX_QUERY_FIELDS = 4
+MAX_MANIFEST_LINE_BYTES = 1 << 20
+"""The longest manifest line a joiner reads (the header lists a few tensors; a hash line is ~80 bytes)."""
 CONNECTIONS_PER_SOURCE = 2
 """Chunk requests in flight per source: one waits out the round trip while the other streams."""
 BATCH_BYTES = 32 << 20
@@ -233,9 +239,13 @@ class StateServer:
     def port(self) -> int:
         return self._http.server_address[1]
 
-    def authorised(self, path: str, island: str, mac: str, nonce: str) -> bool:
-        """A request MACed under the run key whose nonce was never seen (bounded memory)."""
-        if self.key is None or not nonce or not verify(self.key, mac, path, island):
+    def authentic(self, path: str, island: str, mac: str) -> bool:
+        """A request target MACed under the run key (checked before the target is parsed)."""
+        return self.key is not None and verify(self.key, mac, path, island)
+
+    def fresh(self, nonce: str) -> bool:
+        """A nonce never seen before (bounded memory): the request is not a replay."""
+        if not nonce:
             return False
         with self._nonce_lock:
             if nonce in self._nonces:
@@ -251,31 +261,29 @@ class StateServer:
         self._thread.join(timeout=5)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(BoundedServer):
     def __init__(self, address: tuple[str, int], owner: StateServer) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.owner = owner
         super().__init__(address, _Handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 120
-    disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would hold the body for the peer's delayed ACK (40 ms)
+class _Handler(BoundedHandler):
     server: _Server
 
     def do_GET(self) -> None:
+        """MAC over the raw target first, then the target is parsed, then the nonce checked."""
         owner = self.server.owner
-        url = urlsplit(self.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
         mac = self.headers.get(MAC_HEADER, "")
-        if not owner.authorised(self.path, self.headers.get(ISLAND_HEADER, ""), mac, query.get("nonce", "")):
+        query = None
+        if owner.authentic(self.path, self.headers.get(ISLAND_HEADER, ""), mac):
+            with contextlib.suppress(ValueError):
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query, max_num_fields=MAX_QUERY_FIELDS).items()}
+        if query is None or not owner.fresh(query.get("nonce", "")):
             owner.refused += 1
             self._send(401, b"refused")
             return
+        self.trusted()
         try:
             if url.path == MANIFEST_PATH:
                 self._send_manifest(mac)
@@ -325,17 +333,8 @@ class _Handler(BaseHTTPRequestHandler):
             owner.on_chunk(owner.served_chunks)
             self.wfile.write(data)
 
-    def _send(self, status: int, body: bytes, mac: str = "") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        if mac:
-            self.send_header(MAC_HEADER, mac)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_bytes(status, body)
 
 
 # --- the joiner's side ----------------------------------------------------------------------------
@@ -412,9 +411,9 @@ class _Peer:
         if response.status != 200:
             response.read()
             raise TransferError(f"HTTP {response.status}")
-        while line := response.readline():
+        while line := response.readline(MAX_MANIFEST_LINE_BYTES + 1):
             if not line.endswith(b"\n"):
-                raise TransferError("its manifest was cut short mid-line")
+                raise TransferError(f"its manifest was cut short mid-line, or has a line over {MAX_MANIFEST_LINE_BYTES} bytes")
             payload, _, mac = line.decode().rstrip("\n").partition("\t")
             if not verify(self.key, mac, request_mac, payload):
                 raise TransferError("a manifest line whose MAC does not verify")

@@ -15,8 +15,9 @@ Failure semantics:
   Islands retry through the gap (see `atoll.mesh.client`).
 - A request that fails authentication, names an older boot, or replays a sequence number changes
   nothing and is counted (`refused`), with a log line for the first ones.
-- Garbage and idle connections hold one thread each until they close or time out; members keep
-  their own connections and are answered throughout.
+- Outsiders' connections are bounded before anything is read or authenticated (in count, per
+  source and in all, in time and in size: `atoll.mesh.service`), and a request's MAC is checked
+  before its JSON is parsed; members keep their own connections and are answered throughout.
 - An island whose control connection closes without a deathrattle (kill -9, OOM, a crash) is
   dropped when that incarnation has not beaten again on a new connection within its reconnect
   grace (two beats and a second); one that hangs (SIGSTOP) at the heartbeat timeout. An island's
@@ -38,7 +39,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,10 @@ from atoll.mesh.journal import Journal, replay
 from atoll.mesh.membership import (
     Decision, IslandView, Registration, Rules, StepResult, decide, fingerprint_mismatch, first_epoch, without,
 )
+from atoll.mesh.service import BoundedHandler, BoundedServer
 
 TICK_S = 0.1
 MAX_WAIT_S = 30.0
-MAX_BODY_BYTES = 1 << 20
 LOGGED_REFUSALS = 20
 WRONG_TOKEN = "wrong run token: set the run's token in ATOLL_RUN_TOKEN (or mesh.token)"
 NO_DECISION = (0, 0)
@@ -190,32 +190,29 @@ class Coordinator:
     def hello(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "boot": self.boot, "store_port": self.store_port, "version": __version__}
 
-    def handle(self, body: bytes, mac: str, connection: int) -> tuple[int, dict[str, Any]]:
-        """Authenticate and answer one request (see `atoll.mesh.protocol`): (status, answer)."""
-        try:
-            request = json.loads(body)
-            op, island, incarnation, boot, seq, args = (
-                request["op"], str(request["island"]), str(request["incarnation"]), request["boot"], int(request["seq"]), request["args"]
-            )
-            channel = (island, incarnation, str(request["channel"]))
-            handler = getattr(self, f"_op_{op}") if op in OPS else None
-        except (ValueError, KeyError, TypeError):
-            return protocol.MALFORMED, {"error": "malformed request"}
+    def handle(self, body: bytes, mac: str, connection: int, source: str = "") -> tuple[int, dict[str, Any]]:
+        """Authenticate, then parse, then answer one request (see `atoll.mesh.protocol`): (status,
+        answer). Nothing of a request whose MAC does not verify is parsed."""
         if not verify(self.key, mac, body):
-            return self._refuse(f"a request ({op}) for island {island!r} with a MAC that does not verify (no or wrong token)")
-        if boot != self.boot:
+            return self._refuse(f"a request from {source or 'somewhere'} with a MAC that does not verify (no or wrong token)")
+        request = protocol.parse_request(body)
+        if request is None:
+            return protocol.MALFORMED, {"error": "malformed request"}
+        if request.boot != self.boot:
             return protocol.STALE_BOOT, {"error": "the coordinator restarted: say hello again"}
+        island, incarnation = request.island, request.incarnation
+        channel = (island, incarnation, request.channel)
         with self._cond:
-            if seq <= self._last_seq.get(channel, 0):
-                return self._refuse(f"a replayed request ({op}, seq {seq}) for island {island!r}")
-            self._last_seq[channel] = seq
+            if request.seq <= self._last_seq.get(channel, 0):
+                return self._refuse(f"a replayed request ({request.op}, seq {request.seq}) for island {island!r}")
+            self._last_seq[channel] = request.seq
             view = self.views.get(island)
             if view is not None and view.registration.incarnation == incarnation:
                 view.heard_at = time.monotonic()
             try:
-                return 200, handler(island, incarnation, args, connection)
-            except (KeyError, TypeError, ValueError) as err:
-                return protocol.MALFORMED, {"error": f"malformed {op} arguments: {err}"}
+                return 200, getattr(self, f"_op_{request.op}")(island, incarnation, request.args, connection)
+            except (KeyError, TypeError, ValueError, OverflowError) as err:
+                return protocol.MALFORMED, {"error": f"malformed {request.op} arguments: {str(err)[:200]}"}
 
     def _refuse(self, what: str) -> tuple[int, dict[str, Any]]:
         self.refused += 1
@@ -520,9 +517,6 @@ class Coordinator:
             f.write(json.dumps(event) + "\n")
 
 
-OPS = ("register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch")
-
-
 def _bound_store(host: str, port: int) -> dist.TCPStore:
     """The rendezvous TCPStore, listening on exactly `host` (TCPStore alone would bind every interface)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -535,44 +529,19 @@ def _bound_store(host: str, port: int) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60), master_listen_fd=fd, use_libuv=False)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 4096
-    allow_reuse_address = True
-
+class _Server(BoundedServer):
     def __init__(self, address: tuple[str, int], coordinator: Coordinator) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.coordinator = coordinator
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
-    def close_connections(self) -> None:
-        """End every open connection, as the death of the process would."""
-        with self.connections_lock:
-            for connection in self.connections:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 120  # an idle connection is closed after this long (members beat far more often)
-    disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would hold the body for the peer's delayed ACK (40 ms)
+class _Handler(BoundedHandler):
     server: _Server
 
     def handle(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
         try:
             super().handle()
-        except OSError:
-            pass
         finally:
-            with self.server.connections_lock:
-                self.server.connections.discard(self.connection)
             self.server.coordinator.connection_closed(id(self))
 
     def do_GET(self) -> None:
@@ -582,25 +551,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, self.server.coordinator.hello())
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if self.path != protocol.RPC_PATH or not 0 < length <= MAX_BODY_BYTES:
-            self._send(protocol.MALFORMED, {"error": "malformed request"})
+        if self.path != protocol.RPC_PATH:
+            self._send(404, {"error": "not found"})
             self.close_connection = True
             return
-        body = self.rfile.read(length)
+        body = self.read_body(protocol.MAX_BODY_BYTES)
+        if body is None:
+            return
         mac = self.headers.get(protocol.MAC_HEADER, "")
-        status, answer = self.server.coordinator.handle(body, mac, id(self))
-        self._send(status, answer, sign(self.server.coordinator.key, mac, protocol.canonical(answer)) if status == 200 else "")
+        coordinator = self.server.coordinator
+        status, answer = coordinator.handle(body, mac, id(self), self.client_address[0])
+        if status != protocol.REFUSED:
+            self.trusted()
+        self._send(status, answer, sign(coordinator.key, mac, protocol.canonical(answer)) if status == 200 else "")
 
     def _send(self, status: int, answer: dict[str, Any], mac: str = "") -> None:
-        data = protocol.canonical(answer)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if mac:
-            self.send_header(protocol.MAC_HEADER, mac)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # the coordinator logs decisions, not requests
+        self.send_bytes(status, protocol.canonical(answer), {"Content-Type": "application/json", **({protocol.MAC_HEADER: mac} if mac else {})})

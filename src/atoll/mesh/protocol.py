@@ -60,12 +60,31 @@ restart simply asks again.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from typing import Any
 
 HELLO_PATH = "/hello"
 RPC_PATH = "/rpc"
 MAC_HEADER = "X-Atoll-Mac"
 REFUSED, STALE_BOOT, MALFORMED = 401, 409, 400
+MAX_BODY_BYTES = 1 << 20
+MAX_SEQ = 1 << 63
+MAX_NAME_CHARS = 256
+OPS = ("register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request's envelope, its fields checked (`parse_request`); `args` is the op's to check."""
+
+    op: str
+    island: str
+    incarnation: str
+    channel: str
+    boot: str
+    seq: int
+    args: dict[str, Any]
 
 
 def canonical(obj: Any) -> bytes:
@@ -76,3 +95,33 @@ def canonical(obj: Any) -> bytes:
 def request_body(op: str, island: str, incarnation: str, channel: str, boot: str, seq: int, args: dict[str, Any]) -> bytes:
     """A request; `seq` counts up on each (island, incarnation, channel): one channel per thread."""
     return canonical({"op": op, "island": island, "incarnation": incarnation, "channel": channel, "boot": boot, "seq": seq, "args": args})
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"a number out of range: {text[:20]}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_request(body: bytes) -> Request | None:
+    """The request in `body` (whose MAC the caller has checked), or None if it is not one: not
+    UTF-8 JSON, nested past the parser's depth, a number that is not finite, an unknown op, a
+    field of the wrong type or size, a sequence number outside [0, 2**63)."""
+    try:
+        raw = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("args"), dict) or raw.get("op") not in OPS:
+        return None
+    names = [raw.get(k) for k in ("island", "incarnation", "channel", "boot")]
+    seq = raw.get("seq")
+    if not all(isinstance(n, str) and len(n) <= MAX_NAME_CHARS for n in names):
+        return None
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQ:
+        return None
+    return Request(raw["op"], *names, seq, raw["args"])
