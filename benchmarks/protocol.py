@@ -48,7 +48,7 @@ def free_port() -> int:
 def start_coordinator(port: int) -> subprocess.Popen:
     env = {**os.environ, "ATOLL_RUN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "atoll.cli", "coordinator", "--port", str(port), "--store-port", "0", "--islands", "2", "--stay"],
+        [sys.executable, "-m", "atoll.cli", "coordinator", "--port", str(port), "--islands", "2", "--stay"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
 

@@ -29,7 +29,7 @@ from atoll.errors import ExpectedFailure, UserError
 from atoll.mesh import protocol
 from atoll.mesh.auth import epoch_key, run_key, sign, verify
 from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, parse_address, register, wait_for_admission
-from atoll.mesh.coordinator import Coordinator
+from atoll.mesh.coordinator import RENDEZVOUS_VALUE_CHARS, Coordinator
 from atoll.mesh.membership import RECONNECT_SLACK_S, Epoch, Registration, Rules, fingerprint_mismatch, first_epoch
 
 LOOPBACK = "127.0.0.1"
@@ -372,7 +372,7 @@ def test_forged_replayed_and_foreign_requests_change_nothing_and_are_counted(ser
 def test_a_coordinator_restarted_with_its_journal_continues_the_run_and_islands_keep_their_place(tmp_path):
     port = free_port()
     journal = tmp_path / "coordinator.journal"
-    first = Coordinator(LOOPBACK, port, 2, Rules(heartbeat_timeout_s=5), token=TOKEN, journal_path=journal, store_port=free_port()).start()
+    first = Coordinator(LOOPBACK, port, 2, Rules(heartbeat_timeout_s=5), token=TOKEN, journal_path=journal).start()
     a, beat_a = joined(first.address, "a")
     b, beat_b = joined(first.address, "b")
     second = None
@@ -381,7 +381,7 @@ def test_a_coordinator_restarted_with_its_journal_continues_the_run_and_islands_
         assert a.call("result", {"epoch": 0, "step": 1, "round": 0, "ok": True, "digest": "d", "wait_s": 0}, 0) == {}
         first.stop()  # a crash between two requests: nothing in memory survives
         time.sleep(1.0)
-        second = Coordinator(LOOPBACK, port, 2, Rules(heartbeat_timeout_s=5), token=TOKEN, journal_path=journal, store_port=free_port()).start()
+        second = Coordinator(LOOPBACK, port, 2, Rules(heartbeat_timeout_s=5), token=TOKEN, journal_path=journal).start()
         assert second.run_id == first.run_id and second.boot != first.boot
         assert second.epoch == epoch
         # the islands' next requests go through (the clients say hello to the new boot) and decide
@@ -407,10 +407,11 @@ def _island_allreduce(address: str, island_id: str, value: float, results: multi
         from atoll.comm.allreduce import GlobalMean
         from atoll.comm.codecs import get_codec
         from atoll.mesh.groups import global_groups
+        from atoll.mesh.rendezvous import EpochStore
 
         main, beat = joined(address, island_id)
         epoch = admitted(main)
-        groups = global_groups(main.store_address, epoch, island_id, 0, 1, timedelta(seconds=20))
+        groups = global_groups(lambda prefix: EpochStore(main, epoch.number, prefix, timedelta(seconds=20)), epoch, island_id, 0, 1, timedelta(seconds=20))
         tensor = torch.full((1000,), value)
         mean = GlobalMean(groups, get_codec("fp32"), deadline_s=20.0, chunk_bytes=1 << 20)
         mean.mean_(tensor)
@@ -501,8 +502,8 @@ def test_the_coordinator_listens_on_exactly_the_address_it_was_given():
     coord = Coordinator(LOOPBACK, 0, 1, token=TOKEN)
     try:
         listening = {c.laddr for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-        ours = {addr for addr in listening if addr.port in (coord.port, coord.store_port)}
-        assert {addr.port for addr in ours} == {coord.port, coord.store_port}
+        ours = {addr for addr in listening if addr.port == coord.port}
+        assert {addr.port for addr in ours} == {coord.port}  # no rendezvous port: it is the protocol's
         assert {addr.ip for addr in ours} == {LOOPBACK}
     finally:
         coord.stop()
@@ -527,3 +528,35 @@ def test_a_ready_joiner_is_never_made_the_run_when_every_member_is_gone(serving_
         assert all("c" not in epoch.members for epoch in serving_coordinator.epochs.values())  # never an epoch of joiners alone
     finally:
         beat_c.stop()
+
+
+# --- the rendezvous: members of the current epoch only ---------------------------------------------
+
+
+def test_only_the_current_epochs_members_write_and_read_its_rendezvous_and_it_is_dropped_with_the_epoch(serving_coordinator):
+    coord = serving_coordinator
+    a, beat_a = joined(coord.address, "a")
+    b, beat_b = joined(coord.address, "b")
+    try:
+        epoch = admitted(a)
+        assert a.call("rendezvous_set", {"epoch": epoch.number, "key": "k/0/0", "value": "YQ=="}) == {}
+        assert b.call("rendezvous_get", {"epoch": epoch.number, "keys": ["k/0/0"], "wait_s": 1}, 1) == {"values": {"k/0/0": "YQ=="}}
+        future = a.call("rendezvous_set", {"epoch": epoch.number + 1, "key": "k/0/1", "value": "YQ=="})
+        assert "not the current epoch" in future["refused"]
+        big = a.call("rendezvous_set", {"epoch": epoch.number, "key": "k/0/2", "value": "A" * (RENDEZVOUS_VALUE_CHARS + 1)})
+        assert "over" in big["refused"]
+        stranger = client(coord.address, "a")  # a token holder, but not this incarnation
+        assert "not a member" in stranger.call("rendezvous_set", {"epoch": epoch.number, "key": "k/0/0", "value": "Yg=="})["refused"]
+        body = protocol.request_body("rendezvous_set", "a", a.incarnation, "x", a.hello["boot"], 10**15,
+                                     {"epoch": epoch.number, "key": "k/0/0", "value": "Yg=="})
+        assert raw_rpc(coord.address, body, sign(run_key("guess", coord.run_id), body))[0] == protocol.REFUSED  # an outsider
+        assert b.call("rendezvous_get", {"epoch": epoch.number, "keys": ["k/0/0"], "wait_s": 0}) == {"values": {"k/0/0": "YQ=="}}
+        assert b.call("rendezvous_get", {"epoch": epoch.number, "keys": ["k/0/9"], "wait_s": 0.2}, 0.2) == {}  # not set: the poll ends empty
+        a.call("leave", {"reason": "operator stop"})
+        deadline = time.monotonic() + 10
+        while coord.epoch.number == epoch.number and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "not the current epoch" in b.call("rendezvous_get", {"epoch": epoch.number, "keys": ["k/0/0"], "wait_s": 0})["refused"]
+        assert coord._rendezvous == {}
+    finally:
+        beat_a.stop(), beat_b.stop()

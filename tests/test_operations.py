@@ -150,7 +150,7 @@ def test_an_island_killed_and_restarted_under_its_id_with_resume_rejoins_and_end
 def test_a_coordinator_killed_and_restarted_mid_run_continues_it(tmp_path, cache):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    port = free_port(2)  # and the rendezvous store on port + 1
+    port = free_port()
     coordinator_args = ["coordinator", "--port", str(port), "--islands", "2", "--heartbeat-timeout", "3",
                         "--events", str(run_dir / "membership.jsonl")]
     coordinator = atoll(coordinator_args, run_dir / "coordinator-1.log")
@@ -203,7 +203,7 @@ def test_a_paused_coordinator_costs_the_run_its_pause_and_drops_no_one(tmp_path,
     # and close their connections, which must not read as their deaths when the coordinator runs again
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    port = free_port(2)  # and the rendezvous store on port + 1
+    port = free_port()
     coordinator = atoll(["coordinator", "--port", str(port), "--islands", "2", "--heartbeat-timeout", "3",
                          "--events", str(run_dir / "membership.jsonl")], run_dir / "coordinator.log")
     address = f"{LOOPBACK}:{port}"
@@ -272,3 +272,50 @@ def test_an_outsider_forging_every_message_leaves_a_live_run_of_three_unharmed(t
     assert {s["world_size"] for s in steps.values()} == {3} and sorted(steps) == list(range(1, 7))
     assert sent[0] > 0 and coord.refused == sent[0]
     assert all(why == "left (finished)" for e in membership(run_dir) for why in e["left"].values())
+
+
+def forge_rendezvous(address: str, run_id: str, boot: str, stop: threading.Event, statuses: list[int]) -> None:
+    """An outsider writing gloo's rendezvous keys of this and the next epochs, with large values, bounded."""
+    from test_mesh import raw_rpc
+
+    from atoll.mesh import protocol
+    from atoll.mesh.auth import run_key, sign
+    from atoll.mesh.groups import group_prefix
+
+    deadline = time.monotonic() + 60
+    for n in range(200):
+        if stop.is_set() or time.monotonic() > deadline:
+            return
+        epoch, size = n % 6, (512 << 10) if n % 2 else (2 << 20)  # the larger is over the body cap
+        args = {"epoch": epoch, "key": f"{group_prefix(epoch, 0, 0)}0/{n % 3}", "value": "A" * size}
+        body = protocol.request_body("rendezvous_set", "a", "stolen-incarnation", "main", boot, 10**15 + n, args)
+        try:
+            statuses.append(raw_rpc(address, body, sign(run_key("guess", run_id), body))[0])
+        except OSError:
+            statuses.append(0)  # the coordinator closed the connection mid-body (over the cap)
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_an_outsider_writing_future_epochs_rendezvous_cannot_stop_the_next_epoch_forming(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    coord = Coordinator(LOOPBACK, 0, 3, Rules(heartbeat_timeout_s=3), run_dir / "membership.jsonl", TOKEN).start()
+    stop, statuses = threading.Event(), []
+    outsider = threading.Thread(target=forge_rendezvous, args=(coord.address, coord.run_id, coord.boot, stop, statuses))
+    try:
+        procs = {name: island(coord.address, name, run_dir, 32, cache) for name in ("a", "b", "c")}
+        outsider.start()
+        wait_for(lambda: len(outer_steps(run_dir, "c")) >= 2, TIMEOUT_S, "outer step 2", list(procs.values()))
+        os.killpg(procs["c"].pid, signal.SIGKILL)  # a new epoch of a and b must form while the outsider writes
+        codes = finish([procs["a"], procs["b"]], run_dir)
+    finally:
+        stop.set()
+        outsider.join(timeout=70)
+        coord.stop()
+        finish(list(procs.values()), run_dir)
+    assert codes == [0, 0], logs(run_dir)
+    steps = assert_live_islands_agree({name: outer_steps(run_dir, name) for name in ("a", "b")})
+    assert sorted(steps) == list(range(1, 9)) and steps[8]["world_size"] == 2 and steps[1]["world_size"] == 3
+    assert statuses and set(statuses) <= {401, 413, 0} and coord.refused == statuses.count(401) > 0
+    assert [e["left"] for e in membership(run_dir) if "c" in e["left"]] == [{"c": "its control connection closed (process gone)"}]

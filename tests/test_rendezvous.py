@@ -1,9 +1,10 @@
 """A rewritten rendezvous address: a failed collective and a retry, never accepted data.
 
-The gloo rendezvous of each epoch's global groups goes through the coordinator's TCPStore, which
-anyone who reaches it can write (`atoll.mesh.groups`): gloo keeps member r's listening address
-under `<group prefix>/0/<r>`. Here an outsider without the run token, on loopback, rewrites those
-addresses in a live coordinator's store so that the connection between two islands runs through
+The gloo rendezvous of each epoch's global groups goes through the coordinator's authenticated
+protocol (`atoll.mesh.rendezvous`), which no outsider can write; but whoever sits on the network
+path between two islands can still redirect their connection. Here that attacker is modelled by
+a rendezvous store the test hosts and rewrites (gloo keeps member r's listening address under
+`<group prefix>/0/<r>`), on loopback, so that the connection between two islands runs through
 it, and flips one byte in the middle of every data message of a chosen size band that it relays
 (gloo's own framing is left intact, so the altered bytes do arrive as data). The islands are real
 processes built from the mesh's own pieces (`global_groups`, `GlobalMean`, `gather_stats`) and
@@ -40,13 +41,11 @@ from test_ring import ISLANDS, digest, island_values, ring_order_mean
 
 from atoll.comm.allreduce import GlobalMean
 from atoll.comm.codecs import get_codec
-from atoll.mesh.coordinator import Coordinator
 from atoll.mesh.groups import global_groups, group_prefix
-from atoll.mesh.membership import Epoch, Rules
+from atoll.mesh.membership import Epoch
 from atoll.validation import ContributionStats, gather_stats
 
 LOOPBACK = "127.0.0.1"
-TOKEN = "rendezvous-test-token"
 MEMBERS = ("island-a", "island-b")
 EPOCHS = (1, 2)
 """The attempts each island makes; the outsider rewrites epoch 1's rendezvous only."""
@@ -253,7 +252,8 @@ def _attempt(index: int, store_port: int, number: int, keyed: bool) -> tuple:
     """One attempt in epoch `number`, as `atoll.sync` makes it: rendezvous; entering (progress
     table, state broadcast from island 0); the outer step (statistics, ring). Returns all it got."""
     epoch = Epoch(number, MEMBERS, 1)
-    groups = global_groups((LOOPBACK, store_port), epoch, MEMBERS[index], 0, 1, timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    store = dist.TCPStore(LOOPBACK, store_port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    groups = global_groups(lambda prefix: dist.PrefixStore(prefix, store), epoch, MEMBERS[index], 0, 1, timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     mean = GlobalMean(groups, get_codec("fp32"), COLLECTIVE_TIMEOUT_S, CHUNK_BYTES, key=EPOCH_KEYS[number] if keyed else None)
     table = [row.tolist() for row in mean.all_gather(progress(index))]
     state = held_state(index)
@@ -294,13 +294,12 @@ def honest_outcome() -> tuple:
 def run_attacked(tmp_path, keyed: bool, band: tuple[int, int]) -> tuple[dict[int, list[tuple]], Relay]:
     """Two islands whose epoch-1 connection an outsider relays, altering data messages in `band`;
     every attempt's outcome per island, and the relay (for what it altered)."""
-    coordinator = Coordinator(LOOPBACK, 0, len(MEMBERS), Rules(), tmp_path / "membership.jsonl", TOKEN).start()
-    outsider = dist.TCPStore(LOOPBACK, coordinator.store_port, is_master=False, wait_for_workers=False,
-                             timeout=timedelta(seconds=STORE_WAIT_S))  # a plain client: no token
+    outsider = dist.TCPStore(LOOPBACK, 0, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=STORE_WAIT_S))  # the path the islands' rendezvous takes, the attacker's
     relay = Relay(band)
     results = ISLANDS.Queue()
     ready, gates = [ISLANDS.Event() for _ in MEMBERS], [ISLANDS.Event() for _ in MEMBERS]
-    islands = [ISLANDS.Process(target=_island, args=(i, coordinator.store_port, keyed, ready[i], gates[i], results))
+    islands = [ISLANDS.Process(target=_island, args=(i, outsider.port, keyed, ready[i], gates[i], results))
                for i in range(len(MEMBERS))]
     outcomes: dict[int, list[tuple]] = {i: [] for i in range(len(MEMBERS))}
     try:
@@ -338,7 +337,6 @@ def run_attacked(tmp_path, keyed: bool, band: tuple[int, int]) -> tuple[dict[int
                 p.kill()
             p.join(timeout=10)
         relay.close()
-        coordinator.stop()
     assert all(p.exitcode == 0 for p in islands), [p.exitcode for p in islands]
     return outcomes, relay
 

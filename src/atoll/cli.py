@@ -108,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     coord.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; use the host's address to accept islands)")
     coord.add_argument("--port", type=int, default=29400, help="port of the coordinator's service (default 29400)")
-    coord.add_argument("--store-port", type=int, help="port of the gloo rendezvous store (default --port + 1)")
     coord.add_argument("--islands", type=int, required=True, help="islands that must arrive before training starts")
     coord.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds without a heartbeat before an island is dropped (default 10)")
     coord.add_argument("--report-grace", type=float, default=0.5, help="seconds to wait for survivors' reports after a failed collective (default 0.5)")
@@ -367,14 +366,13 @@ def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
     rules = Rules(args.heartbeat_timeout, args.report_grace, args.evict_after)
     try:
         coordinator = Coordinator(
-            args.host, args.port, args.islands, rules, args.events, token, journal, args.store_port,
+            args.host, args.port, args.islands, rules, args.events, token, journal,
             log=lambda line: print(line, flush=True),
         )
     except (RuntimeError, OSError) as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({str(err).splitlines()[0]}): choose another --port") from None
     print(
-        f"atoll: coordinator of run {coordinator.run_id} listening on {coordinator.address} (rendezvous store on port "
-        f"{coordinator.store_port}), waiting for {args.islands} island(s); "
+        f"atoll: coordinator of run {coordinator.run_id} listening on {coordinator.address}, waiting for {args.islands} island(s); "
         + ("journal " + str(journal) if journal else "no journal: a restart of this coordinator ends the run")
         + ("" if token else "; OPEN run (no token)"),
         flush=True,

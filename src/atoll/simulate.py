@@ -318,13 +318,13 @@ def signal_waits(sent: Signal, members: tuple[str, ...] | list[str], number: int
 
 
 def _start_coordinator(
-    islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path, token: str, port: int = 0, store_port: int | None = None,
+    islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path, token: str, port: int = 0,
 ) -> Coordinator:
     """On loopback; or, with a WAN, listening inside its own namespace on the emulated network."""
     rules = Rules(mesh.heartbeat_timeout_s, mesh.report_grace_s, mesh.evict_after)
 
     def make(host: str) -> Coordinator:
-        return Coordinator(host, port, islands, rules, events, token, events.with_suffix(".journal"), store_port)
+        return Coordinator(host, port, islands, rules, events, token, events.with_suffix(".journal"))
 
     if wan is None:
         return make(LOOPBACK).start()
@@ -332,10 +332,10 @@ def _start_coordinator(
 
 
 def _restart_coordinator(old: Coordinator, islands: int, wan: EmulatedWan | None, mesh: MeshConfig, events: Path, token: str) -> Coordinator:
-    """Crash `old` (every connection closes, its memory is gone) and start another on its ports from its journal."""
-    port, store_port = old.port, old.store_port
+    """Crash `old` (every connection closes, its memory is gone) and start another on its port from its journal."""
+    port = old.port
     old.stop()
-    return _start_coordinator(islands, wan, mesh, events, token, port, store_port)
+    return _start_coordinator(islands, wan, mesh, events, token, port)
 
 
 def _wait_all(

@@ -83,6 +83,7 @@ from atoll.island import Island, all_ranks_ok, broadcast_ints
 from atoll.mesh.groups import global_groups
 from atoll.mesh.member import COMMIT, NOT_ADMITTED, RESYNC, MeshMember
 from atoll.mesh.membership import Epoch
+from atoll.mesh.rendezvous import EpochStore
 from atoll.validation import Decision, average_accepted, decision_fields
 
 if TYPE_CHECKING:
@@ -372,7 +373,8 @@ class IslandSync:
             error = ""
             try:
                 timeout = self.cfg.mesh.collective_timeout_s
-                groups = global_groups(self.member.store_address, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
+                rendezvous = lambda prefix: EpochStore(self.member.client, epoch.number, prefix, timedelta(seconds=timeout))  # noqa: E731
+                groups = global_groups(rendezvous, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
                 self.mean = GlobalMean(
                     groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire,
                     abandoned=lambda number=epoch.number: self.member.dissolved(number), key=self.member.epoch_key(),

@@ -5,7 +5,9 @@ mesh.token). It never crosses the wire. From it and the run's public id (a rando
 coordinator draws when the run starts and keeps in its journal) comes the **run key**:
 HMAC-SHA256(token, "atoll-run-key" || run_id). A token reused for another run gives another key.
 
-Control plane (islands <-> coordinator, `atoll.mesh.service`): every request that reads or
+Control plane (islands <-> coordinator, `atoll.mesh.coordinator` on `atoll.mesh.service`): before
+anything is authenticated, connections are capped per source and in all, idle ones closed and
+sizes bounded, and a request's MAC is checked before a byte of it is parsed. Every request that reads or
 changes run state carries (island id, incarnation, the coordinator's boot id, a sequence number)
 and a MAC under the run key; the coordinator refuses, and counts in its log, any request whose
 MAC does not verify, whose boot id is not its own (a request recorded before a restart), or
@@ -20,18 +22,29 @@ transfer's identity (call and chunk; the step and sender of a partial sum, or th
 owner's bytes in the all-gather) and its bytes; it is checked before a byte is decoded or summed.
 The other collectives on the epoch's groups (validation statistics, the progress table, state
 broadcasts: `atoll.comm.sealed`) carry such a MAC per contribution or chunk, checked before use.
-The gloo rendezvous goes through a plain TCPStore the coordinator hosts: an outsider who
-rewrites an address there can make a collective fail (handled like any failure), never make an
-island accept its data.
+
+Rendezvous (`atoll.mesh.rendezvous`): gloo's rendezvous of each epoch's groups is a
+`torch.distributed.Store` whose every set and wait is a request of the control plane above. The
+coordinator keeps the values in memory for the current epoch only, takes them only from that
+epoch's members (island id and incarnation), bounds their size and number, and drops them when
+the epoch is replaced. There is no rendezvous port: nobody without the token can write, read,
+grow or slow the rendezvous, nor write the keys of a future epoch; a member writes only into its
+own epoch. Where the rendezvous sends a member (the peers' addresses) is still only where they
+listen: someone on the network path can redirect or alter those connections, which makes a
+collective fail (handled like any failure), never makes an island accept its data.
 
 Who can do what:
-- An **outsider on the network** (no token) can read the public hello (run id, boot id, store
-  port), connect and send garbage (the coordinator answers members throughout), observe traffic
-  (nothing is encrypted: tensors and epochs are readable on the wire), and break collectives by
-  rewriting rendezvous keys or resetting connections (a denial of service the run rides through
-  as failures). It cannot register, leave, report, post results, forge epochs or outcomes,
-  replay old messages into this or another run, or get a byte into an average.
-- A **token holder** is a full member: it can register islands and take part in averages.
+- An **outsider on the network** (no token) can read the public hello (run id, boot id), connect
+  and send garbage within the caps (the coordinator answers members throughout; a burst of
+  connections from one source fills that source's cap, not the members'), observe traffic
+  (nothing is encrypted: tensors and epochs are readable on the wire), and, on the path between
+  islands, break collectives by redirecting or resetting connections (a denial of service the
+  run rides through as failures). It cannot register, leave, report, post results, touch the
+  rendezvous, forge epochs or outcomes, replay old messages into this or another run, or get a
+  byte into an average. Holding many source addresses, it can still fill the connection cap in
+  all (512), which keeps new connections out (members' open ones are served) while it lasts.
+- A **token holder** is a full member: it can register islands and take part in averages, and
+  write the rendezvous of the epochs it is a member of.
 - A **malicious token holder** can still send a plausible but wrong update: pseudo-gradient
   validation rejects non-finite and outsized contributions, but a well-scaled poisoned update
   passes. It can also report false failures (the culprit rule eventually evicts it) or stall.

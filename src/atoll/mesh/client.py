@@ -2,8 +2,8 @@
 
 Only an island's local rank 0 (its leader) talks to the coordinator; `atoll.sync` hands what it
 hears to the other local ranks over the island's own group, so all local ranks of an island always
-move to the same epoch. Every local rank connects to the coordinator's rendezvous store for its
-global groups (`store_address`).
+move to the same epoch. Every local rank's own client carries the rendezvous of its global groups
+(`atoll.mesh.rendezvous`).
 
 Failure semantics, for every request (`CoordinatorClient.call`):
 - timeout or a closed connection (a blip, a stopped or restarting coordinator): reconnect, say
@@ -115,10 +115,6 @@ class CoordinatorClient:
         self._outage_since = None
         self.run_id: str = self.hello["run_id"]
         self.key = run_key(token, self.run_id)
-
-    @property
-    def store_address(self) -> tuple[str, int]:
-        return self.host, int(self.hello["store_port"])
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._conn is None:

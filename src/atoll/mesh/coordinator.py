@@ -1,9 +1,10 @@
-"""The coordinator: decides membership epochs and outer-step outcomes, and hosts the rendezvous store.
+"""The coordinator: decides membership epochs and outer-step outcomes, and holds their rendezvous.
 
 It does no training and holds no weights. `atoll coordinator` runs one on any reachable host;
 `atoll simulate` runs one in a thread. Islands talk to it over the authenticated request/response
-protocol of `atoll.mesh.protocol` (an HTTP/1.1 service, one thread per connection); the gloo
-rendezvous of each epoch's global groups goes through a TCPStore it hosts on `store_port`. The
+protocol of `atoll.mesh.protocol` (an HTTP/1.1 service, one thread per connection, one port); the
+gloo rendezvous of each epoch's global groups goes through the same protocol
+(`atoll.mesh.rendezvous`): only the current epoch's members write and read it, bounded. The
 decision rules are the pure functions of `atoll.mesh.membership` (`first_epoch`, then `decide`),
 run under one lock on every event (an arrival, a report, a result, a closed connection) and on a
 0.1 s tick for the rules that depend on time (heartbeat timeout, report grace).
@@ -34,15 +35,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import torch.distributed as dist
 
 from atoll import __version__
 from atoll.mesh import protocol
@@ -58,6 +55,12 @@ MAX_WAIT_S = 30.0
 LOGGED_REFUSALS = 20
 WRONG_TOKEN = "wrong run token: set the run's token in ATOLL_RUN_TOKEN (or mesh.token)"
 NO_DECISION = (0, 0)
+RENDEZVOUS_KEYS = 4096
+"""Rendezvous keys an epoch may hold: gloo writes one per rank of each group (local ranks x streams x islands)."""
+RENDEZVOUS_KEY_CHARS = 512
+RENDEZVOUS_VALUE_CHARS = 64 << 10
+"""A gloo address blob is about 100 bytes per member (base64: 4/3 of that)."""
+RENDEZVOUS_GET_KEYS = 64
 
 
 class Coordinator:
@@ -73,7 +76,6 @@ class Coordinator:
         events_path: Path | None = None,
         token: str | None = None,
         journal_path: Path | None = None,
-        store_port: int | None = None,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         if min_islands < 1:
@@ -92,8 +94,6 @@ class Coordinator:
         if self._fresh:
             self.journal.append({"kind": "run", "run_id": self.run_id, "local_ranks": None, "fingerprint": {}})
         self.server = _Server((host, port), self)
-        self.store: dist.TCPStore | None = _bound_store(host, port + 1 if store_port is None and port else store_port or 0)
-        self.store_port = self.store.port
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -120,6 +120,8 @@ class Coordinator:
         self.decided = max(decided) if decided else NO_DECISION
         self.committed = max([s for (_, s, _), o in self.outcomes.items() if o["outcome"] == "commit"], default=0)
         self._barriers: dict[tuple[int, str], set[str]] = {}
+        self._rendezvous: dict[str, str] = {}
+        """The current epoch's gloo rendezvous values (key -> base64), written by its members."""
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._connections: dict[int, tuple[str, str]] = {}
         self._failures_in_a_row = 0
@@ -168,7 +170,6 @@ class Coordinator:
         for thread in self._threads:
             thread.join(timeout=5)
         self.journal.close()
-        self.store = None  # its server stops with the object: the port is free for a successor
 
     def _tick(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -188,7 +189,7 @@ class Coordinator:
     # --- requests ----------------------------------------------------------------------------------
 
     def hello(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "boot": self.boot, "store_port": self.store_port, "version": __version__}
+        return {"run_id": self.run_id, "boot": self.boot, "version": __version__}
 
     def handle(self, body: bytes, mac: str, connection: int, source: str = "") -> tuple[int, dict[str, Any]]:
         """Authenticate, then parse, then answer one request (see `atoll.mesh.protocol`): (status,
@@ -412,6 +413,46 @@ class Coordinator:
         newer = self._wait(lambda: self.epoch is not None and self.epoch.number > number, args["wait_s"])
         return {"next": self.epoch.number} if newer else {}
 
+    def _rendezvous_refusal(self, island: str, incarnation: str, number: int) -> str | None:
+        """Why this process may not use epoch `number`'s rendezvous (only the current epoch's members may)."""
+        if self.epoch is None or number != self.epoch.number:
+            return f"epoch {number} is not the current epoch ({self.epoch.number if self.epoch else 'none'})"
+        if not self.epoch.has(island, incarnation):
+            return f"this process is not a member of epoch {number}"
+        return None
+
+    def _op_rendezvous_set(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        """One gloo rendezvous value of the current epoch, from one of its members, bounded."""
+        key, value = args["key"], args["value"]
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("key and value must be strings")
+        refusal = self._rendezvous_refusal(island, incarnation, int(args["epoch"]))
+        if refusal is None and (len(key) > RENDEZVOUS_KEY_CHARS or len(value) > RENDEZVOUS_VALUE_CHARS):
+            refusal = f"a rendezvous key over {RENDEZVOUS_KEY_CHARS} characters or a value over {RENDEZVOUS_VALUE_CHARS}"
+        if refusal is None and key not in self._rendezvous and len(self._rendezvous) >= RENDEZVOUS_KEYS:
+            refusal = f"the epoch's rendezvous holds {RENDEZVOUS_KEYS} keys already"
+        if refusal is not None:
+            return {"refused": refusal}
+        self._rendezvous[key] = value
+        self._cond.notify_all()
+        return {}
+
+    def _op_rendezvous_get(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        """The values of `keys` once all are set (a long-poll); refused once the epoch is replaced."""
+        number, keys = int(args["epoch"]), args["keys"]
+        if not isinstance(keys, list) or not 0 < len(keys) <= RENDEZVOUS_GET_KEYS or not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"keys must be a list of 1 to {RENDEZVOUS_GET_KEYS} strings")
+
+        def ready() -> dict | None:
+            refusal = self._rendezvous_refusal(island, incarnation, number)
+            if refusal is not None:
+                return {"refused": refusal}
+            if all(key in self._rendezvous for key in keys):
+                return {"values": {key: self._rendezvous[key] for key in keys}}
+            return None
+
+        return self._wait(ready, args["wait_s"]) or {}
+
     def _op_epoch(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
         epoch = self.epochs.get(int(args["number"]))
         return {"epoch": epoch.to_dict() if epoch else None}
@@ -501,6 +542,7 @@ class Coordinator:
         for island in decision.joined:
             self.views[island].admitted, self.views[island].ready = epoch.number, None
         self._barriers = {key: arrived for key, arrived in self._barriers.items() if key[0] >= epoch.number}
+        self._rendezvous = {}
         self.epochs[epoch.number] = epoch
         self.epoch = epoch
         self.decided = NO_DECISION
@@ -515,18 +557,6 @@ class Coordinator:
         event = {"time": time.time(), "epoch": number, "members": members, "joined": joined, "left": left, "reason": reason, **extra}
         with self.events_path.open("a") as f:
             f.write(json.dumps(event) + "\n")
-
-
-def _bound_store(host: str, port: int) -> dist.TCPStore:
-    """The rendezvous TCPStore, listening on exactly `host` (TCPStore alone would bind every interface)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.listen(1024)
-    port = listener.getsockname()[1]
-    fd = listener.detach()  # the store owns the socket from here on
-    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60), master_listen_fd=fd, use_libuv=False)
 
 
 class _Server(BoundedServer):

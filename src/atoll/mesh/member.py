@@ -57,7 +57,6 @@ class MeshMember:
     island_id: str
     incarnation: str
     epoch: Epoch
-    store_address: tuple[str, int]
     island: Island
     client: CoordinatorClient
     """Local rank 0's talks to the coordinator; the other ranks' only asks `latest`."""
@@ -218,6 +217,6 @@ def join_mesh(
         return True
 
     from_leader(island, enrol)  # a refusal ends every local rank alike
-    member = MeshMember(island_id, incarnation, Epoch(NOT_ADMITTED, (), island.world), client.store_address, island, client, heartbeat, log)
+    member = MeshMember(island_id, incarnation, Epoch(NOT_ADMITTED, (), island.world), island, client, heartbeat, log)
     member.admit()
     return member

@@ -3,7 +3,7 @@
 The coordinator is a small HTTP/1.1 service (`atoll.mesh.coordinator`). Everything is JSON;
 nothing is unpickled. Two endpoints:
 
-    GET  /hello   public facts: {"run_id", "boot", "store_port"}; no authentication, no state
+    GET  /hello   public facts: {"run_id", "boot", "version"}; no authentication, no state
     POST /rpc     one authenticated request: the body is a JSON object
                   {"op", "island", "incarnation", "channel", "boot", "seq", "args"} and the header
                   X-Atoll-Mac holds its MAC under the run key (see `atoll.mesh.auth`); the answer
@@ -51,6 +51,10 @@ yet no request outlives a restart of either side by long).
                                                     "source"} | {}
     next_epoch  {epoch, wait_s}                  -> {"next": n} | {}
     epoch       {number}                         -> {"epoch"}
+    rendezvous_set {epoch, key, value}           -> {} | {"refused": why}: one gloo rendezvous value
+                                                    (base64) of the current epoch, from a member
+    rendezvous_get {epoch, keys, wait_s}         -> {"values": {key: base64}} | {"refused": why} | {}:
+                                                    once every key is set (see `atoll.mesh.rendezvous`)
 
 Ops are idempotent where a retry may repeat them (register of the same incarnation, barrier
 arrivals, reports, results), so an island that lost an answer to a blip or a coordinator
@@ -71,7 +75,10 @@ REFUSED, STALE_BOOT, MALFORMED = 401, 409, 400
 MAX_BODY_BYTES = 1 << 20
 MAX_SEQ = 1 << 63
 MAX_NAME_CHARS = 256
-OPS = ("register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch")
+OPS = (
+    "register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch",
+    "rendezvous_set", "rendezvous_get",
+)
 
 
 @dataclass(frozen=True)
