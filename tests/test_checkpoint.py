@@ -290,7 +290,9 @@ def test_a_failing_remote_copy_is_retried_reported_and_recovers_while_local_rete
         checkpointer.save(step, {"w": {"t": torch.full((100,), float(step))}})
     checkpointer.wait()
     checkpointer.wait_remote(60)
-    assert all("checkpoint_remote_error" in e.fields for e in checkpointer.remote_events())
+    gone = checkpointer.remote_events()
+    assert all("checkpoint_remote_error" in e.fields for e in gone)
+    assert "copy of step-00000004" in gone[-1].line and "(2 attempt(s)" in gone[-1].line  # the newest gets every try
     checkpointer.close()
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
     FlakyFileSystem.failures = 0

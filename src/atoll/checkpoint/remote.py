@@ -94,13 +94,13 @@ class RemoteCopier:
     `submit` returns at once. One copy runs at a time; a checkpoint submitted while another is
     being copied waits, and replaces any older one still waiting (only the newest is worth
     copying). A failed upload is tried again after `backoff_s`, then twice that, ... up to
-    `attempts` tries in all; when every try fails the copy is given up with one event naming the
-    checkpoint, the URL and the last error (`checkpoint_remote_error`), and the next `submit`
-    (the next save) tries again with its checkpoint. There is no timeout of its own: a remote call
-    that hangs holds only this thread (fsspec's and the store's own timeouts apply), training and
-    later saves go on, and `wait` gives up on it after its timeout. A checkpoint deleted locally
-    during its copy (pruned by retention, which never waits for the remote) is dropped without
-    error when a newer one is waiting.
+    `attempts` tries in all, or until a newer checkpoint waits; then the copy is given up with one
+    event naming the checkpoint, the URL and the last error (`checkpoint_remote_error`), and the
+    next `submit` (the next save) tries again with its checkpoint. There is no timeout of its own:
+    a remote call that hangs holds only this thread (fsspec's and the store's own timeouts apply),
+    training and later saves go on, and `wait` gives up on it after its timeout. A checkpoint
+    deleted locally during its copy (pruned by retention, which never waits for the remote) is
+    dropped without error when a newer one is waiting.
     """
 
     def __init__(self, url: str, attempts: int, backoff_s: float) -> None:
@@ -136,7 +136,8 @@ class RemoteCopier:
                 self._events.append(RemoteEvent(line, {REMOTE_ERROR_FIELD: line}))
 
     def close(self) -> None:
-        """Stop the thread after the copy in progress (an attempt in progress is abandoned, not waited for)."""
+        """Stop the thread: a copy in progress ends after its current attempt, without retries; the
+        thread is a daemon, so an attempt that hangs never holds the process at exit."""
         self._closed.set()
         with self._lock:
             self._lock.notify_all()
@@ -168,7 +169,8 @@ class RemoteCopier:
                 if not local.is_dir() and self._waiting is not None:
                     return None  # pruned locally while copied; the newer checkpoint waits
                 error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
-                if attempt == self.attempts or self._closed.wait(self.backoff_s * 2 ** (attempt - 1)):
+                newer = self._waiting is not None  # retrying an older checkpoint would only delay the newest
+                if attempt == self.attempts or newer or self._closed.wait(self.backoff_s * 2 ** (attempt - 1)):
                     line = (f"checkpoint: remote copy of {local.name} to {url} failed ({attempt} attempt(s), last: {error}); "
                             "training goes on and the next checkpoint is copied again")
                     return RemoteEvent(line, {REMOTE_ERROR_FIELD: line})
