@@ -11,6 +11,7 @@ import pytest
 from conftest import read_metrics
 from test_operations import TIMEOUT_S, TOKEN, finish, island, logs, wait_for
 
+from atoll import errors
 from atoll.mesh.coordinator import Coordinator
 from atoll.mesh.membership import Rules
 
@@ -44,6 +45,7 @@ def test_an_island_with_another_lr_is_refused_naming_it_and_per_island_settings_
         finish(procs, run_dir)
         coord.stop()
     refusal = (run_dir / "b.log").read_text()
-    assert refused.returncode != 0, logs(run_dir)
+    assert refused.returncode == errors.CONFIG_MISMATCH, logs(run_dir)
+    assert "Traceback" not in refusal and refusal.count("differs from the run's") == 1
     assert "optim.lr: run has 0.003, island has 0.001" in refusal and "train.z_loss_weight: run has 0.0, island has 0.0002" in refusal
     assert "micro_batch" not in refusal and "checkpoint.keep" not in refusal
