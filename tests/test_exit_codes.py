@@ -76,6 +76,16 @@ def test_an_unresolvable_coordinator_host_is_one_line_naming_the_address_and_the
     assert "nohost.invalid:29400" in line and "--coordinator" in line
 
 
+@pytest.mark.timeout(TIMEOUT_S + 30)
+def test_an_unreachable_coordinator_is_said_before_the_island_builds_anything(tmp_path, with_token):
+    address = f"{LOOPBACK}:{free_port()}"
+    result = train_alone(address, "a", tmp_path, "--mesh.connect_timeout_s", "3", "--data.cache_dir", str(tmp_path / "cache"))
+    assert result.returncode == errors.USER_ERROR
+    assert f"waiting for the coordinator at {address}" in result.stderr and "until" in result.stderr
+    assert address in one_line(result.stdout + result.stderr) and "debug model" not in result.stdout
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.timeout(3 * TIMEOUT_S)
 def test_a_duplicate_id_a_mismatched_config_and_an_ended_run_are_refused_in_one_line_each(tmp_path, with_token):
     coord = Coordinator(LOOPBACK, 0, 2, Rules(heartbeat_timeout_s=3), token=TOKEN).start()
@@ -85,6 +95,7 @@ def test_a_duplicate_id_a_mismatched_config_and_an_ended_run_are_refused_in_one_
         duplicate = train_alone(coord.address, "a", tmp_path / "dup", "--data.cache_dir", str(tmp_path / "cache"))
         assert duplicate.returncode == errors.DUPLICATE
         assert "in use by a live process" in one_line(duplicate.stdout + duplicate.stderr)
+        assert "debug model" not in duplicate.stdout and not (tmp_path / "dup").exists()  # refused before its model and run dir
         other = train_alone(coord.address, "b", tmp_path, "--data.cache_dir", str(tmp_path / "cache"), "--train.seed", "7")
         assert other.returncode == errors.CONFIG_MISMATCH
         assert "differs from the run's" in one_line(other.stdout + other.stderr)

@@ -46,11 +46,19 @@ from atoll.island import (
 from atoll.fingerprint import config_changes, flat_config, job_fingerprint
 from atoll.launch import default_run_dir, exit_with_launcher, generated_island_id
 from atoll.mesh.client import parse_address
-from atoll.mesh.member import MeshMember, join_mesh
+from atoll.mesh.member import MeshMember, join_mesh, preflight
 from atoll.metrics import MetricsLog, abandon_metrics_after, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size
 from atoll.model.llama import apply_activation_checkpointing
-from atoll.optim import build_optimizer, clip_grad_norm, describe_new_horizon, lr_factor, outer_anneal_weight, set_lr
+from atoll.optim import (
+    build_optimizer,
+    clip_grad_norm,
+    describe_new_horizon,
+    lr_factor,
+    outer_anneal_weight,
+    set_lr,
+    weight_kept,
+)
 from atoll.sync import IslandSync
 
 
@@ -366,6 +374,17 @@ def evaluate(model: nn.Module, data: TrainingData, seq_len: int, cfg: JobConfig,
     return result
 
 
+def set_outer_weight_decay(sync: IslandSync, cfg: JobConfig, step: int, trained_phase: bool) -> None:
+    """Before the outer step at `step`: the inner phase's weight decay, which the outer step takes
+    out of the pseudo-gradient and applies once (diloco.decouple_weight_decay). The phase began at
+    the last multiple of H before `step`; an island that did not train it (a joiner) kept all of it."""
+    if not cfg.diloco.decouple_weight_decay:
+        return
+    start = (step - 1) // cfg.diloco.inner_steps * cfg.diloco.inner_steps
+    run = weight_kept(start, step, cfg.train.steps, cfg.optim.lr, cfg.optim.weight_decay, cfg.schedule)
+    sync.diloco.set_weight_kept(own=run if trained_phase else 1.0, run=run)
+
+
 def island_id(cfg: JobConfig, island: Island) -> str:
     """The configured island id, or hostname-<random> chosen by local rank 0 for every local rank."""
     chosen = cfg.mesh.island_id or generated_island_id()
@@ -429,6 +448,8 @@ def serve_state(cfg: JobConfig, island: Island) -> StateServer | None:
 
 
 def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle) -> TrainResult:
+    if cfg.mesh.coordinator:  # an unreachable coordinator, a wrong token or a duplicate id is said now, not after the model is built
+        preflight(cfg.mesh, ident, island)
     lock = claim_run_dir(run_dir, resume, ident, island)
     checkpointer = Checkpointer(
         run_dir / "checkpoints", cfg.checkpoint.keep, island.is_leader,
@@ -526,6 +547,7 @@ def _train_in(
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.metrics.progress, island.is_leader)
     guard = InnerGuard(cfg.train.max_skipped_inner, island, sync.diloco, log.info)
     if sync.owes_outer_step:  # a joiner admitted at a boundary: the outer step being averaged there
+        set_outer_weight_decay(sync, cfg, state.step, trained_phase=False)
         record = sync.join_outer_step(outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
         outer_digest = record["outer_digest"]
         for note in sync.drain_notes():
@@ -572,6 +594,7 @@ def _train_in(
         is_last = state.step == cfg.train.steps
         if sync.outer_step_due(state.step, is_last):
             staged(everything=True)  # the outer step changes the outer weights and momentum
+            set_outer_weight_decay(sync, cfg, state.step, trained_phase=True)
         record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
         outer_digest = record.get("outer_digest", outer_digest)
         for note in [*sync.drain_notes(), *loader.drain_notes()]:

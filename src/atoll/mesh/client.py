@@ -15,6 +15,8 @@ Failure semantics, for every request (`CoordinatorClient.call`):
 - the coordinator restarted with its journal: the same run id, so the island keeps its place. A
   coordinator that restarted without it runs another run: ExpectedFailure (LOST_COORDINATOR).
 - refused (401): the token is wrong (UserError at registration) or the message was mangled.
+- malformed (400): the coordinator does not understand the request (another atoll version):
+  UserError at once, naming both versions.
 - waits (admission, barriers, outcomes, next epoch) are long-polls repeated until the event; they
   print what they wait for every WAIT_LOG_S, honour SIGTERM (the handler raises in the blocking
   socket read), and end when the coordinator decides (a dead peer is dropped at once, a hung one
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from atoll import errors
+from atoll import __version__, errors
 from atoll.errors import ExpectedFailure, UserError
 from atoll.mesh import protocol
 from atoll.mesh.auth import run_key, sign, verify
@@ -178,6 +180,12 @@ class CoordinatorClient:
                 if status == protocol.STALE_BOOT:
                     self._hello()
                     continue
+                if status == protocol.MALFORMED:  # deterministic: resending the same request cannot help
+                    raise UserError(
+                        f"the coordinator at {self.address} (atoll {self.hello.get('version', '?')}) does not understand island "
+                        f"{self.island_id!r}'s {op} request (atoll {__version__}): {data[:200].decode(errors='replace')}; "
+                        "run the same atoll version on the coordinator and every island"
+                    )
                 if status == protocol.REFUSED:
                     raise UserError(
                         f"wrong run token: the coordinator at {self.address} refused island {self.island_id!r}'s request; "
@@ -254,7 +262,11 @@ def register(client: CoordinatorClient, local_ranks: int, fingerprint: dict[str,
     """Announce this incarnation (and where its local ranks serve the run's state, if they do); a
     refusal (wrong shape, a different job, a live duplicate id, an ended run) is a UserError saying
     why, with the exit code of its kind (`REFUSAL_CODES`)."""
-    answer = client.call("register", {"local_ranks": local_ranks, "fingerprint": fingerprint, "serve": serve or {}})
+    refused(client, client.call("register", {"local_ranks": local_ranks, "fingerprint": fingerprint, "serve": serve or {}}))
+
+
+def refused(client: CoordinatorClient, answer: dict[str, Any]) -> None:
+    """A UserError saying why, with the exit code of its kind (`REFUSAL_CODES`), if `answer` refuses."""
     if "refused" in answer:
         raise UserError(
             f"the coordinator at {client.address} refused island {client.island_id!r}: {answer['refused']}",

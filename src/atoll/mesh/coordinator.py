@@ -247,11 +247,9 @@ class Coordinator:
         if old is not None and old.registration.incarnation == incarnation:
             return {}
         if old is not None:
-            if self._alive(old):
-                why = (f"island id {island!r} is in use by a live process (incarnation {old.registration.incarnation[:8]}): "
-                       "give this island another --island-id, or stop the other one first")
-                self.log(f"coordinator: refused a second live island {island!r}")
-                return {"refused": why, "refused_as": "duplicate"}
+            duplicate = self._op_preflight(island, incarnation, args, connection)
+            if duplicate:
+                return duplicate
             self._drop_replaced(island)
         if self.local_ranks is None:
             self.local_ranks, self.fingerprint = registration.local_ranks, registration.fingerprint
@@ -263,6 +261,17 @@ class Coordinator:
         self.log(f"coordinator: island {island!r} arrived (incarnation {incarnation[:8]}, {registration.local_ranks} local rank(s))")
         self._decide()
         return {}
+
+    def _op_preflight(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        """Refuse a process whose island id a live process of another incarnation holds (asked by
+        an island before it builds its model, and again at registration)."""
+        old = self.views.get(island)
+        if old is None or old.registration.incarnation == incarnation or not self._alive(old):
+            return {}
+        self.log(f"coordinator: refused a second live island {island!r}")
+        why = (f"island id {island!r} is in use by a live process (incarnation {old.registration.incarnation[:8]}): "
+               "give this island another --island-id, or stop the other one first")
+        return {"refused": why, "refused_as": "duplicate"}
 
     def _admissible(self, registration: Registration) -> tuple[str, str] | None:
         """(why, its kind: "ended" or "mismatch") this registration cannot join the run, or None."""

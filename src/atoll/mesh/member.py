@@ -28,7 +28,7 @@ from atoll.config import MeshConfig
 from atoll.errors import ExpectedFailure, say
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
-from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, register, to_stderr, wait_for_admission
+from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, refused, register, to_stderr, wait_for_admission
 from atoll.mesh.membership import Epoch
 
 ABORT, COMMIT, RESYNC = 0, 1, 2
@@ -187,6 +187,25 @@ def _broadcast_text(text: str, island: Island) -> str:
     return bytes(payload.tolist()).decode()
 
 
+
+
+def preflight(cfg: MeshConfig, island_id: str, island: Island) -> None:
+    """Before the island spends minutes on its data and model: reach the coordinator (saying at
+    once what it waits for and until when; a UserError after mesh.connect_timeout_s), check the
+    token, and ask whether a live process holds this island id (a UserError, DUPLICATE). On
+    local rank 0 for the island; the registration after the model is built checks again."""
+    def ask() -> bool:
+        probe = CoordinatorClient(
+            cfg.coordinator, island_id, new_incarnation(), run_token(cfg.token), min(cfg.connect_timeout_s, cfg.join_timeout_s),
+            cfg.coordinator_retry_s, "preflight",
+        )
+        try:
+            refused(probe, probe.call("preflight", {}))
+        finally:
+            probe.close()
+        return True
+
+    from_leader(island, ask)
 
 
 def join_mesh(

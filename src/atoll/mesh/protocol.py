@@ -20,6 +20,9 @@ Ops (args -> answer). Waits are long-polls: the coordinator answers as soon as t
 happens, or after `wait_s` with nothing, and the island asks again (so waits are event-driven,
 yet no request outlives a restart of either side by long).
 
+    preflight   {}                               -> {} | {"refused": why, "refused_as": "duplicate"}: asked
+                                                    before an island builds its model (is its id
+                                                    held by a live process?)
     register    {local_ranks, fingerprint, serve}
                                                  -> {} | {"refused": why, "refused_as": "duplicate" |
                                                     "mismatch" | "ended"}; serve: {"host", "ports"},
@@ -76,7 +79,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_SEQ = 1 << 63
 MAX_NAME_CHARS = 256
 OPS = (
-    "register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch",
+    "preflight", "register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch",
     "rendezvous_set", "rendezvous_get",
 )
 
