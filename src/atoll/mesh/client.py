@@ -19,8 +19,8 @@ Failure semantics, for every request (`CoordinatorClient.call`):
   UserError at once, naming both versions.
 - waits (admission, barriers, outcomes, next epoch) are long-polls repeated until the event; they
   print what they wait for every WAIT_LOG_S, honour SIGTERM (the handler raises in the blocking
-  socket read), and end when the coordinator decides (a dead peer is dropped at once, a hung one
-  at the heartbeat timeout).
+  socket read), and end when the coordinator decides (a dead peer is dropped within its reconnect
+  grace, a hung one at the heartbeat timeout).
 """
 
 from __future__ import annotations
