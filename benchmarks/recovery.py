@@ -8,8 +8,10 @@ Each scenario runs `atoll simulate` with 3 islands of the debug model (H = 4 inn
 island gets a fault at outer step 2 (see `atoll.faults`):
 
 - kill -9 during the all-reduce (`kill@allreduce:2`): the survivors' rings break at once, they
-  report, the coordinator forms the next epoch after `mesh.report_grace_s`, and the survivors
-  redo the averaging among themselves. Target: <= 1 s.
+  report, the coordinator forms the next epoch once the dead island's control connection has
+  stayed closed for its reconnect grace (two heartbeat intervals and a second: a live island whose
+  own request timed out reconnects within it), and the survivors redo the averaging among
+  themselves. Target: <= reconnect grace + 1 s.
 - SIGSTOP at the outer-step boundary (`stop@inner:8`, right before outer step 2's barrier): the
   survivors wait at the barrier until the coordinator drops the silent island at the heartbeat
   timeout. Target: <= heartbeat timeout + 1 s.
@@ -19,8 +21,8 @@ island gets a fault at outer step 2 (see `atoll.faults`):
   (`mesh.collective_timeout_s`). Target: <= heartbeat timeout + 1 s.
 
 - kill -9 during the inner phase (`kill@inner:6`): the dead island's control connection closes,
-  the coordinator drops it at once, and the survivors' outer step 2 runs among two. Shown: the
-  survivors' outer step 2 time (from the boundary). Target: <= 1 s.
+  the coordinator drops it after its reconnect grace, and the survivors' outer step 2 runs among
+  two. Shown: the survivors' outer step 2 time (from the boundary). Target: <= 1 s.
 
 And, without faults, the protocol's own overhead per outer step: for each outer step, the island
 that reached the boundary last (it waits for nobody) spends `sync_s - ring_s` in barriers,

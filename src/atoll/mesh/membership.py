@@ -204,7 +204,7 @@ def reconnecting(members: tuple[str, ...], views: dict[str, IslandView], now: fl
 
 def departures(members: tuple[str, ...], views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> dict[str, str]:
     """Members gone for good: a deathrattle, a control connection closed for longer than its
-    reconnect grace (see `reconnect_grace_s`), or a stale heartbeat.
+    reconnect grace (see `reconnect_grace_s`) or closed with a stale heartbeat, or a stale heartbeat.
 
     Times are judged on the coordinator's clock: `now - heard_at`, where heard_at is when the
     coordinator last heard from the island (islands share no clock).
@@ -214,8 +214,8 @@ def departures(members: tuple[str, ...], views: dict[str, IslandView], now: floa
         view = views[island]
         if view.leaving is not None:
             gone[island] = f"left ({view.leaving})"
-        elif view.lost_at is not None and now - view.lost_at > reconnect_grace_s(view):
-            gone[island] = "its control connection closed (process gone)"  # and no beat on a new one within its grace
+        elif view.lost_at is not None and (now - view.lost_at > reconnect_grace_s(view) or now - view.heard_at > heartbeat_timeout_s):
+            gone[island] = "its control connection closed (process gone)"  # and no beat on a new one since
         elif now - view.heard_at > heartbeat_timeout_s:
             gone[island] = f"no heartbeat for {now - view.heard_at:.1f}s"
     return gone
