@@ -300,6 +300,12 @@ class DilocoConfig(Section):
     into a plain average of the islands' annealed weights, instead of momentum carrying large
     stale pseudo-gradients through the decay (measured by benchmarks/convergence.py: +12.5%
     validation loss against data-parallel without it, -0.02% with it)."""
+    decouple_weight_decay: bool = True
+    """Keep the inner AdamW's weight decay out of the outer step: each pseudo-gradient leaves out
+    what the decay took from the weights during the inner phase, and the outer step applies that
+    decay once, unscaled. Off, the decay is part of every pseudo-gradient, always pointing the same
+    way, and Nesterov momentum multiplies it by outer_lr / (1 - outer_momentum): up to 7x the
+    data-parallel run's decay at the defaults (see diloco.DiLoCo.set_weight_kept)."""
     max_norm_ratio: float = Field(default=5.0, gt=1)
     """Reject an island's pseudo-gradient when its norm, or one per-layer bucket's norm, exceeds this
     many times the median of the other islands' (non-finite ones are always rejected); rejected

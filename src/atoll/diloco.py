@@ -4,7 +4,8 @@ Language Models", arXiv:2311.08105; INTELLECT-1 used H=100, outer lr 0.7, moment
 
 The outer weights and the outer momentum live in fp32 CPU memory as flat buffers over this
 process's local shard, so DiLoCo costs no accelerator memory. The pseudo-gradient is
-outer − inner; it is averaged across islands in per-layer buckets by `GlobalMean` (the encoded
+outer − inner, less the inner AdamW's weight decay, which the outer step applies once itself
+(`set_weight_kept`: momentum would otherwise multiply it); it is averaged across islands in per-layer buckets by `GlobalMean` (the encoded
 ring over this local rank's global groups, bit-identical on every island);
 `torch.optim.SGD(nesterov=True)` holds the outer step's settings and momentum, and its update is
 applied bucket by bucket; the result overwrites the inner weights. Host memory per rank is the
@@ -51,6 +52,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.comm.allreduce import GlobalMean
 from atoll.digest import combine, piece_digests
+from atoll.optim import decays_weight
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
 UPDATE_SPAN = 2**18
@@ -95,6 +97,9 @@ class DiLoCo(Stateful):
         self.params = [p for _, p in named]
         self.sizes = [s.numel() for s in self._shards()]
         self.buckets = layer_buckets(self.names, self.sizes)
+        self.decayed = [decays_weight(p) for p in self.params]
+        """Per parameter: whether the inner AdamW decays it (see `set_weight_kept`)."""
+        self.kept_own = self.kept_run = 1.0
         # 12 bytes per parameter of the shard: outer weights, pseudo-gradient, momentum (created by
         # SGD's first step). The two that cross to the device are pinned on CUDA (DMA copies).
         pin = any(s.is_cuda for s in self._shards())
@@ -119,6 +124,21 @@ class DiLoCo(Stateful):
             group["lr"] = 1.0 - (1.0 - self.lr) * weight
             group["momentum"] = self.momentum * weight
 
+    def set_weight_kept(self, own: float, run: float) -> None:
+        """Take the inner AdamW's weight decay out of the outer step's momentum and learning rate.
+
+        `own`: the share of a decayed weight this island's inner phase kept (1 for a joiner that
+        trained none of it); `run`: the share the run's inner phase kept, the same number on every
+        island (`atoll.optim.weight_kept` over the phase's steps). The pseudo-gradient of a decayed
+        parameter becomes own * outer - inner (its gradient steps only), and the outer step
+        multiplies the decayed outer weights by `run` before its Nesterov update: the decay is
+        applied once, as the islands applied it. Without this, the decay is part of a pseudo-
+        gradient that points the same way every outer step, so Nesterov momentum multiplies it by
+        outer_lr / (1 - outer_momentum), 7x at lr 0.7 and momentum 0.9, once the momentum has built
+        up. 1 and 1 (the default) is the plain DiLoCo step. Like `anneal`, not state: set before every outer step.
+        """
+        self.kept_own, self.kept_run = own, run
+
     def _shards(self) -> list[torch.Tensor]:
         return [local_shard(p) for p in self.params]
 
@@ -129,8 +149,12 @@ class DiLoCo(Stateful):
         on_device = [s.device.type != "cpu" or s.dtype != torch.float32 for s in shards]
         if any(on_device):
             self._read_inner(self.pseudo_grad)
-        for shard, outer, out, copied in zip(shards, self.outer.split(self.sizes), self.pseudo_grad.split(self.sizes), on_device):
+        for shard, outer, out, copied, decayed in zip(
+            shards, self.outer.split(self.sizes), self.pseudo_grad.split(self.sizes), on_device, self.decayed
+        ):
             torch.sub(outer, out if copied else shard.detach().reshape(-1), out=out)
+            if decayed and self.kept_own != 1.0:  # own * outer - inner: the decay stays out of the average
+                out.add_(outer, alpha=self.kept_own - 1.0)
 
     @torch.no_grad()
     def _read_inner(self, out: torch.Tensor) -> None:
@@ -223,6 +247,10 @@ class DiLoCo(Stateful):
         fresh = momentum != 0 and state.get("momentum_buffer") is None
         if fresh:  # torch starts the momentum buffer as a copy of the first gradient
             state["momentum_buffer"] = self.pseudo_grad.clone()
+        if self.kept_run != 1.0:  # the inner phase's weight decay, applied once (`set_weight_kept`)
+            for chunk, decayed in zip(self.outer.split(self.sizes), self.decayed):
+                if decayed:
+                    chunk.mul_(self.kept_run)
         # spans small enough that the update's four passes over a span run in cache
         for start in range(0, self.outer.numel(), UPDATE_SPAN):
             span = slice(start, start + UPDATE_SPAN)

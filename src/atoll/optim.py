@@ -15,11 +15,16 @@ from torch import nn
 from atoll.config import OptimConfig, ScheduleConfig
 
 
+def decays_weight(param: torch.Tensor) -> bool:
+    """Whether AdamW decays this parameter: matrices yes; norms and other vectors no."""
+    return param.ndim >= 2
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; norms and other vectors are not decayed."""
+    """AdamW with weight decay on matrices only (`decays_weight`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    decay = [p for p in params if decays_weight(p)]
+    no_decay = [p for p in params if not decays_weight(p)]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -84,6 +89,20 @@ def describe_new_horizon(step: int, old_total: int, new_total: int, cfg: Schedul
     if cfg.kind == "wsd" and step > decay_start:
         line += f"; to extend it without raising the LR, resume from a checkpoint at or before step {decay_start}, where its decay began"
     return line
+
+
+def weight_kept(start: int, end: int, total_steps: int, peak_lr: float, weight_decay: float,
+                cfg: ScheduleConfig) -> float:
+    """The share of a decayed weight that AdamW's decoupled weight decay keeps over optimizer steps
+    [start, end): the product of (1 - lr_t * weight_decay), as torch's AdamW multiplies each step.
+
+    DiLoCo's outer step takes this decay out of the pseudo-gradient and applies it once
+    (`DiLoCo.set_weight_kept`), so that outer momentum does not amplify it.
+    """
+    kept = 1.0
+    for step in range(start, end):
+        kept *= 1.0 - peak_lr * lr_factor(step, total_steps, cfg) * weight_decay
+    return kept
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
