@@ -18,7 +18,8 @@ from conftest import REPO, free_port, run_atoll
 from test_operations import LOOPBACK, TIMEOUT_S, TOKEN, TRAIN_ARGS, finish, island, logs, outer_steps, wait_for
 
 from atoll import errors
-from atoll.errors import UserError
+from atoll.cli import main
+from atoll.errors import DEBUG_ENV, UserError
 from atoll.faults import FAULTS_ENV
 from atoll.mesh.auth import TOKEN_ENV
 from atoll.mesh.client import CoordinatorClient, new_incarnation, register, wait_for_admission
@@ -65,6 +66,16 @@ def test_a_client_says_within_two_seconds_what_it_waits_for_and_until_when():
     assert said and said[0][0] < QUICK_S
     assert address in said[0][1] and "until" in said[0][1] and "UTC" in said[0][1] and len(said) == 1
     assert address in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_expected_failure_is_one_line_and_debug_adds_its_traceback(capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert main(["coordinator", "--islands", "0"]) == errors.USER_ERROR
+    assert capsys.readouterr().err == "atoll: error: --islands must be at least 1, got 0\n"
+    monkeypatch.setenv(DEBUG_ENV, "")  # restored after the test: --debug sets it for the ranks it starts
+    assert main(["--debug", "coordinator", "--islands", "0"]) == errors.USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("atoll: error: --islands must be at least 1, got 0\n")
 
 
 @pytest.mark.timeout(TIMEOUT_S + 30)
