@@ -9,9 +9,11 @@ Failure semantics, for every request (`CoordinatorClient.call`):
 - timeout or a closed connection (a blip, a stopped or restarting coordinator): reconnect, say
   hello again and resend with a fresh sequence number, for up to `retry_s`
   (mesh.coordinator_retry_s), saying at the first failure what it waits for and until when; then
-  ExpectedFailure (LOST_COORDINATOR). Every op is safe to resend. A request of its own that timed
-  out closes its connection, which never costs the island its place: the coordinator keeps an
-  incarnation that beats again on a new connection (see `atoll.mesh.membership.reconnect_grace_s`).
+  ExpectedFailure (LOST_COORDINATOR). Every op is safe to resend. A connection whose request timed
+  out or failed is left open until a new one has carried an answer, so the heartbeat's control
+  connection never closes while the process lives (the coordinator reads that as its death); and
+  should it close anyway (a reset on the way), the coordinator keeps an incarnation that beats
+  again on a new connection within its grace (`atoll.mesh.membership.reconnect_grace_s`).
 - the coordinator restarted with its journal: the same run id, so the island keeps its place. A
   coordinator that restarted without it runs another run: ExpectedFailure (LOST_COORDINATOR).
 - refused (401): the token is wrong (UserError at registration) or the message was mangled.
@@ -93,6 +95,10 @@ class CoordinatorClient:
         self.log = log
         self._seq = itertools.count(int(time.time() * 1000) * 1000)  # above any earlier run of this incarnation's channel
         self._conn: http.client.HTTPConnection | None = None
+        self._parked: http.client.HTTPConnection | None = None
+        """The first connection given up on (a request timed out or failed), left open until a
+        newer one has carried an answer: the coordinator reads a closed control connection as a
+        death. Later ones of the same outage are closed at once (at most one is held)."""
         self._outage_since: float | None = None
         deadline = time.monotonic() + connect_timeout
         while True:
@@ -127,9 +133,20 @@ class CoordinatorClient:
         return self._conn
 
     def _close(self) -> None:
-        if self._conn is not None:
+        self._park()
+        self._unpark()
+
+    def _park(self) -> None:
+        if self._conn is not None and self._parked is None:
+            self._parked = self._conn
+        elif self._conn is not None:
             self._conn.close()
-            self._conn = None
+        self._conn = None
+
+    def _unpark(self) -> None:
+        if self._parked is not None:
+            self._parked.close()
+            self._parked = None
 
     def _exchange(self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout: float) -> tuple[int, bytes, str]:
         conn = self._connection(timeout)
@@ -138,8 +155,9 @@ class CoordinatorClient:
             response = conn.getresponse()
             data = response.read()
         except BaseException:
-            self._close()  # a half-read answer leaves the connection unusable
+            self._park()  # a half-read answer leaves the connection unusable; closed once a new one answered
             raise
+        self._unpark()
         return response.status, data, response.getheader(protocol.MAC_HEADER, "")
 
     def _hello(self) -> None:
