@@ -1,21 +1,33 @@
-"""Quality and bytes of DiLoCo against data-parallel, on the same islands, data and token budget.
+"""Quality and bytes of DiLoCo against data-parallel, on the same islands, data and token budget,
+over several seeds.
 
-    python benchmarks/convergence.py                          # the defaults below
+    python benchmarks/convergence.py                          # the defaults below, 3 seeds
+    python benchmarks/convergence.py --seeds 5 --rows ddp,int8
     python benchmarks/convergence.py --model demo --steps 300 --seq-len 128
 
-Runs `atoll simulate` once per row: (a) data-parallel (`--mesh.mode ddp`: fp32 gradients averaged
-across islands every step), (b) DiLoCo with fp32 pseudo-gradients every H inner steps, (c) the
-same DiLoCo with int8 pseudo-gradients (atoll's ring), (d) DiLoCo fp32 whose outer step does not
-anneal with the inner LR schedule (`diloco.anneal_with_schedule = false`). All rows see the same samples in the same
-order (islands read disjoint slices of one seeded stream) and the same inner optimizer and
-schedule, so the only difference is how the islands synchronise. Prints final validation loss,
-bytes each island put on the wire, and the ratios against data-parallel and against DiLoCo fp32.
+Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and data order):
+  ddp           data-parallel (`--mesh.mode ddp`): fp32 gradients averaged across islands every step
+  fp32          DiLoCo with fp32 pseudo-gradients every H inner steps
+  int8          the same DiLoCo with int8 pseudo-gradients (atoll's ring)
+  int8-2h       int8 DiLoCo syncing half as often (H doubled)
+  no-anneal     DiLoCo fp32 whose outer step does not anneal with the inner LR schedule
+  int8-lr       int8 DiLoCo at sqrt(islands) x the inner lr (its islands each see 1/islands of the
+                data-parallel batch; on the defaults this is DiLoCo's better lr, not data-parallel's)
+  int8-coupled  int8 DiLoCo whose outer momentum also multiplies the inner weight decay (as before
+                diloco.decouple_weight_decay)
+All rows of one seed see the same samples in the same order (islands read disjoint slices of one
+seeded stream) and the same inner optimizer and schedule, so the only difference is how the
+islands synchronise. Each run prints as it finishes; the table then gives, per row, the mean and
+sample standard deviation of the final validation loss over seeds, the mean and worst per-seed gap
+to data-parallel (each seed against data-parallel on that seed), and the bytes each island put on
+the wire. A difference between rows smaller than their spreads is noise, not a result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,11 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(name: str, run_dir: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+def run(run_dir: Path, args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
     """One `atoll simulate` run; returns island-0's final val loss and bytes sent."""
     cmd = [
         sys.executable, "-m", "atoll.cli", "simulate", "--islands", str(args.islands), "--run-dir", str(run_dir),
-        str(REPO / "configs" / "demo.toml"), "--model.name", args.model,
+        str(REPO / "configs" / "demo.toml"), "--model.name", args.model, "--train.seed", str(seed),
         "--train.steps", str(args.steps), "--train.global_batch", str(args.batch), "--train.seq_len", str(args.seq_len),
         "--optim.lr", str(args.lr), "--schedule.warmup_steps", str(args.steps // 10),
         "--eval.every", str(args.steps), "--eval.batches", str(args.eval_batches), "--metrics.log_every", "50",
@@ -38,10 +50,37 @@ def run(name: str, run_dir: Path, args: argparse.Namespace, extra: list[str]) ->
     start = time.perf_counter()
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     if result.returncode != 0:
-        sys.exit(f"{name} failed:\n{result.stdout[-3000:]}")
+        sys.exit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "island-0" / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
-    return {"name": name, "val_loss": last["val_loss"], "bytes": last["bytes_sent"], "wall_s": time.perf_counter() - start}
+    return {"val_loss": last["val_loss"], "bytes": last["bytes_sent"], "wall_s": time.perf_counter() - start}
+
+
+def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
+    """Row key -> (label, extra simulate arguments)."""
+    def diloco(h: int) -> list[str]:
+        return ["--mesh.mode", "diloco", "--diloco.inner_steps", str(h)] + (
+            ["--diloco.outer_lr", str(args.outer_lr)] if args.outer_lr is not None else []) + (
+            ["--diloco.outer_momentum", str(args.outer_momentum)] if args.outer_momentum is not None else [])
+
+    h = args.inner_steps
+    return {
+        "ddp": ("data-parallel fp32, every step", ["--mesh.mode", "ddp", "--comm.codec", "fp32"]),
+        "fp32": (f"DiLoCo fp32, H={h}", [*diloco(h), "--comm.codec", "fp32"]),
+        "int8": (f"DiLoCo int8, H={h}", [*diloco(h), "--comm.codec", "int8"]),
+        "int8-2h": (f"DiLoCo int8, H={2 * h}", [*diloco(2 * h), "--comm.codec", "int8"]),
+        "no-anneal": (f"DiLoCo fp32, H={h}, no anneal", [*diloco(h), "--comm.codec", "fp32",
+                                                         "--diloco.anneal_with_schedule", "false"]),
+        "int8-lr": (f"DiLoCo int8, H={h}, inner lr x{args.islands ** 0.5:.2f}",
+                    [*diloco(h), "--comm.codec", "int8", "--optim.lr", str(args.lr * args.islands ** 0.5)]),
+        "int8-coupled": (f"DiLoCo int8, H={h}, coupled decay", [*diloco(h), "--comm.codec", "int8",
+                                                                "--diloco.decouple_weight_decay", "false"]),
+    }
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation (0 for a single value)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:
@@ -50,36 +89,45 @@ def main() -> None:
     parser.add_argument("--islands", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3000, help="inner steps (the same token budget for every row)")
     parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
-    parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer learning rate")
-    parser.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer Nesterov momentum")
+    parser.add_argument("--outer-lr", type=float, default=None, help="DiLoCo outer learning rate (default: the config's)")
+    parser.add_argument("--outer-momentum", type=float, default=None, help="DiLoCo outer momentum (default: the config's)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per island per step")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak learning rate (every row)")
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final loss")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each run for every row")
+    parser.add_argument("--rows", default="ddp,fp32,int8,int8-2h",
+                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-lr, no-anneal, int8-coupled (ddp is always run)")
     args = parser.parse_args()
 
+    settings = row_settings(args)
+    keys = ["ddp", *[k for k in args.rows.split(",") if k and k != "ddp"]]
+    if unknown := [k for k in keys if k not in settings]:
+        sys.exit(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(settings)}")
     tokens = args.steps * args.batch * args.seq_len * args.islands
     print(f"{args.model} model, {args.islands} islands, {args.steps} steps x {args.batch}x{args.seq_len} tokens "
-          f"per island = {tokens / 1e6:.2f}M tokens per run; DiLoCo H={args.inner_steps}, "
-          f"outer lr {args.outer_lr}, momentum {args.outer_momentum}", flush=True)
-    diloco = ["--mesh.mode", "diloco", "--diloco.inner_steps", str(args.inner_steps),
-              "--diloco.outer_lr", str(args.outer_lr), "--diloco.outer_momentum", str(args.outer_momentum)]
+          f"per island = {tokens / 1e6:.2f}M tokens per run; seeds 0..{args.seeds - 1}", flush=True)
+    results: dict[str, list[dict]] = {k: [] for k in keys}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [
-            run("data-parallel fp32, every step", Path(tmp) / "ddp", args, ["--mesh.mode", "ddp", "--comm.codec", "fp32"]),
-            run(f"DiLoCo fp32, H={args.inner_steps}", Path(tmp) / "diloco-fp32", args, [*diloco, "--comm.codec", "fp32"]),
-            run(f"DiLoCo int8, H={args.inner_steps}", Path(tmp) / "diloco-int8", args, [*diloco, "--comm.codec", "int8"]),
-            run(f"DiLoCo fp32, H={args.inner_steps}, no anneal", Path(tmp) / "diloco-fp32-no-anneal", args,
-                [*diloco, "--comm.codec", "fp32", "--diloco.anneal_with_schedule", "false"]),
-        ]
-    ddp, fp32 = rows[0], rows[1]
-    print(f"{'run':<42}{'val_loss':>10}{'vs ddp':>9}{'vs fp32':>9}{'MB sent/island':>16}"
-          f"{'fewer vs ddp':>14}{'fewer vs fp32':>15}{'wall s':>8}")
-    for row in rows:
-        print(f"{row['name']:<42}{row['val_loss']:>10.4f}{row['val_loss'] / ddp['val_loss'] - 1:>+9.2%}"
-              f"{row['val_loss'] / fp32['val_loss'] - 1:>+9.2%}{row['bytes'] / 1e6:>16.2f}"
-              f"{ddp['bytes'] / max(row['bytes'], 1):>13.1f}x{fp32['bytes'] / max(row['bytes'], 1):>14.2f}x"
-              f"{row['wall_s']:>8.0f}")
+        for seed in range(args.seeds):
+            for key in keys:
+                label, extra = settings[key]
+                result = run(Path(tmp) / f"{key}-{seed}", args, seed, extra)
+                results[key].append(result)
+                gap = result["val_loss"] / results["ddp"][seed]["val_loss"] - 1
+                print(f"  seed {seed}  {label:<34} val_loss {result['val_loss']:.4f}  vs ddp {gap:+.2%}  "
+                      f"({result['wall_s']:.0f} s)", flush=True)
+
+    ddp_bytes = statistics.mean(r["bytes"] for r in results["ddp"])
+    print(f"\n{'run':<36}{'val_loss mean':>14}{'± sd':>8}{'gap mean':>10}{'± sd':>8}{'worst':>8}"
+          f"{'MB sent/island':>16}{'fewer vs ddp':>14}")
+    for key in keys:
+        label = settings[key][0]
+        losses = [r["val_loss"] for r in results[key]]
+        gaps = [r["val_loss"] / d["val_loss"] - 1 for r, d in zip(results[key], results["ddp"])]
+        sent = statistics.mean(r["bytes"] for r in results[key])
+        print(f"{label:<36}{statistics.mean(losses):>14.4f}{spread(losses):>8.4f}{statistics.mean(gaps):>+10.2%}"
+              f"{spread(gaps):>8.2%}{max(gaps):>+8.2%}{sent / 1e6:>16.2f}{ddp_bytes / max(sent, 1):>13.1f}x")
 
 
 if __name__ == "__main__":

@@ -298,8 +298,9 @@ class DilocoConfig(Section):
     LR multiplier, the outer lr is 1 - (1 - outer_lr) * w and the momentum outer_momentum * w. A
     constant schedule (w = 1) keeps plain DiLoCo; in a WSD or cosine decay the outer step turns
     into a plain average of the islands' annealed weights, instead of momentum carrying large
-    stale pseudo-gradients through the decay (measured by benchmarks/convergence.py: +12.5%
-    validation loss against data-parallel without it, -0.02% with it)."""
+    stale pseudo-gradients through the decay (benchmarks/convergence.py --rows no-anneal: +12.5%
+    validation loss against data-parallel without it on one seed; the gap with it, over seeds, is
+    in the README). Annealing during warmup too was measured worse (+2% at 600 steps)."""
     decouple_weight_decay: bool = True
     """Keep the inner AdamW's weight decay out of the outer step: each pseudo-gradient leaves out
     what the decay took from the weights during the inner phase, and the outer step applies that
