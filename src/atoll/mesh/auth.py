@@ -5,10 +5,11 @@ mesh.token). It never crosses the wire. From it and the run's public id (a rando
 coordinator draws when the run starts and keeps in its journal) comes the **run key**:
 HMAC-SHA256(token, "atoll-run-key" || run_id). A token reused for another run gives another key.
 
-Control plane (islands <-> coordinator, `atoll.mesh.coordinator` on `atoll.mesh.service`): before
-anything is authenticated, connections are capped per source and in all, idle ones closed and
-sizes bounded, and a request's MAC is checked before a byte of it is parsed. Every request that reads or
-changes run state carries (island id, incarnation, the coordinator's boot id, a sequence number)
+Control plane (islands <-> coordinator, `atoll.mesh.coordinator` on `atoll.mesh.service`; the
+state servers of `atoll.comm.transfer` stand on the same base): before anything is authenticated,
+connections are capped per source and in all, idle ones closed and sizes bounded, and a
+request's MAC is checked before a byte of it is parsed. Every request that reads or changes run
+state carries (island id, incarnation, the coordinator's boot id, a sequence number)
 and a MAC under the run key; the coordinator refuses, and counts in its log, any request whose
 MAC does not verify, whose boot id is not its own (a request recorded before a restart), or
 whose sequence number is not above the last one it accepted from that incarnation (a replay).
@@ -41,8 +42,9 @@ Who can do what:
   islands, break collectives by redirecting or resetting connections (a denial of service the
   run rides through as failures). It cannot register, leave, report, post results, touch the
   rendezvous, forge epochs or outcomes, replay old messages into this or another run, or get a
-  byte into an average. Holding many source addresses, it can still fill the connection cap in
-  all (512), which keeps new connections out (members' open ones are served) while it lasts.
+  byte into an average, nor be served a state server's bytes. Holding many source addresses, it
+  can still fill a service's connection cap in all (512), which keeps new connections out
+  (members' open ones are served) while it lasts.
 - A **token holder** is a full member: it can register islands and take part in averages, and
   write the rendezvous of the epochs it is a member of.
 - A **malicious token holder** can still send a plausible but wrong update: pseudo-gradient
