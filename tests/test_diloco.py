@@ -180,7 +180,8 @@ def test_apply_is_bitwise_torch_sgd_with_inner_weights_and_digest(sizes, momentu
         grad[-1] = float("nan") if step == 2 else grad[-1]
         diloco.pseudo_grad.copy_(grad)
         outer.grad = grad.clone()
-        assert diloco.agreement_digest() == tensor_digest([("outer", outer), ("pseudo_grad", grad)])
+        state = [("outer", outer)] + ([("momentum", sgd.state[outer]["momentum_buffer"])] if momentum and step else [])
+        assert diloco.agreement_digest() == tensor_digest([*state, ("pseudo_grad", grad)])
         digest = diloco.apply()
         sgd.step()
         assert torch.equal(diloco.outer.view(torch.int32), outer.detach().view(torch.int32))
@@ -189,14 +190,17 @@ def test_apply_is_bitwise_torch_sgd_with_inner_weights_and_digest(sizes, momentu
             assert torch.equal(diloco.optimizer.state[diloco.outer]["momentum_buffer"].view(torch.int32), want.view(torch.int32))
         inner = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         assert torch.equal(inner.view(torch.int32), outer.detach().view(torch.int32))
-        assert digest == tensor_digest([("outer", outer)]) == diloco.restore_inner()
+        state = [("outer", outer)] + ([("momentum", sgd.state[outer]["momentum_buffer"])] if momentum else [])
+        assert digest == tensor_digest(state) == diloco.restore_inner()
 
 
 def test_kept_outer_digest_follows_every_write_to_the_outer_weights():
     diloco = DiLoCo(Shards([(1 << 20) + 5], seed=0), lr=0.7, momentum=0.9, nesterov=True)
 
     def fresh() -> str:
-        return tensor_digest([("outer", diloco.outer), ("pseudo_grad", diloco.pseudo_grad)])
+        momentum = diloco.optimizer.state[diloco.outer].get("momentum_buffer")
+        state = [("outer", diloco.outer)] + ([("momentum", momentum)] if momentum is not None else [])
+        return tensor_digest([*state, ("pseudo_grad", diloco.pseudo_grad)])
 
     diloco.apply()
     assert diloco.agreement_digest() == fresh()
@@ -212,3 +216,26 @@ def test_kept_outer_digest_follows_every_write_to_the_outer_weights():
     assert diloco.agreement_digest() == fresh()
     diloco.optimizer.step()  # the public optimizer writes through torch ops too
     assert diloco.agreement_digest() == fresh()
+    diloco.transfer_buffers()["momentum"].numpy()[3] = 7.0  # the momentum's raw writes are covered alike
+    diloco.took_state(True)
+    assert diloco.agreement_digest() == fresh()
+
+
+def test_islands_whose_momentum_differs_disagree_before_and_after_the_outer_step():
+    islands = [DiLoCo(Shards([4096], seed=0), lr=0.7, momentum=0.9, nesterov=True) for _ in range(2)]
+    for diloco in islands:
+        diloco.apply()  # a first step makes the momentum (from a zero pseudo-gradient)
+    with torch.no_grad():
+        islands[1].optimizer.state[islands[1].outer]["momentum_buffer"][5] += 1e-3
+    assert torch.equal(islands[0].outer, islands[1].outer)
+    assert islands[0].agreement_digest() != islands[1].agreement_digest()
+    islands[1].optimizer.state[islands[1].outer]["momentum_buffer"][5] -= 1e-3  # agree again, then diverge at the last step
+    assert islands[0].agreement_digest() == islands[1].agreement_digest()
+    with torch.no_grad():
+        islands[1].optimizer.state[islands[1].outer]["momentum_buffer"][9] = 1.0
+        islands[1].pseudo_grad.zero_()
+        islands[0].pseudo_grad.zero_()
+    islands[0].anneal(0.0)
+    islands[1].anneal(0.0)  # momentum 0: the weights stay equal, the momentum does not
+    digests = [d.apply() for d in islands]
+    assert torch.equal(islands[0].outer, islands[1].outer) and digests[0] != digests[1]

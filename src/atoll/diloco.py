@@ -22,12 +22,13 @@ step and the copy into the inner weights).
 
 Local work per outer step, in passes over the shard (`benchmarks/outer_step.py` times each):
 the pseudo-gradient (one pass), the agreement digest (the pseudo-gradient only: the outer
-weights' piece digests are kept from the last time they were hashed, see below) and `apply`
-(the Nesterov step in cache-sized spans, the copy into the inner weights, the new outer digest).
+weights' and momentum's piece digests are kept from the last time they were hashed, see below)
+and `apply` (the Nesterov step in cache-sized spans, the copy into the inner weights, the new
+digest of the outer weights and momentum).
 Digests hash on every core (`atoll.digest`).
 
-Why keeping the outer digest is safe: the kept piece digests carry the outer buffer's version
-counter, which torch bumps on every in-place torch op on the buffer or on any view of it
+Why keeping the state's digests is safe: the kept piece digests carry the buffer's address and
+version counter, which torch bumps on every in-place torch op on the buffer or on any view of it
 (optimizer steps, `copy_`, checkpoint loads); a digest whose version differs is recomputed.
 Collectives (gloo) and state transfers (`atoll.comm.transfer`, which reads chunks straight into
 the buffer's memory) write raw memory that the counter does not see: they only reach the outer
@@ -111,8 +112,9 @@ class DiLoCo(Stateful):
         self.optimizer = torch.optim.SGD(
             [self.outer], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
         )
-        self._outer_digests: tuple[int, list[bytes]] | None = None
-        """(the outer buffer's version counter, its piece digests) when they were last hashed."""
+        self._kept_digests: dict[str, tuple[int, int, list[bytes]]] = {}
+        """Per state buffer ("outer", "momentum"): (its address, its version counter, its piece
+        digests) when it was last hashed."""
 
     def anneal(self, weight: float) -> None:
         """Scale the outer step towards a plain average: lr 1 - (1 - lr) * weight, momentum * weight.
@@ -172,15 +174,25 @@ class DiLoCo(Stateful):
         if any(s.is_cuda for s in self._shards()):
             torch.cuda.synchronize()
 
-    def _outer_piece_digests(self) -> list[bytes]:
-        """The outer weights' piece digests: kept ones if the buffer has not been written since, else hashed now."""
-        if self._outer_digests is None or self._outer_digests[0] != self.outer._version:
-            self._outer_digests = (self.outer._version, piece_digests(self.outer))
-        return self._outer_digests[1]
+    def _state_pieces(self) -> list[tuple[str, torch.Tensor, list[bytes]]]:
+        """(name, buffer, piece digests) of what the next outer step reads: the outer weights and
+        the momentum (once there is one). Kept digests are reused if the buffer is the same one and
+        has not been written since, else hashed now."""
+        buffers = [("outer", self.outer)]
+        if (momentum := self.optimizer.state[self.outer].get("momentum_buffer")) is not None:
+            buffers.append(("momentum", momentum))
+        pieces = []
+        for name, buffer in buffers:
+            kept = self._kept_digests.get(name)
+            if kept is None or kept[:2] != (buffer.data_ptr(), buffer._version):
+                kept = self._kept_digests[name] = (buffer.data_ptr(), buffer._version, piece_digests(buffer))
+            pieces.append((name, buffer, kept[2]))
+        return pieces
 
-    def _outer_digest(self) -> str:
-        """`tensor_digest([("outer", self.outer)])`, from the kept piece digests where they are current."""
-        return combine([("outer", self.outer, self._outer_piece_digests())])
+    def state_digest(self) -> str:
+        """`tensor_digest([("outer", outer), ("momentum", momentum)])` (no momentum before the first
+        outer step): equal on two islands iff their next outer steps start from the same state."""
+        return combine(self._state_pieces())
 
     @torch.no_grad()
     def average(self, mean: GlobalMean) -> None:
@@ -214,25 +226,22 @@ class DiLoCo(Stateful):
         mean.mean_buckets_(self.pseudo_grad, self.buckets)
 
     def agreement_digest(self) -> str:
-        """Digest of the outer weights and the averaged pseudo-gradient: equal on all islands iff
-        applying the step leaves every island with the same outer weights. The same bits as
-        `tensor_digest([("outer", outer), ("pseudo_grad", pseudo_grad)])`; the outer weights are
-        hashed again only if they were written since they were last hashed."""
-        return combine([
-            ("outer", self.outer, self._outer_piece_digests()),
-            ("pseudo_grad", self.pseudo_grad, piece_digests(self.pseudo_grad)),
-        ])
+        """Digest of everything the outer step reads: the outer weights, the momentum and the
+        averaged pseudo-gradient; equal on all islands iff applying the step leaves every island
+        with the same outer weights and momentum. The same bits as `tensor_digest` of those, in that
+        order; the outer weights and momentum are hashed again only if written since last hashed."""
+        return combine([*self._state_pieces(), ("pseudo_grad", self.pseudo_grad, piece_digests(self.pseudo_grad))])
 
     @torch.no_grad()
     def apply(self) -> str:
         """The outer Nesterov step on the averaged pseudo-gradient, then outer -> inner weights.
 
-        Returns the digest of the new outer weights (this rank's shard), which is kept for the
-        next agreement digest.
+        Returns `state_digest()` of the new outer weights and momentum (this rank's shard), whose
+        pieces are kept for the next agreement digest.
         """
         self._outer_sgd_step()
         self._scatter_outer()
-        return self._outer_digest()
+        return self.state_digest()
 
     @torch.no_grad()
     def _outer_sgd_step(self) -> None:
@@ -265,9 +274,9 @@ class DiLoCo(Stateful):
     @torch.no_grad()
     def restore_inner(self) -> str:
         """Overwrite the inner weights with the outer weights, which stay as they are (a skipped
-        outer step, or an island reset after non-finite inner steps); returns the outer digest."""
+        outer step, or an island reset after non-finite inner steps); returns `state_digest()`."""
         self._scatter_outer()
-        return self._outer_digest()
+        return self.state_digest()
 
     @torch.no_grad()
     def broadcast_state(self, mean: GlobalMean, source: int) -> None:
@@ -289,7 +298,7 @@ class DiLoCo(Stateful):
         else:
             state.pop("momentum_buffer", None)
         mean.broadcast_(tensors, source)
-        self._outer_digests = None
+        self._kept_digests.clear()
         self._scatter_outer()
 
     def served_buffers(self) -> dict[str, torch.Tensor]:
@@ -300,7 +309,7 @@ class DiLoCo(Stateful):
     def transfer_buffers(self) -> dict[str, torch.Tensor]:
         """Buffers for a state transfer to fill: the outer weights and a momentum buffer; then `took_state`."""
         state = self.optimizer.state[self.outer]
-        self._outer_digests = None  # the caller writes them
+        self._kept_digests.clear()  # the caller writes them
         return {"outer": self.outer, "momentum": state.setdefault("momentum_buffer", torch.zeros_like(self.outer))}
 
     @torch.no_grad()
@@ -309,7 +318,7 @@ class DiLoCo(Stateful):
         and copy the outer weights into the inner weights."""
         if not has_momentum:
             self.optimizer.state[self.outer].pop("momentum_buffer", None)
-        self._outer_digests = None
+        self._kept_digests.clear()
         self._scatter_outer()
 
     def state_dict(self) -> dict[str, Any]:
@@ -331,7 +340,7 @@ class DiLoCo(Stateful):
         """Restore the outer weights and momentum (in place); the inner weights are the caller's."""
         with torch.no_grad():
             self.outer.copy_(state_dict["outer"])
-        self._outer_digests = None
+        self._kept_digests.clear()
         state = self.optimizer.state[self.outer]
         if int(state_dict["has_momentum"]):
             state["momentum_buffer"] = state_dict["momentum"].detach().clone()

@@ -18,11 +18,11 @@ tells its other local ranks what it saw, so the whole island moves as one):
    (`atoll.validation`; too few accepted skips the step), and run the ring over the rest.
    A RingError (dead peer at once; silent peer once the coordinator dissolves the epoch at the
    heartbeat timeout, or at the ring deadline) is reported to the coordinator. Either way the island posts its result: ok with a digest of (outer weights,
-   averaged pseudo-gradient), or fail.
+   outer momentum, averaged pseudo-gradient), or fail.
 3. Outcome, decided once per step, epoch and round by the coordinator: "commit" when every member
    posted ok with the same digest; "abort" when the epoch was dissolved first. Only a commit
    applies the outer step, so no island ever applies an update the others did not (and equal
-   digests before the step mean equal outer weights after it). "resync" when the digests
+   digests before the step mean equal outer weights and momentum after it). "resync" when the digests
    differ: every island takes the outer state of the member holding the majority digest, and
    the step is averaged again in a new round.
 4. Abort: enter the next epoch (its members are the survivors, see `membership.decide`) and
@@ -336,7 +336,7 @@ class IslandSync:
                         "training alone are not a run; see membership.jsonl for who failed (mesh.max_skipped_in_a_row)",
                         errors.SKIPPED_STEPS,
                     )
-                return True, self.island_digest(tensor_digest([("outer", self.diloco.outer)])), attempts, epoch
+                return True, self.island_digest(self.diloco.state_digest()), attempts, epoch
 
     def _resync(self, outer_step: int, source: int) -> None:
         """The islands' digests differed: every island takes member `source`'s outer weights and
