@@ -49,12 +49,17 @@ def test_weight_kept_is_what_torch_adamw_keeps_of_a_weight_without_gradient():
     torch.testing.assert_close(bias.detach(), start[1])  # vectors are not decayed
 
 
-def test_decay_alone_is_applied_once_not_amplified_by_outer_momentum():
+def nesterov_island() -> tuple[torch.nn.Module, DiLoCo, int]:
+    """A debug model under DiLoCo's default outer step, and the index of a decayed parameter."""
     torch.manual_seed(0)
     model = Llama(get_size("debug"))
     diloco = DiLoCo(model, lr=0.7, momentum=0.9, nesterov=True)
+    return model, diloco, next(i for i, p in enumerate(diloco.params) if decays_weight(p))
+
+
+def test_decay_alone_is_applied_once_not_amplified_by_outer_momentum():
+    model, diloco, matrix = nesterov_island()
     mean = one_island_mean()
-    matrix = next(i for i, p in enumerate(diloco.params) if decays_weight(p))
     vector = next(i for i, p in enumerate(diloco.params) if not decays_weight(p))
     first = [chunk.clone() for chunk in diloco.outer.split(diloco.sizes)]
     kept = 0.98
@@ -69,11 +74,8 @@ def test_decay_alone_is_applied_once_not_amplified_by_outer_momentum():
 
 
 def test_without_decoupling_outer_momentum_multiplies_the_decay():
-    torch.manual_seed(0)
-    model = Llama(get_size("debug"))
-    diloco = DiLoCo(model, lr=0.7, momentum=0.9, nesterov=True)
+    model, diloco, matrix = nesterov_island()
     mean = one_island_mean()
-    matrix = next(i for i, p in enumerate(diloco.params) if decays_weight(p))
     first = diloco.outer.split(diloco.sizes)[matrix].clone()
     for _ in range(10):
         decayed_only(model, 0.98)
