@@ -190,8 +190,12 @@ def simulate(
     gives the coordinator its heartbeat timeout and report grace; `scenario` scripts faults and
     late starts (islands with kill, stop or term faults may die or hang without failing the run).
     """
-    # SIGTERM must unwind through the finally below, or the islands (own sessions) outlive us.
+    # SIGTERM and Ctrl-C must unwind through the finally below, or the islands (own sessions)
+    # outlive us; a parent that ignored or blocked SIGINT (a background job, a test harness) must not
+    # take Ctrl-C away from the run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     mesh = mesh or MeshConfig()
     scenario = scenario or Scenario()
     if wan is not None and scenario.starts:
