@@ -1,4 +1,4 @@
-"""The `atoll` command line: train, coordinator, simulate, demo, data prepare, export, eval, sample, model-info, tokenizer.
+"""The `atoll` command line: train, coordinator, status, simulate, demo, data prepare, export, eval, sample, model-info, tokenizer.
 
 User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2;
 the other expected failures of a run (lost coordinator, dropped, ...) print one line and exit with
@@ -116,7 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--journal", type=Path, help="the durable journal of decisions (default: --events with suffix .journal; none without --events)")
     coord.add_argument("--stay", action="store_true", help="keep serving after the run has ended")
     coord.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a run token (anyone who reaches it can join)")
+    coord.add_argument(
+        "--public-status", action="store_true",
+        help="serve /status, /status.json and /metrics to anyone who reaches the port (default: open on loopback only; "
+        "elsewhere they need the status key, which `atoll status` derives from ATOLL_RUN_TOKEN)",
+    )
     coord.set_defaults(handler=cmd_coordinator)
+
+    status = commands.add_parser(
+        "status", help="print a running coordinator's status table (what its /status page shows)",
+        description="Print the run as the coordinator at HOST:PORT sees it: the epoch, every island with its state, "
+                    "last outer step, losses, tokens/s, utilization, bytes sent, the age of its last heartbeat and its "
+                    "address; the recent membership events and refused requests. Off loopback it authenticates with the "
+                    "status key derived from ATOLL_RUN_TOKEN (read-only).",
+    )
+    status.add_argument("address", metavar="HOST:PORT", help="the coordinator's address (what islands pass as --coordinator)")
+    status.add_argument("--json", action="store_true", help="print /status.json instead of the table")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="print it again every SECONDS until Ctrl-C")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up on an answer after this long (default 5)")
+    status.set_defaults(handler=cmd_status)
 
     token = commands.add_parser("token", help="print a fresh run token (export it as ATOLL_RUN_TOKEN on the coordinator and every island)")
     token.set_defaults(handler=cmd_token)
@@ -344,10 +362,11 @@ def cmd_sample(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
-    from atoll.mesh.auth import TOKEN_ENV, run_token
+    from atoll.mesh.auth import TOKEN_ENV, is_loopback, run_token
     from atoll.mesh.coordinator import Coordinator
     from atoll.mesh.journal import replay
     from atoll.mesh.membership import Rules
+    from atoll.mesh.status import status_url
 
     if args.islands < 1:
         raise UserError(f"--islands must be at least 1, got {args.islands}")
@@ -367,7 +386,7 @@ def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         coordinator = Coordinator(
             args.host, args.port, args.islands, rules, args.events, token, journal,
-            log=lambda line: print(line, flush=True),
+            log=lambda line: print(line, flush=True), public_status=args.public_status,
         )
     except (RuntimeError, OSError) as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({str(err).splitlines()[0]}): choose another --port") from None
@@ -377,19 +396,32 @@ def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
         + ("" if token else "; OPEN run (no token)"),
         flush=True,
     )
+    print(f"atoll: status page {status_url(args.host, coordinator.port, None if coordinator.status_open else coordinator.status_key)} "
+          f"(or `atoll status {coordinator.address}`)", flush=True)
     coordinator.serve(stay=args.stay)
     print(f"atoll: coordinator done: {coordinator.ended or 'stopped'}", flush=True)
     return 0
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` is a loopback address ("localhost" counts)."""
-    import ipaddress
+def cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
+    import json
+    import time
 
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    from atoll.mesh.auth import run_token, status_key
+    from atoll.mesh.client import parse_address
+    from atoll.mesh.status import read_status, render_text
+
+    host, port = parse_address(args.address)
+    if args.timeout <= 0 or (args.watch is not None and args.watch <= 0):
+        raise UserError("--timeout and --watch must be positive numbers of seconds")
+    key = status_key(run_token(None))
+    while True:
+        snap = read_status(host, port, key, args.timeout)
+        print(json.dumps(snap, indent=2) if args.json else render_text(snap), flush=True)
+        if args.watch is None:
+            return 0
+        time.sleep(args.watch)
+        print()
 
 
 def cmd_token(args: argparse.Namespace, rest: list[str]) -> int:

@@ -44,6 +44,7 @@ from atoll.faults import FAULTS_ENV, SURVIVABLE_ACTIONS, Fault, parse_faults
 from atoll.mesh.auth import TOKEN_ENV, new_token, run_token
 from atoll.mesh.coordinator import Coordinator
 from atoll.mesh.membership import Rules
+from atoll.mesh.status import status_url
 from atoll.wan.namespaces import run_in_namespace
 from atoll.wan.network import EmulatedWan
 
@@ -266,6 +267,9 @@ def simulate(
         if wan is not None:
             wan.start()
         coordinator = _start_coordinator(islands, wan, mesh, run_dir / EVENTS_FILE, env[TOKEN_ENV])
+        key = None if coordinator.status_open else coordinator.status_key
+        print(f"atoll: status page {status_url(coordinator.host, coordinator.port, key)} while the run lasts "
+              f"(or `atoll status {coordinator.address}`)", flush=True)
         for i in range(islands):
             launch(i, f"island-{i}")
         failed = _wait_all(children, expendable, start_due, lambda: bool(pending))

@@ -84,6 +84,7 @@ from atoll.mesh.groups import global_groups
 from atoll.mesh.member import COMMIT, NOT_ADMITTED, RESYNC, MeshMember
 from atoll.mesh.membership import Epoch
 from atoll.mesh.rendezvous import EpochStore
+from atoll.mesh.status import island_numbers
 from atoll.validation import Decision, average_accepted, decision_fields
 
 if TYPE_CHECKING:
@@ -260,6 +261,12 @@ class IslandSync:
             record.update(compute_s=compute_s, sync_s=self._sync_s, utilization=compute_s / (compute_s + self._sync_s))
             self._phase_start, self._sync_s = time.perf_counter(), 0.0
         return record
+
+    def report_numbers(self, record: dict[str, Any]) -> None:
+        """Keep a metrics record's few numbers (loss, tokens/s, ...) for the coordinator's status
+        page: the next outer step's boundary barrier carries them (`atoll.mesh.status`)."""
+        if self.member is not None:
+            self.member.numbers = {**self.member.numbers, **island_numbers(record)}
 
     def drain_notes(self) -> list[str]:
         """Membership news since the last call, for the log."""

@@ -630,7 +630,7 @@ def _train_in(
                 record["checkpoint_blocked_s"], blocked = blocked, 0.0
             loss_value = float(all_reduce_mean(loss))
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-            log.log({
+            row = {
                 "step": state.step,
                 "loss": loss_value,
                 "lr": lr,
@@ -642,7 +642,9 @@ def _train_in(
                 **sync.log_fields(),
                 **loader.log_fields(),
                 **record,  # an outer step's own epoch and world size win over the current ones
-            })
+            }
+            log.log(row)
+            sync.report_numbers(row)
             window_start, window_tokens = time.perf_counter(), 0
     for done in checkpointer.close():
         log.info(describe_save(done))

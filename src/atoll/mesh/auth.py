@@ -53,6 +53,13 @@ Who can do what:
   Use the token only with parties you trust; encrypt links (WireGuard, a VPN) if the data on
   them is secret.
 
+Status (`atoll.mesh.status`): GET /status, /status.json and /metrics only read. On a loopback
+bind they are open; on any other address they need the **status key**, HMAC(token,
+"atoll-status-key"), a read-only key: it authenticates no request of the protocol and reveals
+nothing of the token (`atoll status` derives it from ATOLL_RUN_TOKEN; the coordinator prints
+it in its status address), unless the coordinator was told `--public-status`. GET /healthz is
+always open and says only whether the coordinator serves.
+
 An open run (no token anywhere) still MACs every message, under a key anyone can derive: it
 protects against mistakes (a message from another run), not against anyone. `atoll coordinator`
 refuses to listen on a non-loopback address without a token unless told `--insecure`.
@@ -62,6 +69,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -83,6 +91,20 @@ def new_token() -> str:
 def run_key(token: str | None, run_id: str) -> bytes:
     """The key every control message of run `run_id` is authenticated with."""
     return hmac.new((token or "").encode(), b"atoll-run-key" + run_id.encode(), hashlib.sha256).digest()
+
+
+def status_key(token: str | None) -> str:
+    """The read-only key of the status paths: derived from the token alone (so an operator's
+    `atoll status` computes it without asking anyone), useless for anything else."""
+    return hmac.new((token or "").encode(), b"atoll-status-key", hashlib.sha256).hexdigest()[:32]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address ("localhost" counts)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def epoch_key(key: bytes, number: int, members: tuple[str, ...], incarnations: tuple[str, ...]) -> bytes:

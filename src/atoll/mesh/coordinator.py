@@ -2,7 +2,8 @@
 
 It does no training and holds no weights. `atoll coordinator` runs one on any reachable host;
 `atoll simulate` runs one in a thread. Islands talk to it over the authenticated request/response
-protocol of `atoll.mesh.protocol` (an HTTP/1.1 service, one thread per connection, one port); the
+protocol of `atoll.mesh.protocol` (an HTTP/1.1 service, one thread per connection, one port, its
+paths in `atoll.mesh.endpoints`; operators read the run there too: `atoll.mesh.status`); the
 gloo rendezvous of each epoch's global groups goes through the same protocol
 (`atoll.mesh.rendezvous`): only the current epoch's members write and read it, bounded. The
 decision rules are the pure functions of `atoll.mesh.membership` (`first_epoch`, then `decide`),
@@ -33,26 +34,29 @@ Failure semantics:
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from atoll import __version__
-from atoll.mesh import protocol
-from atoll.mesh.auth import run_key, sign, verify
+from atoll.mesh import protocol, status
+from atoll.mesh.auth import is_loopback, run_key, status_key, verify
+from atoll.mesh.events import EventLog
 from atoll.mesh.journal import Journal, replay
 from atoll.mesh.membership import (
     Decision, IslandView, Registration, Rules, StepResult, decide, fingerprint_mismatch, first_epoch, without,
 )
-from atoll.mesh.service import BoundedHandler, BoundedServer
+from atoll.mesh.endpoints import CoordinatorServer
 
 TICK_S = 0.1
 MAX_WAIT_S = 30.0
 LOGGED_REFUSALS = 20
+RECENT_REFUSALS = 20
+"""Refusals the status page lists (the count covers them all)."""
 WRONG_TOKEN = "wrong run token: set the run's token in ATOLL_RUN_TOKEN (or mesh.token)"
 NO_DECISION = (0, 0)
 RENDEZVOUS_KEYS = 4096
@@ -77,29 +81,37 @@ class Coordinator:
         token: str | None = None,
         journal_path: Path | None = None,
         log: Callable[[str], None] = lambda line: None,
+        public_status: bool = False,
     ) -> None:
+        """`public_status`: the status paths (`atoll.mesh.status`) are open on any address, not
+        only on loopback."""
         if min_islands < 1:
             raise ValueError(f"min_islands must be at least 1, got {min_islands}")
         self.min_islands = min_islands
         self.rules = rules
-        self.events_path = events_path
+        self.events = EventLog(events_path)
         self.log = log
         self.host = host
         self.boot = secrets.token_hex(8)
+        self.started = time.time()
         self.refused = 0
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
+        self.status_key = status_key(token)
+        self.status_open = public_status or is_loopback(host)
         self._cond = threading.Condition()
         self._journal_path = journal_path
         self._restore(replay(journal_path), token)
         self.journal = Journal(journal_path)
         if self._fresh:
             self.journal.append({"kind": "run", "run_id": self.run_id, "local_ranks": None, "fingerprint": {}})
-        self.server = _Server((host, port), self)
+        self.server = CoordinatorServer((host, port), self)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def _restore(self, state, token: str | None) -> None:
         """Take up the journal's run, or start a new one."""
         self._fresh = state.run_id is None
+        self.resumed = not self._fresh
         self.run_id = state.run_id or secrets.token_hex(16)
         self.key = run_key(token, self.run_id)
         self.local_ranks = state.local_ranks
@@ -195,7 +207,7 @@ class Coordinator:
         """Authenticate, then parse, then answer one request (see `atoll.mesh.protocol`): (status,
         answer). Nothing of a request whose MAC does not verify is parsed."""
         if not verify(self.key, mac, body):
-            return self._refuse(f"a request from {source or 'somewhere'} with a MAC that does not verify (no or wrong token)")
+            return self.refuse(f"a request from {source or 'somewhere'} with a MAC that does not verify (no or wrong token)")
         request = protocol.parse_request(body)
         if request is None:
             return protocol.MALFORMED, {"error": "malformed request"}
@@ -205,18 +217,20 @@ class Coordinator:
         channel = (island, incarnation, request.channel)
         with self._cond:
             if request.seq <= self._last_seq.get(channel, 0):
-                return self._refuse(f"a replayed request ({request.op}, seq {request.seq}) for island {island!r}")
+                return self.refuse(f"a replayed request ({request.op}, seq {request.seq}) for island {island!r}")
             self._last_seq[channel] = request.seq
             view = self.views.get(island)
             if view is not None and view.registration.incarnation == incarnation:
-                view.heard_at = time.monotonic()
+                view.heard_at, view.address = time.monotonic(), source
             try:
                 return 200, getattr(self, f"_op_{request.op}")(island, incarnation, request.args, connection)
             except (KeyError, TypeError, ValueError, OverflowError) as err:
                 return protocol.MALFORMED, {"error": f"malformed {request.op} arguments: {str(err)[:200]}"}
 
-    def _refuse(self, what: str) -> tuple[int, dict[str, Any]]:
+    def refuse(self, what: str) -> tuple[int, dict[str, Any]]:
+        """Count (and, for the first ones, log) a refused request; the protocol's answer to it."""
         self.refused += 1
+        self.refusals.append({"time": time.time(), "what": what})
         if self.refused <= LOGGED_REFUSALS or self.refused % 100 == 0:
             self.log(f"coordinator: refused {what} ({self.refused} refused so far)")
         return protocol.REFUSED, {"error": "refused"}
@@ -336,6 +350,7 @@ class Coordinator:
             if self.epoch is not None and self.epoch.number > after and self.epoch.has(island, incarnation):
                 return {"epoch": self.epoch.to_dict()}
             if self.epoch is not None and island not in self.epoch.members and self.views[island].ready is None:
+                self.views[island].fetching = True
                 return {"fetch": {"step": self.committed, "sources": self._sources()}}
             return None
 
@@ -355,7 +370,7 @@ class Coordinator:
             return {}
         if 0 <= step < self.committed:
             return {"stale": self.committed}
-        self.views[island].ready = step
+        self.views[island].ready, self.views[island].fetching = step, False
         self.log(f"coordinator: island {island!r} is ready to enter" + (f" with the state of outer step {step}" if step >= 0 else " (it takes the state by broadcast)"))
         self._decide()
         return {}
@@ -373,6 +388,8 @@ class Coordinator:
         if epoch is None or not epoch.has(island, incarnation):
             return {"dissolved": True}
         arrived = self._barriers.setdefault((number, name), set())
+        if self._member(island, incarnation):
+            status.at_barrier(self.views[island], name, args.get("numbers"))
         if island not in arrived:
             if name.startswith("outer-"):
                 self._decide(at_boundary=True)  # a ready joiner enters here, before this step is averaged
@@ -512,7 +529,7 @@ class Coordinator:
         if decision.ended is not None:
             self.journal.append({"kind": "ended", "why": decision.ended})
             self.ended = decision.ended
-            self._log_event(self.epoch.number, [], [], decision.left, "ended")
+            self.events.append(self.epoch.number, [], [], decision.left, "ended")
             self.log(f"coordinator: the run has ended ({decision.ended})")
         if decision.outcome is not None:
             step, round_ = decision.step
@@ -531,7 +548,7 @@ class Coordinator:
                     if view.ready is not None and 0 <= view.ready < step:
                         view.ready = None  # its fetched state is a step old now: it fetches again
             if decision.outcome == "resync":
-                self._log_event(self.epoch.number, list(self.epoch.members), [], {}, "resync", digests=decision.digests, source=self.epoch.members[decision.source])
+                self.events.append(self.epoch.number, list(self.epoch.members), [], {}, "resync", digests=decision.digests, source=self.epoch.members[decision.source])
                 self.log(f"coordinator: outer step {step}: digests differ ({decision.digests}); every island takes "
                          f"{self.epoch.members[decision.source]!r}'s state")
             else:
@@ -555,54 +572,11 @@ class Coordinator:
         self.epochs[epoch.number] = epoch
         self.epoch = epoch
         self.decided = NO_DECISION
-        self._log_event(epoch.number, list(epoch.members), list(decision.joined), decision.left, epoch.reason)
+        self.events.append(epoch.number, list(epoch.members), list(decision.joined), decision.left, epoch.reason)
         self.log(f"coordinator: epoch {epoch.number}: {epoch.world} island(s) {list(epoch.members)} ({epoch.reason})"
                  + (f"; left: {decision.left}" if decision.left else ""))
 
-    def _log_event(self, number: int, members: list[str], joined: list[str], left: dict[str, str], reason: str, **extra: Any) -> None:
-        if self.events_path is None:
-            return
-        self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        event = {"time": time.time(), "epoch": number, "members": members, "joined": joined, "left": left, "reason": reason, **extra}
-        with self.events_path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
-
-
-class _Server(BoundedServer):
-    def __init__(self, address: tuple[str, int], coordinator: Coordinator) -> None:
-        self.coordinator = coordinator
-        super().__init__(address, _Handler)
-
-
-class _Handler(BoundedHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        finally:
-            self.server.coordinator.connection_closed(id(self))
-
-    def do_GET(self) -> None:
-        if self.path != protocol.HELLO_PATH:
-            self._send(404, {"error": "not found"})
-            return
-        self._send(200, self.server.coordinator.hello())
-
-    def do_POST(self) -> None:
-        if self.path != protocol.RPC_PATH:
-            self._send(404, {"error": "not found"})
-            self.close_connection = True
-            return
-        body = self.read_body(protocol.MAX_BODY_BYTES)
-        if body is None:
-            return
-        mac = self.headers.get(protocol.MAC_HEADER, "")
-        coordinator = self.server.coordinator
-        status, answer = coordinator.handle(body, mac, id(self), self.client_address[0])
-        if status != protocol.REFUSED:
-            self.trusted()
-        self._send(status, answer, sign(coordinator.key, mac, protocol.canonical(answer)) if status == 200 else "")
-
-    def _send(self, status: int, answer: dict[str, Any], mac: str = "") -> None:
-        self.send_bytes(status, protocol.canonical(answer), {"Content-Type": "application/json", **({protocol.MAC_HEADER: mac} if mac else {})})
+    def status(self) -> dict[str, Any]:
+        """The run as the status paths show it (`atoll.mesh.status.snapshot`), copied under the lock."""
+        with self._cond:
+            return status.snapshot(self)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +65,9 @@ class MeshMember:
     fetch: dict[str, Any] | None = None
     """While not admitted: the coordinator's word on where to fetch the run's state ({"step",
     "sources": [{"island", "host", "ports"}]})."""
+    numbers: dict[str, float] = field(default_factory=dict)
+    """The latest metrics record's few numbers (`atoll.mesh.status.island_numbers`), sent with
+    each outer step's boundary barrier for the coordinator's status page."""
 
     @property
     def index(self) -> int:
@@ -84,7 +87,8 @@ class MeshMember:
         """True when every member of the epoch reached barrier `name`; False if the epoch was
         dissolved first (a member died, hung or left). Unbounded while the peers are alive."""
         def ask() -> bool:
-            answer = self.client.wait("barrier", {"epoch": self.epoch.number, "name": name}, f"the other islands at {name}", self.log)
+            args = {"epoch": self.epoch.number, "name": name, **({"numbers": self.numbers} if name.startswith("outer-") else {})}
+            answer = self.client.wait("barrier", args, f"the other islands at {name}", self.log)
             return "passed" in answer
 
         return from_leader(self.island, ask)

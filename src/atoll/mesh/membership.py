@@ -146,6 +146,15 @@ class IslandView:
     ready: int | None = None
     """A joiner that holds the state of this outer step, fetched from the members (-1: it could
     not fetch and takes the state by broadcast on entering); None: not ready to enter."""
+    # What the status page shows (`atoll.mesh.status`); no decision reads these.
+    address: str = ""
+    """Where its requests last came from."""
+    numbers: dict = field(default_factory=dict)
+    """Its latest metrics record's few numbers (`atoll.mesh.status.island_numbers`), sent at outer-step barriers."""
+    outer_step: int = 0
+    """The outer step whose boundary barrier it last reached."""
+    fetching: bool = False
+    """A joiner told where to fetch the run's state, until it is ready."""
 
 
 @dataclass(frozen=True)

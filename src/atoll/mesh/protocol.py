@@ -4,6 +4,8 @@ The coordinator is a small HTTP/1.1 service (`atoll.mesh.coordinator`). Everythi
 nothing is unpickled. Two endpoints:
 
     GET  /hello   public facts: {"run_id", "boot", "version"}; no authentication, no state
+    GET  /status, /status.json, /metrics, /healthz
+                  read-only views of the run for operators (`atoll.mesh.status`)
     POST /rpc     one authenticated request: the body is a JSON object
                   {"op", "island", "incarnation", "channel", "boot", "seq", "args"} and the header
                   X-Atoll-Mac holds its MAC under the run key (see `atoll.mesh.auth`); the answer
@@ -45,7 +47,10 @@ yet no request outlives a restart of either side by long).
                                                     state of outer step `step` (-1: it takes it
                                                     by broadcast on entering); it is admitted at
                                                     the next boundary barrier
-    barrier     {epoch, name, wait_s}            -> {"passed"} | {"dissolved"} | {}
+    barrier     {epoch, name, wait_s, numbers}   -> {"passed"} | {"dissolved"} | {}; at an outer step's
+                                                    boundary ("outer-S") numbers holds the island's
+                                                    latest metrics for the status page (loss, ...:
+                                                    `atoll.mesh.status.island_numbers`, the rest dropped)
     report      {epoch, what, blamed, abandoned} -> {}  (a global collective of epoch failed; blamed:
                                                     the peer the error names; abandoned: the
                                                     rings were left because the epoch ended)
