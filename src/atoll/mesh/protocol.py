@@ -1,7 +1,7 @@
 """The request/response protocol between islands and the coordinator.
 
 The coordinator is a small HTTP/1.1 service (`atoll.mesh.coordinator`). Everything is JSON;
-nothing is unpickled. Two endpoints:
+nothing is unpickled. Its endpoints:
 
     GET  /hello   public facts: {"run_id", "boot", "version"}; no authentication, no state
     GET  /status, /status.json, /metrics, /healthz

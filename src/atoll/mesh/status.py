@@ -191,9 +191,9 @@ def headline(snap: dict[str, Any]) -> str:
 
 def event_line(event: dict[str, Any]) -> str:
     """One membership event as a sentence."""
-    parts = [f"epoch {event.get('epoch')}: {event.get('reason')}"]
-    if event.get("joined"):
-        parts.append("joined " + ", ".join(map(str, event["joined"])))
+    parts = [f"epoch {event.get('epoch')} ({event.get('reason')})"]
+    if event.get("joined") and event.get("reason") != "start":
+        parts.append(", ".join(map(str, event["joined"])) + " joined")
     for island, why in (event.get("left") or {}).items():
         parts.append(f"{island} left: {why}")
     if event.get("members") is not None and event.get("reason") != "ended":
