@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from atoll.atomic import FILE_MODE, PRIVATE_MODE, atomic_write
 from atoll.errors import UserError
+from atoll.mesh.addresses import parse_port_range
 
 try:
     import tomllib
@@ -227,6 +228,7 @@ class MeshConfig(Section):
         "coordinator", "island_id", "connect_timeout_s", "coordinator_retry_s", "join_timeout_s", "collective_timeout_s",
         "heartbeat_interval_s", "heartbeat_timeout_s", "report_grace_s", "evict_after", "enter_attempts",
         "max_skipped_in_a_row", "token", "serve_host", "transfer_chunk_mb", "transfer_attempts",
+        "interface", "advertise_host", "port_range", "advertise_port_range",
     })
     coordinator: str | None = None
     """host:port of the run's coordinator; None trains this island alone (set by --coordinator)."""
@@ -274,14 +276,52 @@ class MeshConfig(Section):
     """Attempts at averaging one outer step (each among the survivors of the last); when all fail,
     every island skips the outer step identically (metrics say skipped) and training goes on."""
     serve_host: str | None = None
-    """Address this island's state servers listen on, and joiners reach them at (see
-    atoll.comm.transfer); None: this host's address on the route to the coordinator."""
+    """Address this island's state servers bind (see atoll.comm.transfer); 0.0.0.0 binds every
+    address (then set advertise_host). None: the address of mesh.interface, else this host's
+    address on the route to the coordinator. gloo's rings bind it too when neither mesh.interface
+    nor GLOO_SOCKET_IFNAME is set (see atoll.mesh.addresses)."""
+    interface: str | None = None
+    """Network interface whose address this island listens on, e.g. an overlay's wg0 (WireGuard)
+    or tailscale0: gloo's rings bind it (instead of GLOO_SOCKET_IFNAME) and the state servers its
+    IPv4 address (unless serve_host is set), which is also what the island announces."""
+    advertise_host: str | None = None
+    """Address peers dial to reach this island's state servers, when it differs from the one they
+    bind: a NAT's public address whose router forwards mesh.advertise_port_range (or the same
+    ports) to serve_host's mesh.port_range. None: the bound address. gloo's rings cannot use it:
+    torch's gloo announces the address it binds (see README, Runs across the internet)."""
+    port_range: str | list[int] | None = None
+    """Ports this island's state servers bind, "LOW-HIGH" or [LOW, HIGH]: each local rank takes
+    the first free one, so give at least as many as local ranks. None: any free port. gloo's ring
+    ports cannot be fixed: the kernel picks them from net.ipv4.ip_local_port_range."""
+    advertise_port_range: str | list[int] | None = None
+    """Ports peers dial, when a router forwards other ports than it receives: the n-th port of this
+    range reaches the n-th of mesh.port_range (same length). None: the bound ports."""
     transfer_chunk_mb: float = Field(default=2.0, gt=0)
     """Size of a state transfer's chunks (each checked against its sha256; a dead source costs one
     chunk). Small enough that the streams of a transfer end together (the last chunks in flight are
     the tail the link idles through) and an outer step waits at most one chunk's hash."""
     transfer_attempts: int = Field(default=3, ge=1)
     """Fetches a joiner tries before it takes the run's state by broadcast on entering (stalling the members)."""
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range(cls, value: str | list[int] | None) -> str | None:
+        """Checked and written as "LOW-HIGH" (what the config file records)."""
+        return None if value is None else str(parse_port_range(value))
+
+    @field_validator("advertise_port_range")
+    @classmethod
+    def _advertise_port_range(cls, value: str | list[int] | None, info: ValidationInfo) -> str | None:
+        """Checked against port_range (validated before it): as many ports, the n-th forwarded to the n-th."""
+        if value is None:
+            return None
+        advertised = parse_port_range(value)
+        if info.data.get("port_range") is None:
+            raise ValueError("needs mesh.port_range, the ports it forwards to")
+        bound = parse_port_range(info.data["port_range"])
+        if len(bound) != len(advertised):
+            raise ValueError(f"{len(advertised)} ports for the {len(bound)} of mesh.port_range {bound}: give as many, the n-th forwarded to the n-th")
+        return str(advertised)
 
 
 class DilocoConfig(Section):
@@ -462,7 +502,7 @@ def _describe(err: ValidationError, path: str | Path | None, overrides: dict[str
     if not key:
         origin = " + ".join([str(path) if path else "defaults", *(f"--{k}" for k in overrides)])
         return f"invalid config (from {origin}): {first['msg'].removeprefix('Value error, ')}"
-    return f"config key {key!r} (in {origin}): {first['msg']}, got {first['input']!r}"
+    return f"config key {key!r} (in {origin}): {first['msg'].removeprefix('Value error, ')}, got {first['input']!r}"
 
 
 def dump_config(cfg: JobConfig, path: Path) -> None:

@@ -80,7 +80,7 @@ from atoll.diloco import DiLoCo, average_gradients
 from atoll.errors import ExpectedFailure
 from atoll.faults import FaultInjector
 from atoll.island import Island, all_ranks_ok, broadcast_ints
-from atoll.mesh.groups import global_groups
+from atoll.mesh.groups import gloo_device, global_groups
 from atoll.mesh.member import COMMIT, NOT_ADMITTED, RESYNC, MeshMember
 from atoll.mesh.membership import Epoch
 from atoll.mesh.rendezvous import EpochStore
@@ -381,7 +381,10 @@ class IslandSync:
             try:
                 timeout = self.cfg.mesh.collective_timeout_s
                 rendezvous = lambda prefix: EpochStore(self.member.client, epoch.number, prefix, timedelta(seconds=timeout))  # noqa: E731
-                groups = global_groups(rendezvous, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout))
+                groups = global_groups(
+                    rendezvous, epoch, self.member.island_id, self.island.rank, self.cfg.comm.streams, timedelta(seconds=timeout),
+                    lambda: gloo_device(self.cfg.mesh),
+                )
                 self.mean = GlobalMean(
                     groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire,
                     abandoned=lambda number=epoch.number: self.member.dissolved(number), key=self.member.epoch_key(),

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.atomic import atomic_write
-from atoll.comm.transfer import ServedState, StateServer, route_address
+from atoll.comm.transfer import ServedState, StateServer
 from atoll.checkpoint import Checkpointer, ModelOptimizerState, RunDirLock, SaveReport, check_fresh_run_dir
 from atoll.config import JobConfig, dump_config
 from atoll.data import BatchSource, TrainingData, iter_eval_batches, load_training_data, weighted_mean
@@ -45,7 +45,7 @@ from atoll.island import (
 )
 from atoll.fingerprint import config_changes, flat_config, job_fingerprint
 from atoll.launch import default_run_dir, exit_with_launcher, generated_island_id
-from atoll.mesh.client import parse_address
+from atoll.mesh.addresses import listening
 from atoll.mesh.member import MeshMember, join_mesh, preflight
 from atoll.metrics import MetricsLog, abandon_metrics_after, detect_peak_flops, flops_per_token
 from atoll.model import Llama, ModelArgs, count_params, get_size
@@ -133,7 +133,7 @@ def checkpoint_facts(sync: IslandSync, outer_digest: str | None) -> dict[str, An
     }
 
 
-ADDRESS_KEYS = ("coordinator", "token", "serve_host")
+ADDRESS_KEYS = ("coordinator", "token", "serve_host", "interface", "advertise_host", "port_range", "advertise_port_range")
 """mesh.* settings that say where the run is reached, not what it trains: a restarted coordinator may listen elsewhere."""
 
 
@@ -439,12 +439,15 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
 
 def serve_state(cfg: JobConfig, island: Island) -> StateServer | None:
     """This local rank's server of the run's state to joiners (a DiLoCo island in a mesh), listening
-    on mesh.serve_host or this host's address on the route to the coordinator; None otherwise."""
-    if not cfg.mesh.coordinator or cfg.mesh.mode != "diloco":
+    where mesh.serve_host / interface / port_range say and reached at mesh.advertise_host
+    (`atoll.mesh.addresses`); None otherwise."""
+    if not cfg.mesh.coordinator:
         return None
-    host = cfg.mesh.serve_host or route_address(*parse_address(cfg.mesh.coordinator))
+    where = listening(cfg.mesh)  # resolved now in ddp too: a wrong interface or an unroutable coordinator is said at start
+    if cfg.mesh.mode != "diloco":
+        return None
     faults = FaultInjector(island.is_leader)  # fires only the `serve` point
-    return StateServer(host, ServedState(int(cfg.mesh.transfer_chunk_mb * 1e6)), lambda n: faults.at("serve", n))
+    return StateServer(where, ServedState(int(cfg.mesh.transfer_chunk_mb * 1e6)), lambda n: faults.at("serve", n))
 
 
 def _train(cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle) -> TrainResult:
@@ -487,10 +490,10 @@ def _train_in(
     member = None
     if cfg.mesh.coordinator:  # registers only now: a joiner never makes the run wait for its model to build
         fingerprint = job_fingerprint(cfg, args, data.tokenizer, seq_len)
-        ports = gather_ints(server.port if server is not None else 0, island)
+        ports = gather_ints(server.advertised[1] if server is not None else 0, island)
         member = join_mesh(
             cfg.mesh, ident, island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None,
-            ports if server is not None else None, server.host if server is not None else "",
+            ports if server is not None else None, server.advertised[0] if server is not None else "",
         )
         deathrattle.member = member
         if server is not None:

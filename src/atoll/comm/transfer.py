@@ -1,10 +1,11 @@
 """Peer-served state transfer: a joiner fetches the run's outer state from live islands while they train.
 
-Every local rank of every member island runs a `StateServer`: a small HTTP/1.1 service on an
-ephemeral port of `mesh.serve_host` (by default this host's address on the route to the
-coordinator), advertised to the coordinator at registration. It serves the rank's `ServedState`:
-the outer weights and outer momentum of the last outer step it applied, as flat fp32 buffers,
-plus the progress (inner step, sample cursor) of that step. No copy is taken: the outer state
+Every local rank of every member island runs a `StateServer`: a small HTTP/1.1 service on
+`mesh.serve_host` (by default this host's address on the route to the coordinator) and a port of
+`mesh.port_range` (by default any free one), announced to the coordinator at registration as
+`mesh.advertise_host` and port (a NAT's, by default the bound ones: `atoll.mesh.addresses`). It
+serves the rank's `ServedState`: the outer weights and outer momentum of the last outer step it
+applied, as flat fp32 buffers, plus the progress (inner step, sample cursor) of that step. No copy is taken: the outer state
 only changes at an outer step, and `ServedState.changing()` withdraws it while it does, so a
 request for an older version is answered 410 and the joiner starts over on the new one.
 
@@ -49,7 +50,6 @@ import itertools
 import json
 import queue
 import secrets
-import socket
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -60,7 +60,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
-from atoll.errors import UserError
+from atoll.mesh.addresses import Listening, bind_in_range
 from atoll.mesh.auth import sign, verify
 from atoll.mesh.service import BoundedHandler, BoundedServer
 
@@ -217,13 +217,17 @@ class ServedState:
 class StateServer:
     """Serves one local rank's `ServedState` to token holders (see the module docstring).
 
-    Listens on exactly (host, port 0 = any free port) from construction; refuses everything until
-    `key` is set (the run key is known once the island has said hello to the coordinator).
-    `on_chunk(n)` is called as the n-th chunk is about to be sent (fault injection's `serve` point).
+    Listens from construction on `listening.host`, on the first free port of `listening.ports`
+    (any free port when None; every port taken is a UserError), and is reached by peers at
+    `advertised` (`atoll.mesh.addresses`: a NAT in front of it may forward another address and
+    port to it). Refuses everything until `key` is set (the run key is known once the island has
+    said hello to the coordinator). `on_chunk(n)` is called as the n-th chunk is about to be sent
+    (fault injection's `serve` point).
     """
 
-    def __init__(self, host: str, state: ServedState, on_chunk: Callable[[int], None] = lambda n: None) -> None:
-        self.host = host
+    def __init__(self, listening: Listening | str, state: ServedState, on_chunk: Callable[[int], None] = lambda n: None) -> None:
+        self.listening = Listening(listening, None, listening, None) if isinstance(listening, str) else listening
+        self.host = self.listening.host
         self.state = state
         self.key: bytes | None = None
         self.on_chunk = on_chunk
@@ -231,13 +235,19 @@ class StateServer:
         self.refused = 0
         self._nonces: OrderedDict[str, None] = OrderedDict()
         self._nonce_lock = threading.Lock()
-        self._http = _Server((host, 0), self)
+        self._http = bind_in_range(lambda port: _Server((self.host, port), self), self.listening.ports)
         self._thread = threading.Thread(target=self._http.serve_forever, name="atoll-state-server", daemon=True)
         self._thread.start()
 
     @property
     def port(self) -> int:
+        """The port it listens on."""
         return self._http.server_address[1]
+
+    @property
+    def advertised(self) -> tuple[str, int]:
+        """(host, port) peers dial to reach it: what the island announces to the coordinator."""
+        return self.listening.advertise_host, self.listening.advertised_port(self.port)
 
     def authentic(self, path: str, island: str, mac: str) -> bool:
         """A request target MACed under the run key (checked before the target is parsed)."""
@@ -619,19 +629,3 @@ def _read_into(response: http.client.HTTPResponse, target: memoryview) -> int:
             break
         got += n
     return got
-
-
-def route_address(host: str, port: int) -> str:
-    """This host's address on the route to (host, port): what peers that reach `host` can reach
-    (no packet is sent: a UDP socket's connect only picks the route). A host that does not
-    resolve, or has no route, is a UserError naming it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((host, port))
-        except OSError as err:
-            raise UserError(
-                f"the coordinator address {host}:{port}: {err.strerror or err}; fix --coordinator (mesh.coordinator) to a "
-                "host name or address this machine can reach, or set mesh.serve_host"
-            ) from None
-        return probe.getsockname()[0]

@@ -34,6 +34,7 @@ import sys
 from dataclasses import dataclass
 
 from atoll.errors import UserError
+from atoll.mesh.addresses import GLOO_SOCKET_IFNAME_ENV
 from atoll.wan import namespaces
 from atoll.wan.delay_line import Link, command
 
@@ -47,7 +48,6 @@ MTU_AT_RATE_S = 0.001
 BURST_MTUS = 2
 MIN_QUEUE_S = 0.005
 STOP_TIMEOUT_S = 5
-GLOO_SOCKET_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
 COORDINATOR_ROLE = "coordinator"
 
 _runs = itertools.count()
