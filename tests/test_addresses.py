@@ -82,9 +82,11 @@ def test_listeners_bind_serve_host_else_the_interface_else_the_route_to_the_coor
     assert listening(MeshConfig(coordinator=COORDINATOR, serve_host="0.0.0.0", advertise_host="203.0.113.7")).host == "0.0.0.0"
 
 
-def test_binding_every_address_without_an_announced_one_is_a_user_error():
-    with pytest.raises(UserError, match="mesh.serve_host 0.0.0.0 listens on every address, none of which peers can dial: set mesh.advertise_host"):
+def test_binding_or_announcing_every_address_is_a_user_error_naming_the_key():
+    with pytest.raises(UserError, match="mesh.serve_host 0.0.0.0 means every address, none of which peers can dial: set mesh.advertise_host"):
         listening(MeshConfig(coordinator=COORDINATOR, serve_host="0.0.0.0"))
+    with pytest.raises(UserError, match="mesh.advertise_host :: means every address"):
+        listening(MeshConfig(coordinator=COORDINATOR, advertise_host="::"))
 
 
 def test_an_unknown_interface_is_a_user_error_listing_the_machines_interfaces():

@@ -111,9 +111,10 @@ def listening(mesh: MeshConfig) -> Listening:
     host = mesh.serve_host or (interface_address(mesh.interface) if mesh.interface else coordinator_route(mesh))
     announced = mesh.advertise_host or host
     if is_wildcard(announced):
+        key = "mesh.advertise_host" if mesh.advertise_host else "mesh.serve_host"
         raise UserError(
-            f"mesh.serve_host {host} listens on every address, none of which peers can dial: set mesh.advertise_host "
-            "to the address they reach this island at"
+            f"{key} {announced} means every address, none of which peers can dial: set mesh.advertise_host to the "
+            "address they reach this island at"
         )
     ports = parse_port_range(mesh.port_range) if mesh.port_range else None
     advertised = parse_port_range(mesh.advertise_port_range) if mesh.advertise_port_range else None
@@ -165,9 +166,9 @@ def interface_address(name: str) -> str:
     return socket.inet_ntoa(answer[20:24])
 
 
-def bind_in_range(bind: Callable[[int], T], ports: PortRange | None, key: str = "mesh.port_range") -> T:
+def bind_in_range(bind: Callable[[int], T], ports: PortRange | None) -> T:
     """`bind(port)` on the first port of `ports` that is free (port 0, any free port, when None).
-    Only 'address in use' moves on to the next port; every port taken is a UserError naming `key`."""
+    Only 'address in use' moves on to the next port; every port taken is a UserError naming mesh.port_range."""
     if ports is None:
         return bind(0)
     for port in range(ports.first, ports.last + 1):
@@ -176,4 +177,4 @@ def bind_in_range(bind: Callable[[int], T], ports: PortRange | None, key: str = 
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
                 raise
-    raise UserError(f"{key} {ports}: every port is in use on this machine; widen the range (each local rank's state server takes one)")
+    raise UserError(f"mesh.port_range {ports}: every port is in use on this machine; widen the range (each local rank's state server takes one)")
