@@ -6,7 +6,9 @@ and each part goes through atoll's pipelined ring (`comm/ring.py`) in the config
 rings run at the same time in threads, so one process can keep K connections busy. `mean_buckets_`
 averages many slices (DiLoCo's per-layer buckets) with one thread per stream for all of them,
 each bucket's ring starting as the previous one drains.
-Bytes are counted as the ring puts them on the wire (encoded sizes).
+Bytes are counted as the ring puts them on the wire (encoded sizes). With a `dropped` buffer the
+rings also write what this island's encodings lost at each position (`comm/ring.py`), for error
+feedback (`atoll.diloco`).
 
 Failure semantics: a dead peer (closed socket) makes the rings raise `RingError` at once, a silent
 one after `deadline_s` without progress; `mean_` raises only after every stream's ring has
@@ -131,8 +133,11 @@ class GlobalMean:
         """
         self.mean_buckets_(tensor, [slice(0, tensor.numel())])
 
-    def mean_buckets_(self, tensor: torch.Tensor, buckets: list[slice]) -> None:
+    def mean_buckets_(self, tensor: torch.Tensor, buckets: list[slice], dropped: torch.Tensor | None = None) -> None:
         """mean_ of each slice of a contiguous 1-D CPU fp32 tensor, one ring after another.
+
+        With `dropped` (like `tensor`), each bucket's positions of it are overwritten with what this
+        island's encodings lost there (`ring_all_reduce_mean_`); on failure they are undefined.
 
         The same results, ring tags and failure semantics as one mean_ per bucket, without the
         per-bucket overhead: one thread per stream runs all buckets, each bucket's ring putting
@@ -141,42 +146,51 @@ class GlobalMean:
         next bucket. With an `abandoned` check, one poll loop covers all buckets and the rings
         run on two work buffers per stream the size of the largest bucket's part (the draining
         ring's and the starting one's), copied back bucket by bucket while this call still waits
-        (never after it has given up), so no copy of the whole tensor is made.
+        (never after it has given up), so no copy of the whole tensor is made (`dropped` likewise).
         """
         first = self.calls
         self.calls += len(buckets)
         if self.abandoned is None:
-            moved = self._streams(tensor, buckets, first, threading.Event(), None)
+            moved = self._streams(tensor, dropped, buckets, first, threading.Event(), None)
         else:
-            moved = self._streams_abandonable(tensor, buckets, first)
+            moved = self._streams_abandonable(tensor, dropped, buckets, first)
         for sent, recv in moved:
             self.wire.add(sent, recv)
 
     def _streams(
-        self, tensor: torch.Tensor, buckets: list[slice], first: int, stop: threading.Event,
-        deliver: Callable[[torch.Tensor, torch.Tensor], None] | None,
+        self, tensor: torch.Tensor, dropped: torch.Tensor | None, buckets: list[slice], first: int, stop: threading.Event,
+        deliver: Callable[[list[torch.Tensor], list[torch.Tensor]], None] | None,
     ) -> list[tuple[int, int]]:
-        """Stream k averages part k of every bucket on group k, in place or (deliver given) on a work buffer."""
+        """Stream k averages part k of every bucket on group k, in place or (deliver given: it gets
+        the parts and their work buffers, the tensor's and then `dropped`'s) on work buffers."""
         streams = len(self.groups)
 
         def stream(k: int) -> tuple[int, int]:
             parts = [tensor[bucket].tensor_split(streams)[k] for bucket in buckets]
-            # two work buffers: bucket i+1's ring starts while bucket i's drains
+            lost_parts = [dropped[bucket].tensor_split(streams)[k] for bucket in buckets] if dropped is not None else None
+            # two work buffers (and two for `dropped`): bucket i+1's ring starts while bucket i's drains
             longest = max((p.numel() for p in parts), default=0)
-            works = [torch.empty(longest), torch.empty(longest)] if deliver is not None else None
+            works = [torch.empty(longest) for _ in range(2 if lost_parts is None else 4)] if deliver is not None else None
 
             def target(i: int) -> torch.Tensor:
                 if stop.is_set():  # another stream failed or the caller left: its error is what counts
                     raise RingError("ring stopped: another stream of this all-reduce failed or it was abandoned")
                 return parts[i] if works is None else works[i % 2][: parts[i].numel()].copy_(parts[i])
 
+            def lost(i: int) -> torch.Tensor:
+                return lost_parts[i] if works is None else works[2 + i % 2][: parts[i].numel()]
+
             def done(i: int, averaged: torch.Tensor) -> None:
                 if deliver is not None:
-                    deliver(parts[i], averaged)
+                    if lost_parts is None:
+                        deliver([parts[i]], [averaged])
+                    else:
+                        deliver([parts[i], lost_parts[i]], [averaged, lost(i)])
 
             try:
                 return ring_all_reduce_means_(
                     target, len(parts), self.groups[k], self.codec, self.deadline_s, self.chunk_bytes, first, self.key, done,
+                    None if lost_parts is None else lost,
                 )
             except BaseException:
                 stop.set()
@@ -193,19 +207,22 @@ class GlobalMean:
             raise error
         return [future.result() for future in futures]
 
-    def _streams_abandonable(self, tensor: torch.Tensor, buckets: list[slice], first: int) -> list[tuple[int, int]]:
+    def _streams_abandonable(
+        self, tensor: torch.Tensor, dropped: torch.Tensor | None, buckets: list[slice], first: int,
+    ) -> list[tuple[int, int]]:
         """_streams on work buffers in a daemon thread, given up as soon as `abandoned()` says so."""
         stop = threading.Event()
         delivering = threading.Lock()
 
-        def deliver(part: torch.Tensor, work: torch.Tensor) -> None:
+        def deliver(parts: list[torch.Tensor], works: list[torch.Tensor]) -> None:
             with delivering:
                 if stop.is_set():
                     raise RingError("ring abandoned: its result is no longer wanted")
-                part.copy_(work)
+                for part, work in zip(parts, works):
+                    part.copy_(work)
 
         def run() -> list[tuple[int, int]]:
-            return self._streams(tensor, buckets, first, stop, deliver)
+            return self._streams(tensor, dropped, buckets, first, stop, deliver)
 
         def give_up() -> None:
             with delivering:  # after this, the left thread never writes into `tensor`

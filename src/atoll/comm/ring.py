@@ -36,6 +36,15 @@ of each received chunk before it is decoded, which overlaps the next chunk's tra
 on the 100 Mbit/s emulated WAN (MAC / no MAC 0.95-1.08); about 2x on loopback, where the ring is
 CPU-bound and HMAC-SHA256 (~150-300 MB/s here) runs over every byte at its sender and receiver.
 
+What the codec dropped (for error feedback, `atoll.diloco`): every island encodes every position
+of the tensor exactly once per call, either as a reduce-scatter hop (its own values at step 0, a
+partial sum later) or as the owner of the averaged segment. With a `dropped` tensor, the ring
+writes there, position by position, what that one encoding lost, in units of the sum over islands:
+x - decode(encode(x)) for a hop, world x (x - decode(encode(x))) for the owner's encoding of the
+mean x. The islands' `dropped` tensors then add up to world x (exact mean - result), up to fp32
+rounding, so an island that adds its share back into its next contribution gives back all the
+codec lost. It costs one decode and one subtraction per encoded chunk (the owner decodes anyway).
+
 Failure semantics: `deadline_s` bounds every single wait for a transfer (a progress deadline, not
 one for the whole call, which may take longer while data keeps flowing). A dead peer (closed
 socket) makes the ring raise `RingError` at once; a silent one after `deadline_s`. gloo then
@@ -80,17 +89,22 @@ def ring_all_reduce_mean_(
     chunk_bytes: int,
     sequence: int = 0,
     key: bytes | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Replace a contiguous 1-D CPU fp32 tensor by its mean over `group`, in place.
 
     Every member must call with the same numel, codec, chunk_bytes and `sequence` (the index of
     this call on this group; it picks the tags), and the same `key` (None: payloads carry no
-    MAC). Returns (bytes sent, bytes received): encoded
+    MAC). With `dropped` (a tensor like `tensor`), every position of it is overwritten with
+    what this member's encoding of that position lost (see the module doc; zeros at world 1).
+    Returns (bytes sent, bytes received): encoded
     payload bytes this member put on and took off the wire. World 1 is a no-op returning (0, 0).
     Raises RingError on a dead peer at once and on a silent one after `deadline_s` without
     progress, or on a payload whose MAC does not verify; `tensor` is then undefined.
     """
-    return ring_all_reduce_means_(lambda _: tensor, 1, group, codec, deadline_s, chunk_bytes, sequence, key)
+    return ring_all_reduce_means_(
+        lambda _: tensor, 1, group, codec, deadline_s, chunk_bytes, sequence, key, dropped=None if dropped is None else lambda _: dropped,
+    )
 
 
 def ring_all_reduce_means_(
@@ -103,6 +117,7 @@ def ring_all_reduce_means_(
     first_sequence: int = 0,
     key: bytes | None = None,
     done: Callable[[int, torch.Tensor], None] = lambda index, tensor: None,
+    dropped: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[int, int]:
     """`ring_all_reduce_mean_` of `count` tensors in turn, call sequences `first_sequence + i`,
     pipelined across them: ring i+1 puts its first step on the wire as ring i begins its second
@@ -112,7 +127,8 @@ def ring_all_reduce_means_(
 
     `tensors(i)` gives the i-th tensor, asked for just before its ring starts (while ring i-1
     still runs: it must not share memory with it); `done(i, tensor)` runs once ring i has
-    finished. Either may raise to stop (the error propagates). Returns the total (bytes sent,
+    finished. Either may raise to stop (the error propagates). `dropped(i)`, if given, is ring i's
+    `dropped` tensor (asked for with `tensors(i)`; `done` runs once both are written). Returns the total (bytes sent,
     bytes received). Failures as in `ring_all_reduce_mean_`; the tensors of the rings running
     when it fails (at most two) are then undefined.
     """
@@ -120,19 +136,25 @@ def ring_all_reduce_means_(
         raise ValueError(f"chunk_bytes must hold at least one fp32 value, got {chunk_bytes}")
     deadline = timedelta(seconds=deadline_s)
 
-    def checked(index: int) -> torch.Tensor:
+    def checked(index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         tensor = tensors(index)
         if tensor.dtype != torch.float32 or tensor.dim() != 1 or not tensor.is_contiguous() or tensor.is_cuda:
             raise ValueError(f"the ring averages contiguous 1-D CPU fp32 tensors, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
-        return tensor
+        lost = dropped(index) if dropped is not None else None
+        if lost is not None and (lost.dtype != torch.float32 or lost.shape != tensor.shape or not lost.is_contiguous() or lost.is_cuda):
+            raise ValueError(f"the ring's dropped tensor must be contiguous CPU fp32 of shape {tuple(tensor.shape)}, got {lost.dtype} {tuple(lost.shape)}")
+        return tensor, lost
 
-    if group.size() == 1:  # the mean of one is itself
+    if group.size() == 1:  # the mean of one is itself, and nothing was encoded
         for index in range(count):
-            done(index, checked(index))
+            tensor, lost = checked(index)
+            if lost is not None:
+                lost.zero_()
+            done(index, tensor)
         return 0, 0
 
     def started(index: int) -> _Ring:
-        ring = _Ring(checked(index), group, codec, deadline, chunk_bytes, first_sequence + index, key)
+        ring = _Ring(*checked(index), group, codec, deadline, chunk_bytes, first_sequence + index, key)
         ring.start()
         return ring
 
@@ -165,8 +187,8 @@ class _Ring:
     """One call's schedule and in-flight transfers."""
 
     def __init__(
-        self, tensor: torch.Tensor, group: dist.ProcessGroup, codec: Codec, deadline: timedelta, chunk_bytes: int, sequence: int,
-        key: bytes | None,
+        self, tensor: torch.Tensor, dropped: torch.Tensor | None, group: dist.ProcessGroup, codec: Codec, deadline: timedelta,
+        chunk_bytes: int, sequence: int, key: bytes | None,
     ) -> None:
         self.tensor, self.group, self.codec, self.deadline, self.key = tensor, group, codec, deadline, key
         self.world, self.rank = group.size(), group.rank()
@@ -174,6 +196,8 @@ class _Ring:
         segments = tensor.tensor_split(self.world)
         self.num_chunks = max(1, -(-segments[0].numel() // (chunk_bytes // FP32_BYTES)))  # segment 0 is the longest
         self.chunks = [segment.tensor_split(self.num_chunks) for segment in segments]
+        self.dropped = None if dropped is None else [s.tensor_split(self.num_chunks) for s in dropped.tensor_split(self.world)]
+        """What this member's encodings lost, chunk by chunk like `chunks` (see the module doc)."""
         self.steps = 2 * (self.world - 1)
         if self.steps * self.num_chunks > MAC_MESSAGE:
             raise ValueError(f"{self.steps * self.num_chunks} ring messages exceed {MAC_MESSAGE}: raise chunk_bytes")
@@ -275,7 +299,7 @@ class _Ring:
             self.post_recv(0, c)
             values = self.chunks[self.send_segment(0)][c]
             if values.numel():
-                self.post_send(0, c, self.codec.encode(values))
+                self.post_send(0, c, self.encoded(values, self.send_segment(0), c))
 
     def finish(self, start_next: Callable[[], None]) -> tuple[int, int]:
         """Run every step to the end (after `start`); `start_next()` runs as the second step
@@ -283,16 +307,16 @@ class _Ring:
         for step in range(self.steps):
             if step == min(1, self.steps - 1):
                 start_next()
-            segment = self.chunks[self.recv_segment(step)]
+            segment = self.recv_segment(step)
             for c in range(self.num_chunks):
-                values = segment[c]
+                values = self.chunks[segment][c]
                 if values.numel():  # empty chunks (numel < world x chunks) are skipped by both ends
                     received = self.receiving.pop(c)
                     for work in (received.work, received.mac_work):
                         if work is not None:
                             self.wait(work, f"receive of step {step} chunk {c} from rank {self.left}")
                     self.received += received.nbytes
-                    payload = self.combine(step, values, self.verified(step, c, received))
+                    payload = self.combine(step, values, self.verified(step, c, received), segment, c)
                     if step + 1 < self.steps:
                         # an all-gather hop forwards the owner's bytes with the owner's tag
                         self.post_send(step + 1, c, payload, received.mac_buffer if step > self.world - 2 else None)
@@ -304,8 +328,17 @@ class _Ring:
             self.wait_sends(c, self.steps)
         return self.sent, self.received
 
-    def combine(self, step: int, values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        """Fold a received chunk into `values`; return what to send at the next step."""
+    def encoded(self, values: torch.Tensor, segment: int, chunk: int) -> torch.Tensor:
+        """The payload of a reduce-scatter hop's `values`, noting in `dropped` what it loses."""
+        payload = self.codec.encode(values)
+        if self.dropped is not None:
+            lost = self.dropped[segment][chunk]
+            self.codec.decode_into(payload, lost)
+            torch.sub(values, lost, out=lost)
+        return payload
+
+    def combine(self, step: int, values: torch.Tensor, buffer: torch.Tensor, segment: int, chunk: int) -> torch.Tensor:
+        """Fold a received chunk of `segment` into `values`; return what to send at the next step."""
         if step > self.world - 2:  # all-gather: keep the owner's values, forward its bytes
             self.codec.decode_into(buffer, values)
             return buffer
@@ -313,8 +346,13 @@ class _Ring:
         self.codec.decode_into(buffer, received)
         values.add_(received)
         if step < self.world - 2:
-            return self.codec.encode(values)
+            return self.encoded(values, segment, chunk)
         values.div_(self.world)  # this member now owns the segment's sum: the one and only division
         owned = self.codec.encode(values)
+        lost = self.dropped[segment][chunk] if self.dropped is not None else None
+        if lost is not None:
+            lost.copy_(values)
         self.codec.decode_into(owned, values)
+        if lost is not None:  # lost from the mean: world times that from the sum
+            lost.sub_(values).mul_(self.world)
         return owned
