@@ -357,11 +357,19 @@ class DilocoConfig(Section):
 
 
 class CommConfig(Section):
-    codec: Literal["fp32", "bf16", "fp16", "int8", "codebook8"] = "int8"
+    codec: Literal["fp32", "bf16", "fp16", "int8", "int4", "codebook8"] = "int8"
     """Wire format of everything averaged across islands: fp32 (exact), bf16, fp16, int8 (blockwise
-    absmax: 64 values share one bf16 scale, 3.9x fewer bytes than fp32) or codebook8 (PRIME's
-    256-entry codebook). int8 is the default: it beat codebook8 on Gaussian and heavy-tailed
-    values (0.6% vs 1.6% relative error on Gaussian; see comm/codecs.py)."""
+    absmax: 64 values share one bf16 scale, 3.9x fewer bytes than fp32), int4 (blockwise FP4
+    e2m1: 32 values share one bf16 scale, 7.1x fewer bytes than fp32, 10% relative error on
+    Gaussian: pair it with `error_feedback`) or codebook8 (PRIME's 256-entry codebook). int8 is
+    the default: it beat codebook8 on Gaussian and heavy-tailed values (0.6% vs 1.6% relative
+    error on Gaussian; see comm/codecs.py)."""
+    error_feedback: bool = False
+    """DiLoCo: each island keeps what the codec lost of its contributions in the last outer step
+    (fp32, CPU, 8 more bytes per parameter) and adds it to its next pseudo-gradient, so lossy
+    codecs lose nothing over time (see atoll/diloco.py for rejected contributions, skipped
+    steps, joiners and checkpoints). Run-wide. A checkpoint saved without it cannot be resumed
+    with it on."""
     streams: int = Field(default=1, ge=1, le=16)
     """Independent rings per local rank (one process group each, every bucket split between them);
     more than 1 lets one process fill a long fat link, as parallel TCP connections do."""

@@ -12,6 +12,28 @@ applied bucket by bucket; the result overwrites the inner weights. Host memory p
 three flat buffers (outer weights, pseudo-gradient, momentum: 12 bytes per parameter of the shard)
 plus bucket-sized temporaries; nothing full-size is made on the way. The inner optimizer's state is kept across outer steps.
 
+Error feedback (`comm.error_feedback`; Seide et al. 2014, "1-bit SGD", and Karimireddy et al.
+2019, "Error Feedback Fixes SignSGD", arXiv:1901.09847; Streaming DiLoCo and SparseLoCo pair it
+with low-bit pseudo-gradients): each island keeps a residual, in fp32 CPU memory like the outer
+state, and adds it to its next pseudo-gradient. The residual is what the codec lost in this
+island's encodings during the last committed ring (`comm/ring.py` writes it into `dropped`): its
+own contribution at the first hop, the partial sums it passed on, and its share of the averaged
+segment it owns. The islands' losses add up to what the whole ring lost, so giving them back
+corrects the run's average, not only each island's own rounding. It is kept in pseudo-gradient
+units: divided by the factor accepted contributions were scaled by (`atoll.validation`), so that
+it re-enters the mean with the weight it left with. Its life:
+- committed step that applied: residual <- what this attempt's ring lost (`apply`). A rejected
+  or fresh island contributed zeros: its own pseudo-gradient and old residual are discarded with
+  the inner weights (DiLoCo drops a rejected island's work), and it keeps what its encodings of
+  the others' values lost.
+- skipped step (too few accepted, or out of attempts): the residual stays as it was (it was never
+  sent; the discarded pseudo-gradient does not join it, which would double the next one).
+- failed attempt: nothing changes; the next attempt recomputes the pseudo-gradient with the same
+  residual.
+- checkpoints save it (`state_dict`) and a resume restores it exactly; a joiner's starts at zero,
+  it is never served or broadcast to other islands, and taking the run's state keeps it.
+Cost: two more flat fp32 buffers (the residual and the ring's `dropped`): 8 bytes per parameter.
+
 Also here: `average_gradients`, the data-parallel baseline that averages every step's gradients
 across islands over the same groups.
 
@@ -90,7 +112,7 @@ def layer_buckets(names: list[str], sizes: list[int]) -> list[slice]:
 class DiLoCo(Stateful):
     """Outer weights, outer optimizer and the outer step for one local rank of one island."""
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float, nesterov: bool) -> None:
+    def __init__(self, model: nn.Module, lr: float, momentum: float, nesterov: bool, error_feedback: bool = False) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         # parameters, not their local views: FSDP2's lazy init may re-allocate a shard (older torch,
@@ -108,6 +130,12 @@ class DiLoCo(Stateful):
         self._read_inner(self.outer)
         self.pseudo_grad = torch.zeros(sum(self.sizes), pin_memory=pin)
         self.outer.grad = self.pseudo_grad
+        self.residual = torch.zeros(sum(self.sizes)) if error_feedback else None
+        """Error feedback: what the codec lost of this island's contributions, added to the next (see the module doc)."""
+        self.dropped = torch.zeros(sum(self.sizes)) if error_feedback else None
+        """What the current attempt's ring lost in this island's encodings, in units of the sum over islands."""
+        self.dropped_scale = 1.0
+        """The factor accepted contributions were scaled by in the current attempt (`mean_pseudo_gradient`)."""
         self.lr, self.momentum = lr, momentum
         self.optimizer = torch.optim.SGD(
             [self.outer], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
@@ -146,7 +174,8 @@ class DiLoCo(Stateful):
 
     @torch.no_grad()
     def _pseudo_gradient(self) -> None:
-        """pseudo_grad = outer − inner: one pass per CPU shard; a device shard is copied into the buffer first."""
+        """pseudo_grad = outer − inner (+ the residual, with error feedback): one pass per CPU shard;
+        a device shard is copied into the buffer first."""
         shards = self._shards()
         on_device = [s.device.type != "cpu" or s.dtype != torch.float32 for s in shards]
         if any(on_device):
@@ -157,6 +186,8 @@ class DiLoCo(Stateful):
             torch.sub(outer, out if copied else shard.detach().reshape(-1), out=out)
             if decayed and self.kept_own != 1.0:  # own * outer - inner: the decay stays out of the average
                 out.add_(outer, alpha=self.kept_own - 1.0)
+        if self.residual is not None:
+            self.pseudo_grad.add_(self.residual)
 
     @torch.no_grad()
     def _read_inner(self, out: torch.Tensor) -> None:
@@ -220,10 +251,13 @@ class DiLoCo(Stateful):
             self.pseudo_grad.mul_(factor)
 
     @torch.no_grad()
-    def mean_pseudo_gradient(self, mean: GlobalMean) -> None:
+    def mean_pseudo_gradient(self, mean: GlobalMean, accepted_factor: float = 1.0) -> None:
         """Average the pseudo-gradient buffer as it is across islands (the second half of `average`);
-        fails as `average` does."""
-        mean.mean_buckets_(self.pseudo_grad, self.buckets)
+        fails as `average` does. `accepted_factor`: what accepted contributions were scaled by
+        (`scale_contribution`); with error feedback, what the ring lost is kept divided by it,
+        to become the residual if this attempt's step is applied."""
+        mean.mean_buckets_(self.pseudo_grad, self.buckets, self.dropped)
+        self.dropped_scale = accepted_factor
 
     def agreement_digest(self) -> str:
         """Digest of everything the outer step reads: the outer weights, the momentum and the
@@ -237,8 +271,11 @@ class DiLoCo(Stateful):
         """The outer Nesterov step on the averaged pseudo-gradient, then outer -> inner weights.
 
         Returns `state_digest()` of the new outer weights and momentum (this rank's shard), whose
-        pieces are kept for the next agreement digest.
+        pieces are kept for the next agreement digest. With error feedback, the residual becomes
+        what this step's ring lost (see the module doc).
         """
+        if self.residual is not None:
+            torch.mul(self.dropped, 1.0 / self.dropped_scale, out=self.residual)
         self._outer_sgd_step()
         self._scatter_outer()
         return self.state_digest()
@@ -274,7 +311,8 @@ class DiLoCo(Stateful):
     @torch.no_grad()
     def restore_inner(self) -> str:
         """Overwrite the inner weights with the outer weights, which stay as they are (a skipped
-        outer step, or an island reset after non-finite inner steps); returns `state_digest()`."""
+        outer step, or an island reset after non-finite inner steps; the residual stays too);
+        returns `state_digest()`."""
         self._scatter_outer()
         return self.state_digest()
 
@@ -322,7 +360,8 @@ class DiLoCo(Stateful):
         self._scatter_outer()
 
     def state_dict(self) -> dict[str, Any]:
-        """The outer weights and the outer momentum as fixed keys (the live buffers: copy before changing them).
+        """The outer weights and the outer momentum as fixed keys (the live buffers: copy before
+        changing them), and with error feedback the residual ("error_feedback").
 
         The momentum is always present, zeros with has_momentum 0 before the first outer step:
         DCP loads only the keys the destination already has, so a key that exists only after a
@@ -334,12 +373,17 @@ class DiLoCo(Stateful):
             "outer": self.outer.detach(),
             "momentum": buffer if buffer is not None else torch.zeros_like(self.outer),
             "has_momentum": int(buffer is not None),
+            **({"error_feedback": self.residual} if self.residual is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the outer weights and momentum (in place); the inner weights are the caller's."""
+        """Restore the outer weights, momentum and residual (in place); the inner weights are the caller's.
+        A checkpoint saved without error feedback cannot be loaded with it on: the checkpointer
+        refuses it in one line (the key is missing); one saved with it loads without it, the residual dropped."""
         with torch.no_grad():
             self.outer.copy_(state_dict["outer"])
+            if self.residual is not None:
+                self.residual.copy_(state_dict["error_feedback"])
         self._kept_digests.clear()
         state = self.optimizer.state[self.outer]
         if int(state_dict["has_momentum"]):

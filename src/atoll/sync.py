@@ -137,7 +137,7 @@ class IslandSync:
         self.mean: GlobalMean | None = None
         self.model = model
         self.diloco = (
-            DiLoCo(model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov)
+            DiLoCo(model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov, cfg.comm.error_feedback)
             if self.mode == "diloco" else None
         )
         if self.diloco is not None:

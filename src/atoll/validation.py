@@ -22,7 +22,9 @@ the epoch can alter the table), and every island runs the same pure decision (`d
 Rejected islands contribute zeros (written with `zero_`, since 0 x NaN is NaN) and the accepted
 ones scale theirs by world / accepted before the ring, whose mean divides by the world size, so
 the result is the mean over the accepted islands. Every island, the rejected ones included, then
-applies the same averaged update and stays bit-identical with the others.
+applies the same averaged update and stays bit-identical with the others. With error feedback
+(`atoll.diloco`), a rejected island's residual is discarded with its pseudo-gradient, and a
+skipped step leaves every residual as it was.
 """
 
 from __future__ import annotations
@@ -84,11 +86,18 @@ class Decision:
     def applies(self) -> bool:
         return not self.skip
 
+    @property
+    def accepted_factor(self) -> float:
+        """What an accepted island multiplies its pseudo-gradient by (world / accepted; 0 when skipped)."""
+        if self.skip:
+            return 0.0
+        return (len(self.accepted) + len(self.rejected) + len(self.fresh)) / len(self.accepted)
+
     def factor(self, island: str) -> float:
         """What island `island` multiplies its pseudo-gradient by before the ring's mean over all."""
         if self.skip or island in self.rejected or island in self.fresh:
             return 0.0
-        return (len(self.accepted) + len(self.rejected) + len(self.fresh)) / len(self.accepted)
+        return self.accepted_factor
 
     def note(self, outer_step: int) -> str | None:
         """A log line when anything was rejected, else None."""
@@ -188,7 +197,7 @@ def average_accepted(
     decision = decide(dict(zip(members, table)), cfg.max_norm_ratio, cfg.min_accepted)
     diloco.scale_contribution(decision.factor(members[mean.control_group.rank()]))
     if decision.applies:
-        diloco.mean_pseudo_gradient(mean)
+        diloco.mean_pseudo_gradient(mean, decision.accepted_factor)
     return decision
 
 
