@@ -241,7 +241,9 @@ def test_two_simulated_islands_train_in_step_and_report_a_summary(tmp_path):
     assert any(line.startswith("[island-0] ") for line in lines)
     assert any(line.startswith("[island-1] ") for line in lines)
     finished = lines.index(f"atoll: all 2 islands finished; run dir {run_dir}")
-    assert all(line.startswith(("[island-0] ", "[island-1] ")) for line in lines[:finished])
-    summary = lines[finished + 1:]
+    # before it: the islands' lines, prefixed, and the launcher's own log lines (the status page's address)
+    assert all(line.startswith(("[island-0] ", "[island-1] ")) or " simulate atoll: " in line for line in lines[:finished])
+    summary = lines[finished + 1:-1]
+    assert lines[-1] == f"atoll: summary in {run_dir / 'summary.json'}; plots: atoll report {run_dir}"
     assert [line.split(":", 1)[0] for line in summary] == ["island-0", "island-1"]
     assert all("3 outer steps" in line and "val_loss" not in line for line in summary)

@@ -1,4 +1,4 @@
-"""The `atoll` command line: train, coordinator, status, simulate, demo, data prepare, export, eval, sample, model-info, tokenizer.
+"""The `atoll` command line: train, coordinator, status, simulate, demo, report, data prepare, export, eval, sample, model-info, tokenizer.
 
 User mistakes (bad config key, missing file, wrong value) print one line and exit with status 2;
 the other expected failures of a run (lost coordinator, dropped, ...) print one line and exit with
@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from atoll import __version__
 from atoll.config import JobConfig, describe_fields, load_config, parse_overrides
 from atoll.errors import DEBUG_ENV, USER_ERROR, ExpectedFailure, UserError, say
+from atoll.logs import FORMATS, LEVELS, configure
+from atoll.logs import info as log_line
 
 if TYPE_CHECKING:
     from atoll.wan.network import EmulatedWan
@@ -50,6 +52,8 @@ scenario file (--scenario FILE), TOML; any of these tables, each repeatable:
   after_outer = 4
 --fault, --start and --signal add to the file's entries."""
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
+LOG_ROLES = {"coordinator": "coordinator", "simulate": "simulate", "demo": "demo"}
+"""Who a command's log lines name until an island names itself (`atoll.logs.set_island`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.debug:
         os.environ[DEBUG_ENV] = "1"  # the ranks and islands it starts inherit it
+    configure(args.log_level, args.log_format, LOG_ROLES.get(args.command))
     try:
         if rest and args.command not in ("train", "simulate", "demo", "eval", "data"):
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")
@@ -70,13 +75,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def logging_flags() -> argparse.ArgumentParser:
+    """--debug, --log-level and --log-format, accepted after every command too (atoll train --log-level debug)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a flag given before the command is kept when it is not repeated after it
+    flags.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of expected failures too (exit codes: README)")
+    flags.add_argument("--log-level", choices=LEVELS, default=argparse.SUPPRESS,
+                       help="log lines at this level and above (default info; the processes it starts inherit it)")
+    flags.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS,
+                       help="text: UTC time to the ms, level, island/local rank, message; json: one object a line (default text)")
+    return flags
+
+
+def command(group: argparse._SubParsersAction, name: str, **kwargs: object) -> argparse.ArgumentParser:
+    """A subcommand that takes the logging flags."""
+    return group.add_parser(name, parents=[logging_flags()], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoll", description="Train LLMs across islands of compute.")
     parser.add_argument("--version", action="version", version=f"atoll {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of expected failures too (exit codes: README)")
+    parser.add_argument("--log-level", choices=LEVELS, help="log lines at this level and above (default info)")
+    parser.add_argument("--log-format", choices=FORMATS, help="text or json log lines (default text)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser(
+    train = command(commands,
         "train",
         help="train one island (one machine, one or more local ranks)",
         usage="atoll train [CONFIG] [--nproc N] [--run-dir DIR] [--resume [latest|PATH]] [--section.key VALUE ...]",
@@ -97,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved config (file + overrides) as TOML and exit")
     train.set_defaults(handler=cmd_train)
 
-    coord = commands.add_parser(
+    coord = command(commands,
         "coordinator", help="run a coordinator: the membership and rendezvous service of a run",
         description=(
             "Run a coordinator. Islands join with `atoll train --coordinator HOST:PORT`. Every message is authenticated "
@@ -123,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     coord.set_defaults(handler=cmd_coordinator)
 
-    status = commands.add_parser(
+    status = command(commands,
         "status", help="print a running coordinator's status table (what its /status page shows)",
         description="Print the run as the coordinator at HOST:PORT sees it: the epoch, every island with its state, "
                     "last outer step, losses, tokens/s, utilization, bytes sent, the age of its last heartbeat and its "
@@ -136,12 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up on an answer after this long (default 5)")
     status.set_defaults(handler=cmd_status)
 
-    token = commands.add_parser("token", help="print a fresh run token (export it as ATOLL_RUN_TOKEN on the coordinator and every island)")
+    token = command(commands, "token", help="print a fresh run token (export it as ATOLL_RUN_TOKEN on the coordinator and every island)")
     token.set_defaults(handler=cmd_token)
 
     for name, text in (("simulate", "run several islands and a coordinator on this machine"),
                        ("demo", "the demo: 2 islands training the demo model with DiLoCo on this machine")):
-        sim = commands.add_parser(
+        sim = command(commands,
             name, help=text, description=textwrap.fill(SIMULATE_DESCRIPTIONS[name], 100), epilog=SCENARIO_HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             usage=f"atoll {name} [options] {'CONFIG ' if name == 'simulate' else ''}[--section.key VALUE ...]",
@@ -176,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sim.set_defaults(handler=cmd_simulate, demo=name == "demo")
 
-    export = commands.add_parser(
+    export = command(commands,
         "export", help="write a run's model as a Hugging Face Llama directory (safetensors, config, tokenizer)",
         description="Write the model of a run (its latest checkpoint) or of one checkpoint as a directory that "
                     "transformers' AutoModelForCausalLM and AutoTokenizer load with from_pretrained. From a DiLoCo run "
@@ -189,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split the weights into safetensors files of at most SIZE (e.g. 5GB, 500MB), with an index (default 5GB)")
     export.set_defaults(handler=cmd_export)
 
-    evaluate = commands.add_parser(
+    evaluate = command(commands,
         "eval", help="print a model's validation loss and perplexity",
         usage="atoll eval RUN_DIR|HF_DIR [CONFIG] [--section.key VALUE ...]",
         description="Print the validation loss and perplexity of a run's model (its latest checkpoint; the outer "
@@ -203,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", type=Path, metavar="RUN_DIR|HF_DIR", help="a run, checkpoint or Hugging Face model directory")
     evaluate.set_defaults(handler=cmd_eval)
 
-    sample = commands.add_parser(
+    sample = command(commands,
         "sample", help="print a model's continuation of a prompt",
         description="Print PROMPT and the model's continuation of it: a run's model (its latest checkpoint) or a "
                     "Hugging Face Llama directory, on the CPU (or CUDA when available).",
@@ -214,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy; higher is more random (default 0.8)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0): the same seed gives the same text")
     sample.set_defaults(handler=cmd_sample)
-    data = commands.add_parser("data", help="data tools")
+    data = command(commands, "data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    prep = data_commands.add_parser(
+    prep = command(data_commands,
         "prepare", help="tokenise every source of a mixture into shards that training memory-maps",
         usage="atoll data prepare CONFIG [--workers N] [--no-progress] [--section.key VALUE ...]",
         description="Tokenise each [[data.sources]] of CONFIG once into shards and a manifest under data.prepared "
@@ -227,13 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(handler=cmd_data_prepare)
 
-    info = commands.add_parser("model-info", help="print shapes and parameter counts of the named model sizes")
+    report = command(
+        commands, "report", help="write one self-contained HTML file of a run's plots",
+        description="Write one HTML file (plots embedded, nothing fetched) from a run directory or a simulate/demo directory: "
+                    "train and val loss per island against tokens and time, utilization and blocked sync time per outer "
+                    "step, bytes per outer step against data-parallel's, world size and membership events over time, "
+                    "checkpoint saves and their blocked time, rejected contributions and skipped outer steps, tokens by "
+                    "data source. The plotted series are kept in the page as JSON (script#atoll-report-data).",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or a simulate directory (island-*/)")
+    report.add_argument("--out", type=Path, metavar="FILE", help="the HTML file to write (default RUN_DIR/report.html)")
+    report.set_defaults(handler=cmd_report)
+
+    info = command(commands, "model-info", help="print shapes and parameter counts of the named model sizes")
     info.add_argument("names", nargs="*", help="sizes to show (default: all)")
     info.set_defaults(handler=cmd_model_info)
 
-    tok = commands.add_parser("tokenizer", help="tokenizer tools")
+    tok = command(commands, "tokenizer", help="tokenizer tools")
     tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True)
-    tok_train = tok_commands.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
+    tok_train = command(tok_commands, "train", help="train a byte-level BPE tokenizer on a corpus")
     tok_train.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
     tok_train.add_argument("--source", default="stdlib", help="corpus: stdlib, a directory or a text file")
     tok_train.add_argument("--val-fraction", type=float, default=0.05, help="held-out fraction (not trained on)")
@@ -386,20 +423,19 @@ def cmd_coordinator(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         coordinator = Coordinator(
             args.host, args.port, args.islands, rules, args.events, token, journal,
-            log=lambda line: print(line, flush=True), public_status=args.public_status,
+            log=log_line, public_status=args.public_status,
         )
     except (RuntimeError, OSError) as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({str(err).splitlines()[0]}): choose another --port") from None
-    print(
+    log_line(
         f"atoll: coordinator of run {coordinator.run_id} listening on {coordinator.address}, waiting for {args.islands} island(s); "
         + ("journal " + str(journal) if journal else "no journal: a restart of this coordinator ends the run")
-        + ("" if token else "; OPEN run (no token)"),
-        flush=True,
+        + ("" if token else "; OPEN run (no token)")
     )
-    print(f"atoll: status page {status_url(args.host, coordinator.port, None if coordinator.status_open else coordinator.status_key)} "
-          f"(or `atoll status {coordinator.address}`)", flush=True)
+    log_line(f"atoll: status page {status_url(args.host, coordinator.port, None if coordinator.status_open else coordinator.status_key)} "
+             f"(or `atoll status {coordinator.address}`)")
     coordinator.serve(stay=args.stay)
-    print(f"atoll: coordinator done: {coordinator.ended or 'stopped'}", flush=True)
+    log_line(f"atoll: coordinator done: {coordinator.ended or 'stopped'}")
     return 0
 
 
@@ -433,7 +469,7 @@ def cmd_token(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
     from atoll.launch import default_run_dir
-    from atoll.simulate import Scenario, simulate, summarize
+    from atoll.simulate import Scenario, report_command, simulate, summarize, write_summary
 
     if args.demo:
         config = str(DEMO_CONFIG)
@@ -452,8 +488,11 @@ def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
     code = simulate(config, rest, args.islands, args.procs_per_island, run_dir, wan, cfg.mesh, scenario, args.resume)
     if code == 0:
         who = "the surviving islands" if scenario.faults or scenario.starts or scenario.signals else f"all {args.islands} islands"
-        print(f"atoll: {who} finished; run dir {run_dir}")
+        outcome = f"atoll: {who} finished; run dir {run_dir}"
+        print(outcome)
         print(summarize(run_dir))
+        written = write_summary(run_dir, outcome)
+        print(f"atoll: summary in {written}; plots: {report_command(run_dir)}")
     return code
 
 
@@ -502,6 +541,14 @@ def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
     tokens = sum(m["tokens"]["train"] + m["tokens"]["val"] for m in report.manifests.values())
     rate = f", {report.tokens_done / report.seconds:,.0f} tokens/s" if report.tokens_done else " (all already prepared)"
     print(f"atoll: prepared {len(report.manifests)} source(s), {tokens:,} tokens, in {report.seconds:.1f} s{rate}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
+    from atoll.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"atoll: wrote {out} ({out.stat().st_size / 1e6:.1f} MB); open it in a browser")
     return 0
 
 

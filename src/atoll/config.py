@@ -211,13 +211,20 @@ class CheckpointConfig(Section):
 
 
 class MetricsConfig(Section):
-    per_island = frozenset({"log_every", "peak_flops", "progress"})
+    per_island = frozenset({"log_every", "peak_flops", "progress", "tensorboard", "wandb_project"})
     log_every: int = Field(default=1, gt=0)
     """Write a metrics.jsonl record (and a log line) every this many steps."""
     peak_flops: float | None = Field(default=None, gt=0)
     """Peak FLOP/s of one accelerator for MFU; None detects known GPUs and reports mfu null on CPU."""
     progress: Literal["auto", "bar", "plain"] = "auto"
     """auto: a progress bar on a terminal, plain log lines otherwise."""
+    tensorboard: bool = False
+    """Also write every record's numbers as TensorBoard event files into <run dir>/tensorboard, at
+    the record's inner step (`tensorboard --logdir RUN_DIR`). Needs `pip install 'atoll[tensorboard]'`."""
+    wandb_project: str | None = None
+    """Also log every record's numbers to this Weights & Biases project: one W&B run per island,
+    named by its island id and grouped by the run id, files under <run dir>/wandb. WANDB_MODE=offline
+    keeps them on the machine (`wandb sync` uploads them later). Needs `pip install 'atoll[wandb]'`."""
 
 
 class MeshConfig(Section):

@@ -35,12 +35,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from atoll.atomic import atomic_write
 from atoll.comm.allreduce import ring_bytes
 from atoll.config import MeshConfig, tomllib
 from atoll.errors import UserError
 from atoll.faults import FAULTS_ENV, SURVIVABLE_ACTIONS, Fault, parse_faults
+from atoll.logs import info as log_line
+from atoll.logs import log
 from atoll.mesh.auth import TOKEN_ENV, new_token, run_token
 from atoll.mesh.coordinator import Coordinator
 from atoll.mesh.membership import Rules
@@ -248,12 +251,12 @@ def simulate(
             if sent.action in STOPPING and epoch is not None and sent.island in epoch.members:
                 killed_in = epoch.number
             if sent.island == COORDINATOR:
-                print("atoll: restarting the coordinator", flush=True)
+                log_line("atoll: restarting the coordinator")
                 coordinator = _restart_coordinator(coordinator, islands, wan, mesh, run_dir / EVENTS_FILE, env[TOKEN_ENV])
                 continue
             child = children.get(sent.island)
             if child is not None and child.poll() is None:
-                print(f"atoll: sending {sent.action} to {sent.island}", flush=True)
+                log_line(f"atoll: sending {sent.action} to {sent.island}")
                 os.killpg(child.pid, SIGNALS[sent.action])
         while pending and pending[0].after_outer <= reached:
             previous = children.get(pending[0].island)
@@ -268,8 +271,8 @@ def simulate(
             wan.start()
         coordinator = _start_coordinator(islands, wan, mesh, run_dir / EVENTS_FILE, env[TOKEN_ENV])
         key = None if coordinator.status_open else coordinator.status_key
-        print(f"atoll: status page {status_url(coordinator.host, coordinator.port, key)} while the run lasts "
-              f"(or `atoll status {coordinator.address}`)", flush=True)
+        log_line(f"atoll: status page {status_url(coordinator.host, coordinator.port, key)} while the run lasts "
+                 f"(or `atoll status {coordinator.address}`)")
         for i in range(islands):
             launch(i, f"island-{i}")
         failed = _wait_all(children, expendable, start_due, lambda: bool(pending))
@@ -285,7 +288,7 @@ def simulate(
         if wan is not None:
             wan.close()
     if failed:
-        print(f"atoll: {', '.join(failed)} failed; run dir {run_dir}", file=sys.stderr)
+        log.error(f"atoll: {', '.join(failed)} failed; run dir {run_dir}")
         return 1
     return 0
 
@@ -377,33 +380,60 @@ def read_records(island_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (island_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def summarize(run_dir: Path) -> str:
-    """Final losses, bytes per island against data-parallel, sync time and utilization."""
-    lines = []
+SUMMARY_FILE = "summary.json"
+
+
+def island_summaries(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per island: final loss and val_loss, bytes sent against data-parallel's, outer steps, median
+    sync time and mean utilization (`trained_steps` 0: a joiner that entered at the last outer step)."""
+    out: dict[str, dict[str, Any]] = {}
     for island_dir in sorted(run_dir.glob("island-*")):
         if not (island_dir / "run.json").is_file() or not (records := read_records(island_dir)):
             continue  # an island killed before it logged anything
         if not (trained := [r for r in records if "loss" in r]):
-            lines.append(f"{island_dir.name}: entered at the run's last outer step; it trained no steps")
+            out[island_dir.name] = {"trained_steps": 0}
             continue
         info = json.loads((island_dir / "run.json").read_text())
         last = trained[-1]
         outer = [r for r in records if "outer_step" in r]
-        islands = last["world_size"]
-        params = info["params"]["total"]
-        ddp_bytes = last["step"] * ring_bytes(params, 4, islands)
         val = [r["val_loss"] for r in records if "val_loss" in r]
-        line = (
-            f"{island_dir.name}: loss {last['loss']:.4f}"
-            + (f", val_loss {val[-1]:.4f}" if val else "")
-            + "; "
-            f"sent {last['bytes_sent'] / 1e6:.1f} MB vs {ddp_bytes / 1e6:.1f} MB for data-parallel "
-            f"({ddp_bytes / max(last['bytes_sent'], 1):.0f}x fewer)"
-        )
-        if outer:
-            line += (
-                f"; {len(outer)} outer steps, median sync {statistics.median(r['sync_s'] for r in outer):.3f} s, "
-                f"utilization {statistics.mean(r['utilization'] for r in outer):.1%}"
-            )
-        lines.append(line)
-    return "\n".join(lines)
+        ddp_bytes = last["step"] * ring_bytes(info["params"]["total"], 4, last["world_size"])
+        out[island_dir.name] = {
+            "trained_steps": last["step"], "loss": last["loss"], "val_loss": val[-1] if val else None, "tokens": last.get("tokens"),
+            "bytes_sent": last["bytes_sent"], "ddp_bytes": ddp_bytes, "outer_steps": len(outer),
+            "median_sync_s": statistics.median(r["sync_s"] for r in outer) if outer else None,
+            "mean_utilization": statistics.mean(r["utilization"] for r in outer) if outer else None,
+        }
+    return out
+
+
+def summary_line(name: str, s: dict[str, Any]) -> str:
+    """One island's line of the run summary."""
+    if not s["trained_steps"]:
+        return f"{name}: entered at the run's last outer step; it trained no steps"
+    line = (
+        f"{name}: loss {s['loss']:.4f}" + (f", val_loss {s['val_loss']:.4f}" if s["val_loss"] is not None else "") + "; "
+        f"sent {s['bytes_sent'] / 1e6:.1f} MB vs {s['ddp_bytes'] / 1e6:.1f} MB for data-parallel "
+        f"({s['ddp_bytes'] / max(s['bytes_sent'], 1):.0f}x fewer)"
+    )
+    if s["outer_steps"]:
+        line += f"; {s['outer_steps']} outer steps, median sync {s['median_sync_s']:.3f} s, utilization {s['mean_utilization']:.1%}"
+    return line
+
+
+def summarize(run_dir: Path) -> str:
+    """Final losses, bytes per island against data-parallel, sync time and utilization."""
+    return "\n".join(summary_line(name, s) for name, s in island_summaries(run_dir).items())
+
+
+def report_command(run_dir: Path) -> str:
+    """The command that draws the run's plots (`atoll.report`)."""
+    return f"atoll report {run_dir}"
+
+
+def write_summary(run_dir: Path, outcome: str) -> Path:
+    """RUN_DIR/summary.json: the summary's numbers per island, the outcome line and the report command."""
+    path = run_dir / SUMMARY_FILE
+    summary = {"outcome": outcome, "run_dir": str(run_dir), "islands": island_summaries(run_dir), "report": report_command(run_dir)}
+    atomic_write(path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    return path

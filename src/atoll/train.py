@@ -45,9 +45,11 @@ from atoll.island import (
 )
 from atoll.fingerprint import config_changes, flat_config, job_fingerprint
 from atoll.launch import default_run_dir, exit_with_launcher, generated_island_id
+from atoll.logs import heartbeat, set_island
+from atoll.logs import info as log_line
 from atoll.mesh.addresses import listening
 from atoll.mesh.member import MeshMember, join_mesh, preflight
-from atoll.metrics import MetricsLog, abandon_metrics_after, detect_peak_flops, flops_per_token
+from atoll.metrics import MetricsLog, abandon_metrics_after, check_sinks, detect_peak_flops, flops_per_token, open_sinks
 from atoll.model import Llama, ModelArgs, count_params, get_size
 from atoll.model.llama import apply_activation_checkpointing
 from atoll.optim import (
@@ -199,15 +201,15 @@ def open_checkpoints(checkpointer: Checkpointer, resume: str | None, cfg: JobCon
     answer: dict[str, Any] = {}
     if island.is_leader:
         try:
-            found = checkpointer.find_resumable(resume, report=lambda line: print(f"atoll: {line}", flush=True)) if resume else None
+            found = checkpointer.find_resumable(resume, report=lambda line: log_line(f"atoll: {line}")) if resume else None
             note = checkpointer.start(found.path if found else None, found.manifest.run_id if found else None, ident, fingerprint)
             if note is not None:
-                print(f"atoll: {note}", flush=True)
+                log_line(f"atoll: {note}")
             answer = {"timeline": checkpointer.timeline, "run_id": checkpointer.identity.run_id}
             if found is not None:
                 m = found.manifest
-                print(f"atoll: verified {found.path} ({len(m.files)} files, {sum(f['bytes'] for f in m.files.values()) / 1e6:.1f} MB, "
-                      f"sha256) in {found.verify_s:.2f}s" + ("" if m.config_fingerprint == fingerprint else describe_config_change(m.config, cfg)), flush=True)
+                log_line(f"atoll: verified {found.path} ({len(m.files)} files, {sum(f['bytes'] for f in m.files.values()) / 1e6:.1f} MB, "
+                         f"sha256) in {found.verify_s:.2f}s" + ("" if m.config_fingerprint == fingerprint else describe_config_change(m.config, cfg)))
                 answer.update(path=str(found.path), outer_digest=m.outer_digest, steps=m.config.get("train.steps"))
         except UserError as err:
             answer = {"error": str(err)}
@@ -418,12 +420,14 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
     lost machine go unannounced (the peers' broken collectives or the heartbeat timeout tell).
     """
     exit_with_launcher()
+    check_sinks(cfg.metrics)  # a missing extra is said before anything is built
     island = start_island(cfg.train.device)
     deathrattle = Deathrattle()
     if cfg.mesh.coordinator:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         ident = island_id(cfg, island) if cfg.mesh.coordinator else cfg.mesh.island_id
+        set_island(ident, island.rank)
         run_dir = Path(broadcast_text(str(run_dir or default_run_dir(cfg.train.run_name, ident)), island))
         result = _train(cfg, run_dir, resume, island, ident, deathrattle)
     except BaseException as err:
@@ -432,6 +436,7 @@ def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None
         deathrattle(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": "))
         raise
     finally:
+        heartbeat.doing(None)
         stop_island()
     deathrattle("finished")
     return result
@@ -477,7 +482,14 @@ def _train_in(
     cfg: JobConfig, run_dir: Path, resume: str | None, island: Island, ident: str | None, deathrattle: Deathrattle, checkpointer: Checkpointer,
     server: StateServer | None,
 ) -> TrainResult:
-    data = load_training_data(cfg.data, lambda line: print(line, flush=True) if island.is_leader else None)
+    def doing(what: str | None) -> None:
+        """What the island does now: the leader says it every logs.HEARTBEAT_S seconds of silence."""
+        if island.is_leader:
+            heartbeat.doing(what)
+
+    say_line = log_line if island.is_leader else (lambda line: None)
+    doing("preparing the data")
+    data = load_training_data(cfg.data, say_line)
     args = model_args(cfg, data.tokenizer.vocab_size)
     seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
@@ -485,14 +497,16 @@ def _train_in(
     if cfg.eval.every:  # checks now that each validation split holds a global batch, not at the first eval
         data.check_val(seq_len, cfg.train.global_batch, island.rank, island.world, cfg.eval.batches)
 
+    doing(f"building the {cfg.model.name} model")
     model, init_digest = build_model(args, cfg, island)
     check_same_on_all_ranks(init_digest, island, "initial weights digest")
     member = None
     if cfg.mesh.coordinator:  # registers only now: a joiner never makes the run wait for its model to build
         fingerprint = job_fingerprint(cfg, args, data.tokenizer, seq_len)
         ports = gather_ints(server.advertised[1] if server is not None else 0, island)
+        doing(f"joining the run at {cfg.mesh.coordinator}")
         member = join_mesh(
-            cfg.mesh, ident, island, fingerprint, lambda line: print(line, flush=True) if island.is_leader else None,
+            cfg.mesh, ident, island, fingerprint, say_line,
             ports if server is not None else None, server.advertised[0] if server is not None else "",
         )
         deathrattle.member = member
@@ -508,26 +522,25 @@ def _train_in(
         f"rank{island.rank}": RankState(loader, island.device),
         **sync.stateful(),
     }
+    doing("opening the checkpoints")
     resumed = open_checkpoints(checkpointer, resume, cfg, ident, island)
     outer_digest = None
     if resumed is not None:
         checkpointer.load(resumed.path, stateful)
         outer_digest = resumed.outer_digest
         if state.step >= cfg.train.steps:
-            if island.is_leader:
-                print(f"atoll: the run is complete: {resumed.path} is at step {state.step} of train.steps {cfg.train.steps}; nothing to do", flush=True)
+            say_line(f"atoll: the run is complete: {resumed.path} is at step {state.step} of train.steps {cfg.train.steps}; nothing to do")
             return TrainResult(run_dir, state.step, float("nan"), None, init_digest)
         if island.is_leader:
             abandon_metrics_after(run_dir / "metrics.jsonl", state.step, resumed.timeline)
             horizon = describe_new_horizon(state.step, resumed.steps, cfg.train.steps, cfg.schedule, cfg.optim.lr) if resumed.steps else None
             if horizon is not None:
-                print(f"atoll: {horizon}", flush=True)
+                log_line(f"atoll: {horizon}")
     sync.start()
     if resumed is not None and not sync.inner_state_valid:
         optimizer.state.clear()  # AdamW's moments were of the checkpoint's weights, not the run's
-        if island.is_leader:
-            print(f"atoll: the run is past this island's checkpoint (outer step {sync.outer_steps}): it takes the run's state "
-                  "and starts its AdamW afresh", flush=True)
+        say_line(f"atoll: the run is past this island's checkpoint (outer step {sync.outer_steps}): it takes the run's state "
+                 "and starts its AdamW afresh")
 
     params = count_params(args)
     if island.is_leader:
@@ -547,7 +560,8 @@ def _train_in(
         })
     flops_tok = flops_per_token(args, params["non_embedding"], seq_len)
     peak = cfg.metrics.peak_flops or detect_peak_flops(island.device)
-    log = MetricsLog(run_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.metrics.progress, island.is_leader)
+    sinks = open_sinks(cfg.metrics, run_dir, ident or run_dir.name, checkpointer.identity.run_id, recorded_config(cfg)) if island.is_leader else []
+    log = MetricsLog(run_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.metrics.progress, island.is_leader, sinks)
     guard = InnerGuard(cfg.train.max_skipped_inner, island, sync.diloco, log.info)
     if sync.owes_outer_step:  # a joiner admitted at a boundary: the outer step being averaged there
         set_outer_weight_decay(sync, cfg, state.step, trained_phase=False)
@@ -586,6 +600,7 @@ def _train_in(
         staged()
 
     while state.step < cfg.train.steps:
+        doing(f"training: inner step {state.step + 1} of {cfg.train.steps}")
         lr = cfg.optim.lr * lr_factor(state.step, cfg.train.steps, cfg.schedule)
         set_lr(optimizer, lr)
         inputs, targets = sync.next_batch(loader)
@@ -603,6 +618,7 @@ def _train_in(
         for note in [*sync.drain_notes(), *loader.drain_notes()]:
             log.info(f"atoll: {note}")
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
+            doing(f"evaluating after inner step {state.step}")
             eval_start = time.perf_counter()
             val_losses = evaluate(model, data, seq_len, cfg, island)
             val_loss = weighted_mean(val_losses, data.names, data.weights)
@@ -649,6 +665,7 @@ def _train_in(
             log.log(row)
             sync.report_numbers(row)
             window_start, window_tokens = time.perf_counter(), 0
+    doing("finishing the last checkpoint")
     for done in checkpointer.close():
         log.info(describe_save(done))
     log.info(f"atoll: done: {state.step} steps, loss {loss_value:.4f}"
