@@ -15,6 +15,9 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
                 data-parallel batch; on the defaults this is DiLoCo's better lr, not data-parallel's)
   int8-coupled  int8 DiLoCo whose outer momentum also multiplies the inner weight decay (as before
                 diloco.decouple_weight_decay)
+  int8-ef       int8 DiLoCo with error feedback (`comm.error_feedback`)
+  int4          DiLoCo with int4 (FP4) pseudo-gradients
+  int4-ef       int4 DiLoCo with error feedback
 All rows of one seed see the same samples in the same order (islands read disjoint slices of one
 seeded stream) and the same inner optimizer and schedule, so the only difference is how the
 islands synchronise. Each run prints as it finishes; the table then gives, per row, the mean and
@@ -75,6 +78,9 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
                     [*diloco(h), "--comm.codec", "int8", "--optim.lr", str(args.lr * args.islands ** 0.5)]),
         "int8-coupled": (f"DiLoCo int8, H={h}, coupled decay", [*diloco(h), "--comm.codec", "int8",
                                                                 "--diloco.decouple_weight_decay", "false"]),
+        "int8-ef": (f"DiLoCo int8 + EF, H={h}", [*diloco(h), "--comm.codec", "int8", "--comm.error_feedback", "true"]),
+        "int4": (f"DiLoCo int4, H={h}", [*diloco(h), "--comm.codec", "int4"]),
+        "int4-ef": (f"DiLoCo int4 + EF, H={h}", [*diloco(h), "--comm.codec", "int4", "--comm.error_feedback", "true"]),
     }
 
 
@@ -97,7 +103,8 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final loss")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each run for every row")
     parser.add_argument("--rows", default="ddp,fp32,int8,int8-2h",
-                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-lr, no-anneal, int8-coupled (ddp is always run)")
+                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef "
+                             "(ddp is always run)")
     args = parser.parse_args()
 
     settings = row_settings(args)
