@@ -1,6 +1,7 @@
 """All-reduce of a 64 MiB fp32 payload across islands on emulated WAN links: gloo against atoll's ring.
 
     python benchmarks/allreduce.py                   # 100mbit links, 20 ms one-way, 2 and 3 islands (needs root)
+    python benchmarks/allreduce.py --islands 2 3 4   # the int4 and int8 rings' errors at 2, 3 and 4 islands too
     python benchmarks/allreduce.py --islands 2 --rate 1gbit --delay 5ms --mib 16 --repeats 1
     python benchmarks/allreduce.py --mac --islands 2 3 --mib 64 --repeats 7   # the ring's MAC: cost on WAN and loopback
     python benchmarks/allreduce.py --buckets 42 --islands 3                     # many buckets: one ring after another vs pipelined
@@ -10,7 +11,8 @@ island, tbf-shaped links, a userspace delay line), a TCPStore in the coordinator
 worker process per island inside its namespace (gloo bound to the emulated link). Every worker runs
 every method `--repeats` times on its own random payload (fixed per island), each run between two
 barriers: gloo's own fp32 `all_reduce` (the group's allreduce, then a division), and atoll's
-pipelined ring (`comm/ring.py`) with the fp32, int8 and codebook8 codecs. All rows of a table
+pipelined ring (`comm/ring.py`) with the fp32, int8, int4 and codebook8 codecs, and int4 once more
+writing what each island's encodings lost (`dropped`, what error feedback costs the ring). All rows of a table
 come from one run, and repeats are interleaved (every method once per round, the order reversed
 every other round) so that noise from other work on the machine hits every method alike.
 
@@ -33,6 +35,11 @@ utilization = those bytes / seconds / rate, speedup against the first row (gloo 
 the ring without MAC) on the same islands, and the relative L2 error of the result against the
 first row's. The delay line's CPU use over the whole run is printed below.
 Timings on a shared machine vary by several percent; compare rows of the same run.
+
+Latency floor: a ring's last chunk crosses 2(islands - 1) hops one after another, each at least
+the one-way delay, so one ring takes at least bytes / rate + 2(islands - 1) x delay. For int4 at
+3 islands on the defaults that is 12.7 MB / 100 Mbit/s = 1.02 s plus 4 x 20 ms: at most 92.7% of
+the link, which the int4 ring reached (92.2%, 6.80x gloo fp32, load average 5 on 2 cores).
 """
 
 from __future__ import annotations
@@ -55,10 +62,12 @@ REPO = Path(__file__).resolve().parents[1]
 GLOO = "gloo fp32"
 RING = "atoll ring "
 MAC = " + MAC"
-METHODS = (GLOO, "atoll ring fp32", "atoll ring int8", "atoll ring codebook8")
+EF = " + EF"
+METHODS = (GLOO, "atoll ring fp32", "atoll ring int8", "atoll ring int4", "atoll ring int4" + EF, "atoll ring codebook8")
 ONE_BY_ONE = " buckets one by one"
 PIPELINED = " buckets pipelined"
-"""A method is gloo's all_reduce or RING + codec name, with MAC appended when payloads are tagged."""
+"""A method is gloo's all_reduce or RING + codec name, with MAC appended when payloads are tagged and
+EF when the ring writes what it dropped."""
 TX_BYTES = "/sys/class/net/{device}/statistics/tx_bytes"
 LOOPBACK = "lo"
 LOOPBACK_HOST = "127.0.0.1"
@@ -89,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
     for repeat in range(args.repeats):
         for method in methods if repeat % 2 == 0 else reversed(methods):  # a method's place in the round alternates
             tensor = payload.clone()
+            dropped = torch.empty_like(tensor) if method.endswith(EF) else None
             group.barrier().wait()
             sent_before = int(tx_bytes.read_text())
             start = time.perf_counter()
@@ -106,9 +116,9 @@ def worker(args: argparse.Namespace) -> None:
                         ring_all_reduce_mean_(bucket, group, codec, RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence + i)
                 sequence += len(buckets)
             else:
-                codec = method.removeprefix(RING).removesuffix(MAC)
+                codec = method.removeprefix(RING).removesuffix(MAC).removesuffix(EF)
                 ring_all_reduce_mean_(tensor, group, get_codec(codec), RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence,
-                                      key if method.endswith(MAC) else None)
+                                      key if method.endswith(MAC) else None, dropped)
                 sequence += 1
             seconds = time.perf_counter() - start
             group.barrier().wait()  # our last sends may still be queued until every peer has them
