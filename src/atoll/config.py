@@ -373,10 +373,10 @@ class CommConfig(Section):
     error on Gaussian; see comm/codecs.py)."""
     error_feedback: bool = False
     """DiLoCo: each island keeps what the codec lost of its contributions in the last outer step
-    (fp32, CPU, 8 more bytes per parameter) and adds it to its next pseudo-gradient, so lossy
-    codecs lose nothing over time (see atoll/diloco.py for rejected contributions, skipped
-    steps, joiners and checkpoints). Run-wide. A checkpoint saved without it cannot be resumed
-    with it on."""
+    (fp32, CPU, 8 more bytes per parameter) and adds it to its next pseudo-gradient, so what a
+    lossy codec drops is sent late instead of lost (see atoll/diloco.py for rejected contributions, skipped
+    steps, joiners and checkpoints). Run-wide; ddp mode has no pseudo-gradients and ignores it.
+    A checkpoint saved without it cannot be resumed with it on."""
     streams: int = Field(default=1, ge=1, le=16)
     """Independent rings per local rank (one process group each, every bucket split between them);
     more than 1 lets one process fill a long fat link, as parallel TCP connections do."""
