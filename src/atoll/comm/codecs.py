@@ -269,11 +269,15 @@ class Fp4Codec(_BlockCodec):
     clamp(y, -4, 4)/2): a piecewise-linear map (slopes 2, 1, 1/2 on |y| in [0, 2], [2, 4], [4, 6])
     that puts the grid's values on the integers and every midpoint between two of them on a
     half-integer, so it rounds to the nearest value (ties to the even index). Decoding inverts it
-    from the code n = 8 + k: y = 2n - clamp(n, 4, 12)/2 - clamp(n, 2, 14) - 4. Float ops only:
-    torch's comparisons, `where` and `copysign` are 3-40x slower per value than its arithmetic
-    on CPU (measured here). Speed (`benchmarks/codecs.py`, 64 MiB, 2 loaded cores): encode 1.6x
-    and decode into a buffer 1.7x a `clone()` (int8: 2.6x and 8.2x in the same run): twice the
-    values per payload byte, and a dozen ops per span where int8 needs five.
+    from the code n = 8 + k in int8 arithmetic: 2y = 4n - clamp(n, 4, 12) - 2 clamp(n, 2, 14) - 8,
+    then one conversion and one multiply by half the scale. No comparisons, `where` or
+    `copysign`: on CPU they are 3-40x slower per value than torch's arithmetic (measured here).
+
+    Speed (`benchmarks/codecs.py`, 64 MiB, 2 cores under a load average of 5-6 from other work):
+    encode 0.77-1.61x and decode into a buffer 1.17-1.69x a `clone()` over four runs (int8 in
+    the same runs: 1.33-2.59x and 4.1-8.2x). int4 is compute-bound (about twice int8's passes
+    over each value: seven fp32 ones to encode) where clone is bound by page faults, so its
+    ratio falls furthest when other work takes the cores.
     """
 
     name = "int4"
@@ -301,12 +305,12 @@ class Fp4Codec(_BlockCodec):
 
     def _decode_span(self, out_rows: torch.Tensor, code_rows: torch.Tensor, scales: torch.Tensor) -> None:
         half, numel = code_rows.shape[1], out_rows.shape[1]
-        scale = scales.float()[:, None]
-        # each half of the rows on its own contiguous codes: converting uint8 into a strided half-row is 3x slower
+        half_scale = scales.float().mul_(0.5)[:, None]
+        # twice the value in int8 arithmetic (1 byte per value), then one conversion and one multiply in fp32
         for nibbles, out in ((code_rows & 15, out_rows[:, :half]), ((code_rows >> 4)[:, : numel - half], out_rows[:, half:])):
-            code = nibbles.float()
-            low, high = code.clamp(4, 12), code.clamp(2, 14)
-            torch.mul(code.mul_(2).sub_(low, alpha=0.5).sub_(high).sub_(4), scale, out=out)
+            code = nibbles.view(torch.int8)
+            twice = code.mul(4).sub_(code.clamp(4, 12)).sub_(code.clamp(2, 14), alpha=2).sub_(8)
+            out.copy_(twice).mul_(half_scale)
 
 
 _POOL: ThreadPoolExecutor | None = None
