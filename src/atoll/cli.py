@@ -54,6 +54,8 @@ scenario file (--scenario FILE), TOML; any of these tables, each repeatable:
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 LOG_ROLES = {"coordinator": "coordinator", "simulate": "simulate", "demo": "demo"}
 """Who a command's log lines name until an island names itself (`atoll.logs.set_island`)."""
+RESULT_COMMANDS = frozenset({"status", "token", "export", "eval", "sample", "report", "model-info"})
+"""Commands whose standard output is their result (text, a table, JSON): their log lines go to stderr."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.debug:
         os.environ[DEBUG_ENV] = "1"  # the ranks and islands it starts inherit it
-    configure(args.log_level, args.log_format, LOG_ROLES.get(args.command))
+    configure(args.log_level, args.log_format, LOG_ROLES.get(args.command), to_stderr=args.command in RESULT_COMMANDS)
     try:
         if rest and args.command not in ("train", "simulate", "demo", "eval", "data"):
             raise UserError(f"unrecognised arguments: {' '.join(rest)}")

@@ -2,8 +2,9 @@
 level and who speaks (island id and local rank, or the process's role: coordinator, simulate).
 
 `configure()` gives the "atoll" logger one handler on standard output, where the per-step lines
-go too, so a run's output stays in order (the one line of an expected failure, `errors.say`,
-stays on stderr). Text, for people:
+go too, so a run's output stays in order; commands whose standard output is their result (sample,
+eval, status --json, ...) log on stderr instead. The one line of an expected failure,
+`errors.say`, is always on stderr. Text, for people:
 
     2026-12-04T03:22:14.123Z INFO  island-0/0 atoll: checkpoint saved: ...
 
@@ -67,21 +68,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class StdoutHandler(logging.StreamHandler):
-    """Writes to the current sys.stdout (pytest swaps it) and tells the heartbeat that the process spoke."""
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to the current sys.stdout, or sys.stderr (pytest swaps them), and tells the heartbeat
+    that the process spoke."""
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
+        self.to_stderr = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout  # not setStream: it flushes the old stream, which pytest may have closed
+        # not setStream: it flushes the old stream, which pytest may have closed
+        self.stream = sys.stderr if self.to_stderr else sys.stdout
         heartbeat.spoke()
         super().emit(record)
 
 
-def configure(level: str | None = None, fmt: str | None = None, role: str | None = None) -> None:
+def configure(level: str | None = None, fmt: str | None = None, role: str | None = None, to_stderr: bool = False) -> None:
     """Install the handler (once per process) at `level` in format `fmt`, defaulting to the
-    inherited environment, else info and text; exported so that child processes log alike."""
+    inherited environment, else info and text; exported so that child processes log alike.
+    `to_stderr`: the command's standard output is its result, keep log lines off it."""
     level = (level or os.environ.get(LEVEL_ENV) or "info").lower()
     fmt = (fmt or os.environ.get(FORMAT_ENV) or "text").lower()
     if level not in LEVELS or fmt not in FORMATS:  # a bad inherited value: the flags' choices are checked by argparse
@@ -89,12 +94,13 @@ def configure(level: str | None = None, fmt: str | None = None, role: str | None
     os.environ[LEVEL_ENV], os.environ[FORMAT_ENV] = level, fmt
     if role is not None:
         _identity["role"] = role
-    handler = next((h for h in log.handlers if isinstance(h, StdoutHandler)), None)
+    handler = next((h for h in log.handlers if isinstance(h, ConsoleHandler)), None)
     if handler is None:
-        handler = StdoutHandler()
+        handler = ConsoleHandler()
         log.addHandler(handler)
         log.propagate = False  # a host application's root handlers would print every line twice
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.to_stderr = to_stderr
     log.setLevel(level.upper())
 
 
