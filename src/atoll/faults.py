@@ -32,6 +32,7 @@ from torch import nn
 
 from atoll.diloco import local_shard
 from atoll.errors import UserError
+from atoll.logs import info as log_line
 
 FAULTS_ENV = "ATOLL_FAULTS"
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -97,7 +98,7 @@ class FaultInjector:
             if fault.point == point and fault.at == n:
                 self.faults.remove(fault)
                 # the wall time lets benchmarks/recovery.py measure from the fault itself
-                print(f"atoll: injecting {fault.to_text()} at {time.time():.3f}", flush=True)
+                log_line(f"atoll: injecting {fault.to_text()} at {time.time():.3f}")
                 if fault.action in WEIGHT_ACTIONS:
                     self._corrupt(fault)
                 elif fault.action == "sleep":
