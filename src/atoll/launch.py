@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from atoll.island import RANK_ENV
+from atoll.logs import log
 
 LAUNCHER_PID_ENV = "ATOLL_LAUNCHER_PID"
 LAUNCHER_CHECK_S = 0.5
@@ -72,7 +73,7 @@ def exit_with_launcher() -> None:
     def watch() -> None:
         while launcher_alive(int(launcher)):
             threading.Event().wait(LAUNCHER_CHECK_S)
-        print(f"atoll: the launcher (pid {launcher}) is gone; local rank exits", file=sys.stderr, flush=True)
+        log.warning(f"atoll: the launcher (pid {launcher}) is gone; local rank exits")
         os._exit(1)
 
     threading.Thread(target=watch, name="atoll-launcher-watch", daemon=True).start()
