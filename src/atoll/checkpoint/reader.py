@@ -30,6 +30,7 @@ from atoll.checkpoint.timeline import is_complete, parse_name
 from atoll.config import JobConfig, load_config
 from atoll.data import Tokenizer, load_tokenizer
 from atoll.errors import UserError
+from atoll.logs import log
 from atoll.model import Llama, ModelArgs
 
 RUN_CONFIG_FILE = "config.toml"
@@ -213,7 +214,7 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     """The run's newest checkpoint that verifies (its current timeline's), or None."""
     if not (run_dir / "checkpoints").is_dir():
         return None
-    found = newest_verified(run_dir / "checkpoints", lambda line: print(f"atoll: {line}", flush=True))
+    found = newest_verified(run_dir / "checkpoints", lambda line: log.info(f"atoll: {line}"))
     return found.path if found else None
 
 
@@ -231,7 +232,7 @@ def find_checkpoint(path: Path) -> RunCheckpoint:
             found = [(c, island) for island in islands if (c := _latest_checkpoint(island)) is not None]
             if found:
                 checkpoint, run_dir = max(found, key=lambda ci: parse_name(ci[0].name))
-                print(f"atoll: {path} holds {len(islands)} island(s); using {run_dir.name}'s latest checkpoint", file=sys.stderr)
+                log.info(f"atoll: {path} holds {len(islands)} island(s); using {run_dir.name}'s latest checkpoint")
         if checkpoint is None:
             raise UserError(f"{path}: no complete checkpoint (checkpoints/step-N) found; pass a run directory, "
                             "a checkpoint directory or a Hugging Face model directory")
