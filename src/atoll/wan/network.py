@@ -30,10 +30,10 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 
 from atoll.errors import UserError
+from atoll.logs import log
 from atoll.mesh.addresses import GLOO_SOCKET_IFNAME_ENV
 from atoll.wan import namespaces
 from atoll.wan.delay_line import Link, command
@@ -119,7 +119,7 @@ class EmulatedWan:
                 if self.rate_bps is not None:
                     problem = namespaces.limit_rate(name, self.rate_bps, self.shape.burst_bytes, self.shape.limit_bytes)
                     if problem is not None:
-                        print(problem, file=sys.stderr)
+                        log.warning(problem)
             links.append(self._make_link(self.coordinator_namespace, self.coordinator_host, fds))
             control_read, self._control_fd = os.pipe()
             fds.append(control_read)
@@ -158,7 +158,7 @@ class EmulatedWan:
             try:
                 namespaces.delete_namespace(name)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep deleting the others
-                print(f"atoll: could not delete network namespace {name}: {err}", file=sys.stderr)
+                log.warning(f"atoll: could not delete network namespace {name}: {err}")
         self._created = []
 
     def __enter__(self) -> EmulatedWan:
