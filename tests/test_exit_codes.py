@@ -92,7 +92,8 @@ def test_an_unreachable_coordinator_is_said_before_the_island_builds_anything(tm
     address = f"{LOOPBACK}:{free_port()}"
     result = train_alone(address, "a", tmp_path, "--mesh.connect_timeout_s", "3", "--data.cache_dir", str(tmp_path / "cache"))
     assert result.returncode == errors.USER_ERROR
-    assert f"waiting for the coordinator at {address}" in result.stderr and "until" in result.stderr
+    said = result.stdout + result.stderr  # the wait is a log line (stdout), the failure one line on stderr
+    assert f"waiting for the coordinator at {address}" in said and "until" in said
     assert address in one_line(result.stdout + result.stderr) and "debug model" not in result.stdout
     assert not (tmp_path / "a").exists()
 

@@ -32,7 +32,6 @@ import itertools
 import json
 import secrets
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Any
 
 from atoll import __version__, errors
 from atoll.errors import ExpectedFailure, UserError
+from atoll.logs import log
 from atoll.mesh import protocol
 from atoll.mesh.auth import run_key, sign, verify
 from atoll.mesh.membership import Epoch
@@ -52,9 +52,9 @@ REFUSAL_CODES = {"duplicate": errors.DUPLICATE, "mismatch": errors.CONFIG_MISMAT
 """Exit codes of the coordinator's refusals, by the kind it names (`refused_as`)."""
 
 
-def to_stderr(line: str) -> None:
-    """Where a client says what it waits for, unless told otherwise."""
-    print(line, file=sys.stderr, flush=True)
+def log_waiting(line: str) -> None:
+    """Where a client says what it waits for, unless told otherwise: a log line (`atoll.logs`)."""
+    log.info(line)
 
 
 def clock(deadline: float) -> str:
@@ -82,7 +82,7 @@ class CoordinatorClient:
 
     def __init__(
         self, address: str, island_id: str, incarnation: str, token: str | None, connect_timeout: float, retry_s: float,
-        channel: str = "main", log: Callable[[str], None] = to_stderr,
+        channel: str = "main", log: Callable[[str], None] = log_waiting,
     ) -> None:
         """Say hello, retrying for `connect_timeout` (saying at the first failure what it waits
         for and until when); then a UserError naming the address and the fix. A host name that

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from atoll import logs
 from atoll.comm.allreduce import ABANDONED
 from atoll.config import MeshConfig
 from atoll.errors import ExpectedFailure, say
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
-from atoll.mesh.client import CoordinatorClient, Heartbeat, new_incarnation, refused, register, to_stderr, wait_for_admission
+from atoll.mesh.client import CoordinatorClient, Heartbeat, log_waiting, new_incarnation, refused, register, wait_for_admission
 from atoll.mesh.membership import Epoch
 
 ABORT, COMMIT, RESYNC = 0, 1, 2
@@ -61,7 +62,7 @@ class MeshMember:
     client: CoordinatorClient
     """Local rank 0's talks to the coordinator; the other ranks' only asks `latest`."""
     heartbeat: Heartbeat | None
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = logs.info
     fetch: dict[str, Any] | None = None
     """While not admitted: the coordinator's word on where to fetch the run's state ({"step",
     "sources": [{"island", "host", "ports"}]})."""
@@ -228,7 +229,7 @@ def join_mesh(
     channel = "main" if island.is_leader else f"rank{island.rank}"
     client = CoordinatorClient(
         cfg.coordinator, island_id, incarnation, token, min(cfg.connect_timeout_s, cfg.join_timeout_s), cfg.coordinator_retry_s, channel,
-        to_stderr if island.is_leader else lambda line: None,  # the leader speaks for the island
+        log_waiting if island.is_leader else lambda line: None,  # the leader speaks for the island
     )
     heartbeat = None
 
