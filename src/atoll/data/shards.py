@@ -50,6 +50,7 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
+from atoll import logs
 from atoll.atomic import atomic_write
 from atoll.data.sources import BadFile, Document, Piece, Source, SourceError, SourceSpec
 from atoll.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, token_dtype
@@ -197,7 +198,7 @@ def prepare(
     settings: PrepareSettings,
     workers: int = 1,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logs.info,
 ) -> PrepareReport:
     """Tokenise every source of ``specs`` into shards under ``url`` (see the module docstring).
 
