@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from atoll import logs
 from atoll.config import DataConfig
 from atoll.data.shards import (
     PrepareReport,
@@ -118,7 +119,7 @@ def prepared_url(cfg: DataConfig) -> str:
     return str(Path(cache) / PREPARED_CACHE)
 
 
-def run_prepare(cfg: DataConfig, workers: int, progress: bool, log: Callable[[str], None] = print) -> PrepareReport:
+def run_prepare(cfg: DataConfig, workers: int, progress: bool, log: Callable[[str], None] = logs.info) -> PrepareReport:
     """`atoll data prepare`: tokenise every source of the mixture into shards; UserError on bad input."""
     if not cfg.sources:
         raise UserError("data prepare: the config lists no [[data.sources]] (or data.mixture); see configs/data/")
