@@ -273,9 +273,9 @@ class Fp4Codec(_BlockCodec):
     then one conversion and one multiply by half the scale. No comparisons, `where` or
     `copysign`: on CPU they are 3-40x slower per value than torch's arithmetic (measured here).
 
-    Speed (`benchmarks/codecs.py`, 64 MiB, 2 cores under a load average of 5-6 from other work):
-    encode 0.77-1.61x and decode into a buffer 1.17-1.69x a `clone()` over four runs (int8 in
-    the same runs: 1.33-2.59x and 4.1-8.2x). int4 is compute-bound (about twice int8's passes
+    Speed (`benchmarks/codecs.py`, 64 MiB, 2 cores under a load average of 5-7.6 from other
+    work, five runs): encode 0.77-2.40x a `clone()` (median 1.03x), decode into a buffer
+    0.99-2.13x (median 1.18x); int8 in the same runs 1.33-3.63x and 4.1-10.6x. int4 is compute-bound (about twice int8's passes
     over each value: seven fp32 ones to encode) where clone is bound by page faults, so its
     ratio falls furthest when other work takes the cores.
     """
