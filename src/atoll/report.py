@@ -314,10 +314,19 @@ def _png(fig: Any) -> str:
 
     buffer = io.BytesIO()
     # fixed margins, not bbox_inches="tight": that draws every figure twice (half the report's time)
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.16, top=0.96, wspace=0.18)
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.16, top=0.96, wspace=0.18)
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def time_unit(series: dict[str, Any]) -> tuple[str, float]:
+    """(unit, hours per unit) that suits the run's length: minutes under 2 hours, days over 3 days."""
+    hours = [h for name in series["islands"] for h in series["loss"][name]["hours"][-1:]] + series["world"]["hours"][-1:]
+    longest = max(hours, default=0.0)
+    if longest < 2:
+        return "minutes", 1 / 60
+    return ("days", 24.0) if longest > 72 else ("hours", 1.0)
 
 
 def _figures(series: dict[str, Any]) -> list[tuple[str, str]]:
@@ -326,20 +335,26 @@ def _figures(series: dict[str, Any]) -> list[tuple[str, str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     islands = series["islands"]
     figures = []
+    unit, per = time_unit(series)
+    when = f"{unit} since the run started"
+
+    def t(hours: list[float]) -> list[float]:
+        return [h / per for h in hours]
 
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(13, 4))
     for name in islands:
         loss, val = series["loss"][name], series["val_loss"][name]
         line, = by_tokens.plot(loss["tokens"], loss["loss"], lw=1, label=f"{name} train")
-        by_time.plot(loss["hours"], loss["loss"], lw=1, color=line.get_color())
+        by_time.plot(t(loss["hours"]), loss["loss"], lw=1, color=line.get_color())
         if val["val_loss"]:
             by_tokens.plot(val["tokens"], val["val_loss"], "o--", ms=3, lw=1, color=line.get_color(), label=f"{name} val")
-            by_time.plot(val["hours"], val["val_loss"], "o--", ms=3, lw=1, color=line.get_color())
+            by_time.plot(t(val["hours"]), val["val_loss"], "o--", ms=3, lw=1, color=line.get_color())
     by_tokens.set(xlabel="tokens (the island's own)", ylabel="loss")
-    by_time.set(xlabel="hours since the run started", ylabel="loss")
+    by_time.set(xlabel=when, ylabel="loss")
     by_tokens.legend(fontsize=7, ncol=2)
     figures.append(("Train and validation loss per island, against tokens and time", _png(fig)))
 
@@ -359,27 +374,30 @@ def _figures(series: dict[str, Any]) -> list[tuple[str, str]]:
         line, = ax.plot(outer["bytes_outer_step"], [b / 1e6 for b in outer["bytes_sent"]], lw=1, label=f"{name} sent")
         ax.plot(outer["bytes_outer_step"], [b / 1e6 for b in outer["ddp_bytes"]], ":", lw=1, color=line.get_color(),
                 label=f"{name} data-parallel")
-    ax.set(xlabel="outer step", ylabel="MB per outer step", yscale="log")
+    ax.set(xlabel="outer step", ylabel="MB per outer step (log)", yscale="log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7, ncol=2)
     figures.append(("Bytes sent per outer step, against data-parallel's for the same inner steps (fp32 ring all-reduce every step)", _png(fig)))
 
     world = series["world"]
     fig, ax = plt.subplots(figsize=(13, 3.5))
-    ax.step(world["hours"], world["world_size"], where="post", lw=1.5)
+    ax.step(t(world["hours"]), world["world_size"], where="post", lw=1.5)
     for event in world["events"]:
         if event["joined"] or event["left"]:
-            ax.axvline(event["hours"], color="green" if event["joined"] else "red", lw=0.6, alpha=0.6)
-    ax.set(xlabel="hours since the run started", ylabel="islands in the epoch")
+            ax.axvline(event["hours"] / per, color="green" if event["joined"] else "red", lw=0.6, alpha=0.6)
+    ax.set(xlabel=when, ylabel="islands in the epoch")
     ax.yaxis.get_major_locator().set_params(integer=True)
     figures.append(("World size over time (green: an island joined, red: one left)", _png(fig)))
 
     fig, (saves, blocked) = plt.subplots(1, 2, figsize=(13, 3.5))
     for name in islands:
         ckpt = series["checkpoints"][name]
-        saves.plot(ckpt["save_hours"], ckpt["save_s"], "o", ms=3, label=name)
-        blocked.plot(ckpt["blocked_hours"], ckpt["blocked_s"], ".", ms=3, label=name)
-    saves.set(xlabel="hours since the run started", ylabel="save took (s)")
-    blocked.set(xlabel="hours since the run started", ylabel="training blocked (s)")
+        saves.plot(t(ckpt["save_hours"]), ckpt["save_s"], "o", ms=3, label=name)
+        blocked.plot(t(ckpt["blocked_hours"]), ckpt["blocked_s"], ".", ms=3, label=name)
+    saves.set(xlabel=when, ylabel="save took (s)")
+    blocked.set(xlabel=when, ylabel="training blocked (s)")
     saves.legend(fontsize=7)
     figures.append(("Checkpoint saves: how long each took, and how long training was blocked", _png(fig)))
 
@@ -394,6 +412,8 @@ def _figures(series: dict[str, Any]) -> list[tuple[str, str]]:
             source.bar(k, tokens, bottom=bottom, label=src if k == 0 else None)
             bottom += tokens
     rejected.set(xlabel="outer step", ylabel="contributions rejected")
+    if not any(series["outer"][n]["rejected"] or series["outer"][n]["skipped"] for n in islands):
+        rejected.text(0.5, 0.5, "no rejected contributions, no skipped outer steps", ha="center", transform=rejected.transAxes)
     source.set_xticks(range(len(islands)), islands, rotation=30, fontsize=7)
     source.set(ylabel="tokens by data source")
     if any(series["tokens_by_source"].values()):
@@ -412,7 +432,7 @@ def render(series: dict[str, Any]) -> str:
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>atoll report: "
         f"{html.escape(Path(series['run_dir']).name)}</title><style>"
         "body{font:14px system-ui,sans-serif;margin:2em;color:#222}img{max-width:100%}"
-        "table{border-collapse:collapse}th,td{text-align:left;padding:2px 10px;border-bottom:1px solid #ddd}"
+        "table{border-collapse:collapse}th,td{text-align:left;padding:2px 10px;border-bottom:1px solid #ddd}th{white-space:nowrap}"
         "</style></head><body>"
         f"<h1>atoll report: {html.escape(series['run_dir'])}</h1><p>made {made}; "
         f"{len(series['islands'])} island(s); series longer than {MAX_POINTS} points are bucket means</p>"
