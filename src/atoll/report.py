@@ -20,7 +20,6 @@ import io
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 
+from atoll.config import tomllib
 from atoll.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 MAX_POINTS = 2000
 """Points per island and series in a plot (and in the page's JSON block)."""
