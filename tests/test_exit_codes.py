@@ -18,6 +18,9 @@ from conftest import REPO, free_port, run_atoll
 from test_operations import LOOPBACK, TIMEOUT_S, TOKEN, TRAIN_ARGS, finish, island, logs, outer_steps, wait_for
 
 from atoll import errors
+from atoll.config import JobConfig
+from atoll.mesh.membership import Epoch
+from atoll.sync import IslandSync
 from atoll.cli import main
 from atoll.errors import DEBUG_ENV, UserError
 from atoll.faults import FAULTS_ENV
@@ -173,3 +176,36 @@ def test_too_many_skipped_outer_steps_end_every_island_in_one_line_and_exit_5(tm
     assert codes == [errors.SKIPPED_STEPS] * 2, logs(tmp_path)
     for name in ("a", "b"):
         assert "outer steps in a row were skipped" in one_line((tmp_path / f"{name}.log").read_text())
+
+
+class _EpochsThatNeverForm:
+    """A member whose every epoch's entry barrier fails (a peer that never arrives), as the
+    coordinator answers when each new epoch loses someone before it forms."""
+
+    island_id, incarnation = "island-0", "inc-0"
+
+    def __init__(self) -> None:
+        self.epoch = Epoch(0, ("island-0", "island-1"), 1, incarnations=("inc-0", "inc-1"))
+        self.barriers = 0
+
+    def epoch_named(self, number: int) -> Epoch:
+        return Epoch(number, ("island-0", "island-1"), 1, reason="island-1 left", incarnations=("inc-0", "inc-1"))
+
+    def barrier(self, name: str) -> bool:
+        self.barriers += 1
+        return False
+
+    def next_epoch(self) -> int:
+        return self.epoch.number + 1
+
+
+def test_an_island_that_cannot_enter_any_epoch_stops_with_one_line_and_exit_code_7():
+    sync = IslandSync.__new__(IslandSync)  # only what _enter reads: the config, the member, the notes
+    sync.cfg = JobConfig.model_validate({"mesh": {"enter_attempts": 3}})
+    sync.member, sync.notes = _EpochsThatNeverForm(), []
+    with pytest.raises(errors.ExpectedFailure) as failure:
+        sync._enter(1)
+    assert failure.value.exit_code == errors.CANNOT_ENTER == 7
+    assert sync.member.barriers == 3
+    assert str(failure.value) == ("could not enter an epoch in 3 attempts in a row (mesh.enter_attempts); last: epoch 3; "
+                                  "see membership.jsonl for who failed")

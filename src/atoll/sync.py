@@ -365,7 +365,7 @@ class IslandSync:
         after mesh.enter_attempts epochs in a row that could not be entered (CANNOT_ENTER).
         """
         for _ in range(self.cfg.mesh.enter_attempts):
-            epoch = self.member.epoch_named(number)
+            tried, epoch = number, self.member.epoch_named(number)
             if not epoch.has(self.member.island_id, self.member.incarnation):
                 raise ExpectedFailure(
                     f"island {self.member.island_id!r} was dropped from the run in epoch {number} ({epoch.reason}); "
@@ -398,7 +398,7 @@ class IslandSync:
             number = self.member.next_epoch()
         raise ExpectedFailure(
             f"could not enter an epoch in {self.cfg.mesh.enter_attempts} attempts in a row (mesh.enter_attempts); last: epoch "
-            f"{number}; see membership.jsonl for who failed", errors.CANNOT_ENTER,
+            f"{tried}; see membership.jsonl for who failed", errors.CANNOT_ENTER,
         )
 
     def _share_state(self) -> None:
