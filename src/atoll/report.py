@@ -31,6 +31,7 @@ import pyarrow.json as pa_json
 
 from atoll.config import tomllib
 from atoll.errors import UserError
+from atoll.jsonl import records, tail_lines
 
 MAX_POINTS = 2000
 """Points per island and series in a plot (and in the page's JSON block)."""
@@ -70,20 +71,6 @@ class RunRecords:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file; a torn line (a run still writing) is skipped."""
-    out = []
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-    return out
-
-
 def columns_of(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The report's columns of parsed records (the slow path: a file pyarrow could not parse whole)."""
     cols: dict[str, Any] = {}
@@ -103,30 +90,19 @@ def read_columns(path: Path) -> dict[str, Any]:
     try:
         table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA, unexpected_field_behavior="ignore"))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return columns_of([json.loads(line) for line in data.splitlines() if _parses(line)])
+        return columns_of(list(records(data.splitlines())))
     cols: dict[str, Any] = {name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64) for name in NUMBERS}
     cols["skipped"] = table.column("skipped").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     cols["rejected"] = [r or [] for r in table.column("rejected").to_pylist()]
     return cols
 
 
-def _parses(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
 def last_tokens_by_source(path: Path) -> dict[str, int]:
     """The newest record's tokens_by_source among the last TAIL_BYTES of `path` (cumulative per source)."""
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - TAIL_BYTES))
-        lines = f.read().splitlines()
-    for line in reversed(lines):
-        if b"tokens_by_source" in line and _parses(line):
-            found = json.loads(line).get("tokens_by_source")
-            if isinstance(found, dict):
-                return {str(k): int(v) for k, v in found.items() if isinstance(v, (int, float))}
+    for record in records(line for line in reversed(tail_lines(path, TAIL_BYTES)) if b"tokens_by_source" in line):
+        found = record.get("tokens_by_source")
+        if isinstance(found, dict):
+            return {str(k): int(v) for k, v in found.items() if isinstance(v, (int, float))}
     return {}
 
 
@@ -156,7 +132,7 @@ def read_run(run_dir: Path) -> RunRecords:
         islands = [_island(d.name, d) for d in sorted(run_dir.iterdir()) if (d / "metrics.jsonl").is_file()]
     if not islands:
         raise UserError(f"{run_dir} holds no metrics.jsonl (nor island-*/metrics.jsonl): is it a run directory?")
-    events = _read_jsonl(run_dir / MEMBERSHIP_FILE) if (run_dir / MEMBERSHIP_FILE).is_file() else []
+    events = list(records((run_dir / MEMBERSHIP_FILE).read_bytes().splitlines())) if (run_dir / MEMBERSHIP_FILE).is_file() else []
     return RunRecords(run_dir, islands, events)
 
 

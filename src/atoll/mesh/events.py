@@ -22,6 +22,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from atoll.jsonl import records, tail_lines
+
 RECENT_EVENTS = 200
 """Events kept in memory for the status page (a run changes membership a few times an hour)."""
 TAIL_BYTES = 256 << 10
@@ -35,7 +37,7 @@ class EventLog:
         self.path = path
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         if path is not None and path.is_file():
-            self.recent.extend(_tail(path))
+            self.recent.extend(records(tail_lines(path, TAIL_BYTES)[-RECENT_EVENTS:]))
 
     def append(self, number: int, members: list[str], joined: list[str], left: dict[str, str], reason: str, **extra: Any) -> None:
         """One event of epoch `number`, timestamped now (the coordinator's wall clock)."""
@@ -50,19 +52,3 @@ class EventLog:
     def since(self, wall_time: float) -> list[dict[str, Any]]:
         """The kept events at or after `wall_time`, oldest first."""
         return [event for event in self.recent if event.get("time", 0) >= wall_time]
-
-
-def _tail(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines among the last TAIL_BYTES of `path` (a torn or partial line is skipped)."""
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - TAIL_BYTES))
-        lines = f.read().splitlines()
-    events = []
-    for line in lines[-RECENT_EVENTS:]:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
