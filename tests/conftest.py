@@ -61,6 +61,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def losses_by_step(run_dir: Path) -> dict[str, dict[int, tuple[float, str | None]]]:
+    """Each island's (loss, outer digest) by step, from a simulate run directory."""
+    return {
+        d.name: {r["step"]: (r["loss"], r.get("outer_digest")) for r in read_metrics(d) if "loss" in r}
+        for d in sorted(run_dir.glob("island-*"))
+    }
+
+
 def outer_step(diloco, mean) -> str:
     """One outer step on a fixed group: average, then apply; returns the new outer digest.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import read_metrics, run_atoll
+from conftest import losses_by_step, read_metrics, run_atoll
 
 from atoll.checkpoint import Checkpointer, newest_verified, read_manifest
 from atoll.mesh.coordinator import Coordinator
@@ -246,14 +246,6 @@ def simulate_args(run_dir: Path, cache_dir: str, *extra: str) -> list[str]:
     ]
 
 
-def losses(run_dir: Path) -> dict[str, dict[int, tuple[float, str | None]]]:
-    """Each island's (loss, outer digest) by step."""
-    return {
-        d.name: {r["step"]: (r["loss"], r.get("outer_digest")) for r in read_metrics(d) if "loss" in r}
-        for d in sorted(run_dir.glob("island-*"))
-    }
-
-
 @pytest.mark.timeout(3 * TIMEOUT)
 def test_a_whole_run_stopped_and_resumed_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
     # 2 islands x 2 local ranks; both islands stop at inner step 14 (after the checkpoint of step
@@ -263,12 +255,12 @@ def test_a_whole_run_stopped_and_resumed_reproduces_the_uninterrupted_losses(tmp
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     faults = ["--fault", "island-0=term@inner:14", "--fault", "island-1=term@inner:14"]
     run_atoll(simulate_args(stopped, cache_dir, *faults), TIMEOUT)
-    assert max(losses(stopped)["island-0"]) < 20  # it did stop
+    assert max(losses_by_step(stopped)["island-0"]) < 20  # it did stop
     result = run_atoll(simulate_args(stopped, cache_dir, "--resume"), TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     assert "resumed at step 8" in result.stdout and (stopped / "membership.journal.1").is_file()
-    expected, got = losses(whole), losses(stopped)
+    expected, got = losses_by_step(whole), losses_by_step(stopped)
     for island in ("island-0", "island-1"):
         assert sorted(got[island]) == list(range(1, 21))  # no duplicated or missing steps
         assert got[island] == expected[island], island  # bit-identical losses and outer digests

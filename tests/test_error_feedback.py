@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import read_metrics, run_atoll
+from conftest import losses_by_step, run_atoll
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from atoll.checkpoint import Checkpointer
@@ -200,13 +200,6 @@ def simulate_args(run_dir: Path, cache_dir: str, *extra: str) -> list[str]:
     ]
 
 
-def losses(run_dir: Path) -> dict[str, dict[int, tuple[float, str | None]]]:
-    return {
-        d.name: {r["step"]: (r["loss"], r.get("outer_digest")) for r in read_metrics(d) if "loss" in r}
-        for d in sorted(run_dir.glob("island-*"))
-    }
-
-
 @pytest.mark.timeout(3 * TIMEOUT)
 def test_a_whole_run_stopped_and_resumed_with_error_feedback_reproduces_the_uninterrupted_run(tmp_path):
     # both islands stop at inner step 10 (after the checkpoint of step 8, outer step 2) and
@@ -218,7 +211,7 @@ def test_a_whole_run_stopped_and_resumed_with_error_feedback_reproduces_the_unin
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     faults = ["--fault", "island-0=term@inner:10", "--fault", "island-1=term@inner:10"]
     run_atoll(simulate_args(stopped, cache_dir, *faults), TIMEOUT)
-    assert max(losses(stopped)["island-0"]) < 12  # it did stop
+    assert max(losses_by_step(stopped)["island-0"]) < 12  # it did stop
     saved = tmp_path / "saved.pt"
     dcp_to_torch_save(next((stopped / "island-0" / "checkpoints").glob("step-00000008*")), saved)
     residual = torch.load(saved)["diloco.rank0"]["error_feedback"]
@@ -226,7 +219,7 @@ def test_a_whole_run_stopped_and_resumed_with_error_feedback_reproduces_the_unin
     result = run_atoll(simulate_args(stopped, cache_dir, "--resume"), TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed at step 8" in result.stdout
-    expected, got = losses(whole), losses(stopped)
+    expected, got = losses_by_step(whole), losses_by_step(stopped)
     for name in ("island-0", "island-1"):
         assert sorted(got[name]) == list(range(1, 13))
         assert got[name] == expected[name], name  # bit-identical losses and outer digests
