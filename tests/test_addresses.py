@@ -16,7 +16,7 @@ from atoll.errors import UserError
 from atoll.mesh import addresses
 from atoll.mesh.addresses import GLOO_SOCKET_IFNAME_ENV, Listening, PortRange, bind_in_range, listening, parse_port_range, ring_host
 from atoll.mesh.groups import gloo_device
-from atoll.train import ADDRESS_KEYS, config_fingerprint
+from atoll.resume import ADDRESS_KEYS, config_fingerprint
 
 COORDINATOR = "127.0.0.1:29400"
 NEW_KEYS = ("interface", "advertise_host", "port_range", "advertise_port_range")

@@ -183,7 +183,7 @@ class Checkpointer:
         checkpoint of the current timeline's history: that timeline continues. Resumed from
         anything older here, or from a checkpoint elsewhere into a directory that already has a
         history: a new timeline. Island leader only (it reads and writes the registry); the other
-        local ranks take `timeline` and `identity` from it (see `atoll.train.open_checkpoints`).
+        local ranks take `timeline` and `identity` from it (see `atoll.resume.open_checkpoints`).
         """
         self.identity = Manifest(run_id=run_id or uuid.uuid4().hex, island_id=island_id, step=0, config_fingerprint=config_fingerprint)
         had_registry = (self.directory / timeline.REGISTRY).is_file()
