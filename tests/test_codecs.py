@@ -1,4 +1,5 @@
-"""Codecs: exact sizes, round trips within each format's precision, and the 8-bit comparison."""
+"""Codecs: exact sizes, round trips within each format's precision, the 8-bit comparison, and topk's
+sparse payloads (kept positions, bins, layout, non-finite and zero chunks, repeatability)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from atoll.comm.codecs import CODECS, INT4_BLOCK, INT8_BLOCK, Fp4Codec, Int8Codec, get_codec
+from atoll.comm.codecs import CODECS, INT4_BLOCK, INT8_BLOCK, TOPK_CHUNK, Fp4Codec, Int8Codec, TopkCodec, get_codec
 from atoll.config import CommConfig
 
 LENGTHS = [0, 1, 7, 31, 32, 33, 63, 64, 65, 1009]
@@ -172,7 +173,7 @@ def test_wrong_payload_or_name_is_refused_in_one_line():
         codec.decode(torch.zeros(68, dtype=torch.uint8), 67)
     with pytest.raises(ValueError, match="contiguous 1-D fp32"):
         codec.encode(torch.zeros(4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="choose one of fp32, bf16, fp16, int8, int4, codebook8"):
+    with pytest.raises(ValueError, match="choose one of fp32, bf16, fp16, int8, int4, codebook8, topk"):
         get_codec("int2")
 
 
@@ -299,3 +300,139 @@ def test_int4_is_fp4_because_it_beats_uniform_4_bit_codes_on_heavy_tails(distrib
     assert fp4 <= bounds[0] and absmax4 >= bounds[1]
     if distribution is not gaussian:  # on Gaussian values uniform codes are 0.4 points better
         assert fp4 < absmax4
+
+
+# --- topk: SparseLoCo's sparse pseudo-gradients --------------------------------------------------
+
+TOPK_LENGTHS = [0, 1, 7, TOPK_CHUNK - 1, TOPK_CHUNK, TOPK_CHUNK + 1, 3 * TOPK_CHUNK + 1009]
+
+
+def topk_reference(values: torch.Tensor, density: float = 1 / 64, bits: int = 2) -> torch.Tensor:
+    """decode(encode(values)) from the TopkCodec doc, chunk by chunk in fp64: keep the largest
+    magnitudes, bin them evenly over [min, max] of the kept ones, decode each as its bin's mean
+    magnitude (rounded to bf16) with its sign."""
+    out = torch.zeros_like(values)
+    keep_whole = max(1, round(density * TOPK_CHUNK))
+    for start in range(0, values.numel(), TOPK_CHUNK):
+        chunk = values[start : start + TOPK_CHUNK].double()
+        keep = math.ceil(keep_whole * chunk.numel() / TOPK_CHUNK)
+        kept = chunk.abs().argsort(descending=True, stable=True)[:keep]
+        magnitude = chunk[kept].abs()
+        low, high, bins = magnitude.min(), magnitude.max(), 2 ** (bits - 1)
+        which = ((magnitude - low) / (high - low) * bins).nan_to_num(0.0).clamp(0, bins - 1).floor().long()
+        means = torch.stack([magnitude[which == b].mean() if (which == b).any() else magnitude.new_zeros(()) for b in range(bins)])
+        decoded = means.float().to(torch.bfloat16).float()[which] * torch.where(chunk[kept] < 0, -1.0, 1.0).float()
+        out[start + kept] = decoded
+    return out
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("numel", TOPK_LENGTHS)
+def test_topk_size_is_its_table_codes_and_12_bit_offsets_fixed_by_numel(numel, bits):
+    codec = get_codec("topk", topk_bits=bits)
+    whole, rest = divmod(numel, TOPK_CHUNK)
+    kept = whole * 64 + math.ceil(64 * rest / TOPK_CHUNK)
+    chunks = whole + (rest > 0)
+    expected = 2 * 2 ** (bits - 1) * chunks + math.ceil(kept * bits / 8) + 3 * math.ceil(kept / 2)
+    payload = codec.encode(gaussian(numel))
+    assert codec.encoded_size(numel) == expected and payload.shape == (expected,) and payload.dtype == torch.uint8
+    assert codec.decode(payload, numel).shape == (numel,)
+
+
+def test_topk_at_the_defaults_is_141x_smaller_than_fp32_and_36x_smaller_than_int8():
+    numel = 64 * TOPK_CHUNK
+    topk = get_codec("topk").encoded_size(numel)
+    assert topk == 64 * (4 + 16 + 96)  # per chunk: 2 bf16 means, 64 codes of 2 bits, 64 offsets of 12 bits
+    assert 4 * numel / topk > 141 and get_codec("int8").encoded_size(numel) / topk > 36
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("numel", [1, 7, TOPK_CHUNK + 1, 3 * TOPK_CHUNK + 1009])
+def test_topk_keeps_each_chunks_largest_values_as_their_bins_mean_with_their_sign(numel, bits):
+    values = student_t3(numel, seed=4)  # continuous: no ties in magnitude
+    decoded = round_trip_topk(values, bits=bits)
+    want = topk_reference(values, bits=bits)
+    assert torch.equal(decoded != 0, want != 0)  # the same positions kept
+    # the bin means are fp32 sums of up to 64 values against fp64 ones: an ulp of bf16 apart at most
+    assert ((decoded - want).abs() <= want.abs() * 2**-7).all()
+
+
+def round_trip_topk(values: torch.Tensor, **settings) -> torch.Tensor:
+    codec = get_codec("topk", **{f"topk_{k}": v for k, v in settings.items()})
+    return codec.decode(codec.encode(values), values.numel())
+
+
+def test_topk_payload_repeats_exactly_across_spans_threads_and_calls():
+    values = laplace_with_spikes(300 * TOPK_CHUNK + 123)
+    payload = TopkCodec().encode(values)
+    one_span = TopkCodec()
+    one_span.SPAN_ROWS = 10**9
+    assert torch.equal(payload, one_span.encode(values)) and torch.equal(payload, TopkCodec().encode(values))
+    decoded = TopkCodec().decode(payload, values.numel())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(payload, TopkCodec().encode(values))
+        assert torch.equal(decoded.view(torch.int32), TopkCodec().decode(payload, values.numel()).view(torch.int32))
+    finally:
+        torch.set_num_threads(threads)
+    out = torch.full((values.numel(),), 7.0)
+    TopkCodec().decode_into(payload, out)
+    assert torch.equal(out.view(torch.int32), decoded.view(torch.int32))
+
+
+def test_topk_decode_add_adds_only_at_the_kept_positions():
+    values, base = gaussian(2 * TOPK_CHUNK + 9, seed=1), gaussian(2 * TOPK_CHUNK + 9, seed=2)
+    codec = get_codec("topk")
+    payload = codec.encode(values)
+    out = base.clone()
+    codec.decode_add_(payload, out)
+    assert torch.equal(out, base + codec.decode(payload, values.numel()))
+
+
+def test_topk_zero_chunks_decode_as_zeros_and_a_sparse_chunk_keeps_all_its_non_zeros():
+    values = torch.zeros(3 * TOPK_CHUNK + 10)
+    assert torch.equal(round_trip_topk(values), values)
+    values[TOPK_CHUNK + torch.tensor([5, 900, 4000])] = torch.tensor([1.0, -2.0, 3.0])
+    decoded = round_trip_topk(values)[TOPK_CHUNK : 2 * TOPK_CHUNK]
+    assert (decoded[[5, 900, 4000]] != 0).all() and decoded[900] < 0
+    assert torch.equal(round_trip_topk(values)[: TOPK_CHUNK], torch.zeros(TOPK_CHUNK))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_topk_non_finite_values_make_their_chunks_kept_values_nan_and_no_others(bad):
+    values = gaussian(3 * TOPK_CHUNK + 100)
+    values[TOPK_CHUNK + 17] = bad
+    decoded = round_trip_topk(values)
+    chunk = decoded[TOPK_CHUNK : 2 * TOPK_CHUNK]
+    assert chunk[17].isnan() and chunk.isnan().sum() == 64 and (chunk[~chunk.isnan()] == 0).all()
+    assert decoded[:TOPK_CHUNK].isfinite().all() and decoded[2 * TOPK_CHUNK :].isfinite().all()
+
+
+def test_topk_payload_with_offsets_out_of_order_or_bad_settings_is_refused_in_one_line():
+    codec = get_codec("topk")
+    payload = codec.encode(gaussian(TOPK_CHUNK))
+    offsets = payload[4 + 16 :]
+    offsets[:3] = torch.tensor([5, 0, 0], dtype=torch.uint8)  # offsets 5, 0: not rising
+    with pytest.raises(ValueError, match="offsets do not rise strictly within chunks 0..0"):
+        codec.decode(payload, TOPK_CHUNK)
+    with pytest.raises(ValueError, match="must be 116 uint8 bytes"):
+        codec.decode(payload[:-1], TOPK_CHUNK)
+    with pytest.raises(ValueError, match="density must be in"):
+        TopkCodec(density=0.0)
+    with pytest.raises(ValueError, match="bits must be one of 1, 2, 4"):
+        TopkCodec(bits=3)
+
+
+def test_topk_offsets_follow_the_documented_12_bit_layout():
+    values = torch.zeros(TOPK_CHUNK)
+    positions = torch.arange(0, TOPK_CHUNK, 64) + 7  # 64 kept values: 7, 71, ..., 4039
+    values[positions] = torch.linspace(1, 2, 64)
+    payload = get_codec("topk").encode(values)
+    triples = payload[4 + 16 :].long().view(-1, 3)
+    first, second = triples[:, 0] | (triples[:, 1] & 15) << 8, triples[:, 1] >> 4 | triples[:, 2] << 4
+    assert torch.equal(torch.stack([first, second], 1).view(-1), positions)
+    codes = payload[4:20].long()
+    # 2 bits each, code j of a byte at bit 2j: sign 0, bin 0 for the lower half of [1, 2], 1 above
+    unpacked = torch.stack([codes >> (2 * j) & 3 for j in range(4)], 1).view(-1)
+    assert torch.equal(unpacked, (torch.linspace(1, 2, 64) >= 1.5).long())

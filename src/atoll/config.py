@@ -364,13 +364,24 @@ class DilocoConfig(Section):
 
 
 class CommConfig(Section):
-    codec: Literal["fp32", "bf16", "fp16", "int8", "int4", "codebook8"] = "int8"
+    codec: Literal["fp32", "bf16", "fp16", "int8", "int4", "codebook8", "topk"] = "int8"
     """Wire format of everything averaged across islands: fp32 (exact), bf16, fp16, int8 (blockwise
     absmax: 64 values share one bf16 scale, 3.9x fewer bytes than fp32), int4 (blockwise FP4
     e2m1: 32 values share one bf16 scale, 7.1x fewer bytes than fp32, 10% relative error on
-    Gaussian: pair it with `error_feedback`) or codebook8 (PRIME's 256-entry codebook). int8 is
+    Gaussian: pair it with `error_feedback`), codebook8 (PRIME's 256-entry codebook) or topk
+    (SparseLoCo's sparse pseudo-gradients: the `topk_density` largest values of every 4096 at
+    `topk_bits` bits with 12-bit offsets, 141x fewer bytes than fp32 at the defaults, gathered
+    from every island instead of summed along the ring; needs `error_feedback`). int8 is
     the default: it beat codebook8 on Gaussian and heavy-tailed values (0.6% vs 1.6% relative
     error on Gaussian; see comm/codecs.py)."""
+    topk_density: float = Field(default=1 / 64, gt=0, le=1)
+    """topk only: the share of each chunk of 4096 values that is sent, rounded to a whole number of
+    values (at least 1); 1/64 sends 64 of every 4096 (SparseLoCo sends 1-3%). The rest waits in
+    the error-feedback residual."""
+    topk_bits: Literal[1, 2, 4] = 2
+    """topk only: bits per sent value, a sign and topk_bits - 1 bits choosing one of the chunk's
+    2^(topk_bits - 1) mean magnitudes (SparseLoCo sends 2). The 12-bit offsets cost more than the
+    values: 2 bits take 0.0283 bytes per value at density 1/64, 4 bits 0.0352."""
     error_feedback: bool = False
     """DiLoCo: each island keeps what the codec lost of its contributions in the last outer step
     (fp32, CPU, 8 more bytes per parameter) and adds it to its next pseudo-gradient, so what a
@@ -383,6 +394,16 @@ class CommConfig(Section):
     chunk_mb: float = Field(default=4.0, gt=0)
     """Pipelining unit of the ring, in MB of fp32 values: one chunk is encoded while the previous
     one is on the wire."""
+
+    @model_validator(mode="after")
+    def _check_topk(self) -> CommConfig:
+        # without a residual, the values topk leaves out (98% of them at the default) are lost for good
+        if self.codec == "topk" and not self.error_feedback:
+            raise ValueError(
+                'comm.codec = "topk" sends only the largest values of each chunk and needs comm.error_feedback = true '
+                "to send the rest later: set it (--comm.error_feedback true) or choose another codec"
+            )
+        return self
 
 
 class JobConfig(Section):
