@@ -45,7 +45,8 @@ def worker(size: str, seq_len: int, optimizer_name: str) -> None:
     from atoll.island import local_rows, start_island, stop_island
     from atoll.model import get_size
     from atoll.optim import build_optimizer
-    from atoll.train import build_model, train_step
+    from atoll.inner_step import train_step
+    from atoll.model_setup import build_model
 
     island = start_island("cpu")
     baseline = peak_rss_bytes()

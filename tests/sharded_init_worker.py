@@ -17,7 +17,8 @@ from atoll.config import JobConfig
 from atoll.guard import InnerGuard
 from atoll.island import Island, local_rows, start_island, stop_island
 from atoll.model import ModelArgs
-from atoll.train import build_model, train_step
+from atoll.inner_step import train_step
+from atoll.model_setup import build_model
 
 
 def peak_rss_bytes() -> int:

@@ -25,7 +25,7 @@ from atoll.data import PackedLoader
 from atoll.diloco import DiLoCo
 from atoll.errors import UserError
 from atoll.launch import default_run_dir
-from atoll.train import OuterProgress, RankState, TrainState, checkpoint_facts
+from atoll.train_state import OuterProgress, RankState, TrainState, checkpoint_facts
 
 
 @pytest.fixture(scope="module", autouse=True)

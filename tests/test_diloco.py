@@ -15,7 +15,7 @@ from atoll.comm.codecs import get_codec
 from atoll.diloco import DiLoCo, layer_buckets
 from atoll.digest import tensor_digest
 from atoll.model import Llama, get_size
-from atoll.sync import island_first_sample
+from atoll.data.cursor import island_first_sample
 
 PROCESS_TIMEOUT_S = 90
 

@@ -392,16 +392,12 @@ class ScriptedJoin:
     ([5, 5, 5], 2, [("ready", 5), ("admit",), ("ready", 5), ("admit",), ("ready", 5), ("admit",)]),
 ])
 def test_a_joiner_fetches_again_after_a_failed_fetch_before_it_falls_back_to_a_broadcast(monkeypatch, fetched, stale, expected):
-    from atoll import sync
+    from atoll import joining
 
-    monkeypatch.setattr(sync, "FETCH_RETRY_S", 0.0)
-    joiner = sync.IslandSync.__new__(sync.IslandSync)  # only the fetch loop: no model, no processes
-    joiner.diloco, joiner.member = object(), ScriptedJoin(stale)
-    joiner.cfg = type("Cfg", (), {"mesh": type("Mesh", (), {"transfer_attempts": 3})})()
-    results = iter(fetched)
-    monkeypatch.setattr(joiner, "_fetch", lambda where: next(results), raising=False)
-    joiner._fetch_until_admitted()
-    assert joiner.member.calls == expected and next(results, None) is None
+    monkeypatch.setattr(joining, "FETCH_RETRY_S", 0.0)
+    member, results = ScriptedJoin(stale), iter(fetched)  # only the fetch loop: no model, no processes
+    joining.fetch_until_admitted(member, 3, lambda where: next(results))
+    assert member.calls == expected and next(results, None) is None
 
 
 def test_a_joiner_fetches_the_state_from_live_islands_and_survives_a_source_dying_mid_transfer(tmp_path, cache_dir):

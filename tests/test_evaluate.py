@@ -17,7 +17,8 @@ from atoll.evaluate import evaluate_model, load_eval_data, pick_device
 from atoll.hf import load_model
 from atoll.island import start_island, stop_island
 from atoll.model import Llama, get_size, lm_loss
-from atoll.train import evaluate, train
+from atoll.train import train
+from atoll.val_loss import evaluate
 
 WEIGHTS = {"tide": 0.7, "shells": 0.3}
 

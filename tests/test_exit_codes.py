@@ -20,7 +20,7 @@ from test_operations import LOOPBACK, TIMEOUT_S, TOKEN, TRAIN_ARGS, finish, isla
 from atoll import errors
 from atoll.config import JobConfig
 from atoll.mesh.membership import Epoch
-from atoll.sync import IslandSync
+from atoll.epoch_entry import EpochEntry
 from atoll.cli import main
 from atoll.errors import DEBUG_ENV, UserError
 from atoll.faults import FAULTS_ENV
@@ -200,12 +200,11 @@ class _EpochsThatNeverForm:
 
 
 def test_an_island_that_cannot_enter_any_epoch_stops_with_one_line_and_exit_code_7():
-    sync = IslandSync.__new__(IslandSync)  # only what _enter reads: the config, the member, the notes
-    sync.cfg = JobConfig.model_validate({"mesh": {"enter_attempts": 3}})
-    sync.member, sync.notes = _EpochsThatNeverForm(), []
+    cfg = JobConfig.model_validate({"mesh": {"enter_attempts": 3}})
+    entry = EpochEntry(cfg, _EpochsThatNeverForm(), island=None, held=None, notes=[], wire=None)  # no barrier passes: no groups
     with pytest.raises(errors.ExpectedFailure) as failure:
-        sync._enter(1)
+        entry.enter(1)
     assert failure.value.exit_code == errors.CANNOT_ENTER == 7
-    assert sync.member.barriers == 3
+    assert entry.member.barriers == 3
     assert str(failure.value) == ("could not enter an epoch in 3 attempts in a row (mesh.enter_attempts); last: epoch 3; "
                                   "see membership.jsonl for who failed")

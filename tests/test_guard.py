@@ -13,7 +13,7 @@ from atoll.guard import InnerGuard
 from atoll.island import Island
 from atoll.model import Llama, get_size
 from atoll.optim import build_optimizer
-from atoll.train import train_step
+from atoll.inner_step import train_step
 
 ONE_RANK = Island(rank=0, world=1, device=torch.device("cpu"))
 FINE = torch.tensor(2.5)

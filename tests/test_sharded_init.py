@@ -20,7 +20,7 @@ from atoll.config import JobConfig
 from atoll.digest import model_digest
 from atoll.island import Island
 from atoll.model import SIZES, Llama, ModelArgs, count_params
-from atoll.train import build_model
+from atoll.model_setup import build_model
 from sharded_init_worker import stepped_weights
 
 WORKER = Path(__file__).with_name("sharded_init_worker.py")

@@ -193,7 +193,14 @@ def average_accepted(
     pseudo-gradient buffer has changed then, and the next attempt recomputes it.
     """
     pseudo_grad = diloco.pseudo_gradient()
-    table = gather_stats(island_stats(pseudo_grad, diloco.buckets, island, fresh), mean)
+    return average_validated(diloco, mean, cfg, members, island_stats(pseudo_grad, diloco.buckets, island, fresh))
+
+
+def average_validated(diloco: DiLoCo, mean: GlobalMean, cfg: DilocoConfig, members: Sequence[str], mine: ContributionStats) -> Decision:
+    """The cross-island half of `average_accepted`, for a pseudo-gradient already in its buffer
+    with this island's statistics `mine`: no local-rank collective, so it can run behind training
+    (`atoll.outer_step`). Fails as `average_accepted` does."""
+    table = gather_stats(mine, mean)
     decision = decide(dict(zip(members, table)), cfg.max_norm_ratio, cfg.min_accepted)
     diloco.scale_contribution(decision.factor(members[mean.control_group.rank()]))
     if decision.applies:

@@ -238,7 +238,7 @@ def find_checkpoint(path: Path) -> RunCheckpoint:
                             "a checkpoint directory or a Hugging Face model directory")
     if not (run_dir / RUN_CONFIG_FILE).is_file():
         raise UserError(f"{run_dir} has no {RUN_CONFIG_FILE}: pass the checkpoint of an atoll run directory")
-    from atoll.train import model_args  # the trainer's rule for the model shape, kept in one place
+    from atoll.model_setup import model_args  # the trainer's rule for the model shape, kept in one place
 
     cfg = load_config(run_dir / RUN_CONFIG_FILE)
     try:
