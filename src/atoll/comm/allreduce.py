@@ -2,13 +2,15 @@
 
 `GlobalMean` averages a flat fp32 CPU buffer across the islands of the current epoch. The buffer
 is split into K contiguous parts, one per stream (`comm.streams` process groups per local rank),
-and each part goes through atoll's pipelined ring (`comm/ring.py`) in the configured codec; the K
-rings run at the same time in threads, so one process can keep K connections busy. `mean_buckets_`
+and each part goes through atoll's pipelined ring (`comm/ring.py`) in the configured codec, or,
+for a codec whose payloads do not add up along a ring (topk: `Codec.summable` is False), through
+the sparse all-gather (`comm/allgather.py`), which has the same contract; the K rings run at the
+same time in threads, so one process can keep K connections busy. `mean_buckets_`
 averages many slices (DiLoCo's per-layer buckets) with one thread per stream for all of them,
 each bucket's ring starting as the previous one drains.
-Bytes are counted as the ring puts them on the wire (encoded sizes). With a `dropped` buffer the
+Bytes are counted as the ring or the all-gather puts them on the wire (encoded sizes and MACs). With a `dropped` buffer the
 rings also write what this island's encodings lost at each position (`comm/ring.py`), for error
-feedback (`atoll.diloco`).
+feedback (`atoll.diloco`). Below, "ring" stands for the sparse all-gather too.
 
 Failure semantics: a dead peer (closed socket) makes the rings raise `RingError` at once, a silent
 one after `deadline_s` without progress; `mean_` raises only after every stream's ring has
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from atoll.comm import sealed
+from atoll.comm.allgather import sparse_all_gather_means_
 from atoll.comm.codecs import Codec
 from atoll.comm.ring import RingError, ring_all_reduce_means_
 
@@ -187,8 +190,9 @@ class GlobalMean:
                     else:
                         deliver([parts[i], lost_parts[i]], [averaged, lost(i)])
 
+            means = ring_all_reduce_means_ if self.codec.summable else sparse_all_gather_means_
             try:
-                return ring_all_reduce_means_(
+                return means(
                     target, len(parts), self.groups[k], self.codec, self.deadline_s, self.chunk_bytes, first, self.key, done,
                     None if lost_parts is None else lost,
                 )

@@ -132,6 +132,8 @@ def ring_all_reduce_means_(
     bytes received). Failures as in `ring_all_reduce_mean_`; the tensors of the rings running
     when it fails (at most two) are then undefined.
     """
+    if not codec.summable:
+        raise ValueError(f"{codec.name} payloads do not add up along a ring: average them with comm/allgather.py")
     if chunk_bytes < FP32_BYTES:
         raise ValueError(f"chunk_bytes must hold at least one fp32 value, got {chunk_bytes}")
     deadline = timedelta(seconds=deadline_s)
