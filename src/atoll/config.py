@@ -361,6 +361,29 @@ class DilocoConfig(Section):
     min_accepted: int = Field(default=1, ge=1)
     """Fewer accepted contributions than this (capped at the number of islands) skip the outer step
     on every island alike: outer weights unchanged, inner weights reset to them."""
+    overlap_steps: int = Field(default=0, ge=0)
+    """tau: inner steps an outer step's all-reduce runs behind (Streaming DiLoCo's overlap,
+    Douillard et al. 2025, arXiv:2501.18512). At a boundary the island computes its pseudo-gradient
+    and starts the validated all-reduce in the background, trains tau more inner steps, then lands
+    it: the agreement, the outer step, and the merge into the inner weights it has moved on to
+    (`merge_weight`). 0 is the blocking outer step. Must be below inner_steps; an outer step that
+    would land after train.steps (the last ones) blocks. Costs one more flat fp32 buffer on the
+    host (4 bytes per parameter): the contribution is kept for retries among survivors."""
+    merge_weight: float = Field(default=0.5, ge=0, lt=1)
+    """With overlap_steps > 0: the share of its own newer inner weights an island keeps when an
+    overlapped outer step lands, inner <- w * inner + (1 - w) * outer. 0 replaces them with the new
+    outer weights as blocking DiLoCo does (dropping the tau steps trained meanwhile); Streaming
+    DiLoCo mixes with 0.5. An island whose contribution was rejected, and every island of a skipped
+    step, takes the outer weights whole."""
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> DilocoConfig:
+        if self.overlap_steps >= self.inner_steps:
+            raise ValueError(
+                f"diloco.overlap_steps ({self.overlap_steps}) must be below diloco.inner_steps ({self.inner_steps}): "
+                "an outer step's all-reduce lands before the next boundary"
+            )
+        return self
 
 
 class CommConfig(Section):

@@ -37,10 +37,13 @@ Cost: two more flat fp32 buffers (the residual and the ring's `dropped`): 8 byte
 Also here: `average_gradients`, the data-parallel baseline that averages every step's gradients
 across islands over the same groups.
 
-The outer step comes in three parts so that the caller (`atoll.sync`) can make it elastic:
+The outer step comes in three parts so that the caller (`atoll.outer_step`) can make it elastic:
 `average` (pseudo-gradient, recomputed from scratch on every attempt, then averaged),
 `agreement_digest` (what the islands compare before anyone applies) and `apply` (the Nesterov
-step and the copy into the inner weights).
+step and the copy into the inner weights). An outer step that overlaps training
+(`diloco.overlap_steps`) keeps its pseudo-gradient (`hold_contribution`: every attempt reuses it,
+the inner weights having moved on) and `apply` merges the outer weights into the inner ones
+(`diloco.merge_weight`) instead of copying them over.
 
 Local work per outer step, in passes over the shard (`benchmarks/outer_step.py` times each):
 the pseudo-gradient (one pass), the agreement digest (the pseudo-gradient only: the outer
@@ -136,6 +139,9 @@ class DiLoCo(Stateful):
         """What the current attempt's ring lost in this island's encodings, in units of the sum over islands."""
         self.dropped_scale = 1.0
         """The factor accepted contributions were scaled by in the current attempt (`mean_pseudo_gradient`)."""
+        self.held: torch.Tensor | None = None
+        """The pseudo-gradient an overlapped outer step contributes (`hold_contribution`), allocated at its first use."""
+        self.holding = False
         self.lr, self.momentum = lr, momentum
         self.optimizer = torch.optim.SGD(
             [self.outer], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
@@ -205,6 +211,14 @@ class DiLoCo(Stateful):
         if any(s.is_cuda for s in self._shards()):
             torch.cuda.synchronize()
 
+    @torch.no_grad()
+    def _merge_outer(self, weight: float) -> None:
+        """inner <- weight * inner + (1 - weight) * outer, shard by shard (`lerp_`: no full-size temporary)."""
+        for shard, chunk in zip(self._shards(), self.outer.split(self.sizes)):
+            shard.lerp_(chunk.view_as(shard).to(shard.device, shard.dtype, non_blocking=True), 1.0 - weight)
+        if any(s.is_cuda for s in self._shards()):
+            torch.cuda.synchronize()
+
     def _state_pieces(self) -> list[tuple[str, torch.Tensor, list[bytes]]]:
         """(name, buffer, piece digests) of what the next outer step reads: the outer weights and
         the momentum (once there is one). Kept digests are reused if the buffer is the same one and
@@ -237,9 +251,30 @@ class DiLoCo(Stateful):
 
     @torch.no_grad()
     def pseudo_gradient(self) -> torch.Tensor:
-        """Recompute outer − inner into the pseudo-gradient buffer and return it (the first half of `average`)."""
-        self._pseudo_gradient()
+        """Recompute outer − inner into the pseudo-gradient buffer and return it (the first half of
+        `average`); while a contribution is held, copy that one in instead."""
+        if self.holding:
+            self.pseudo_grad.copy_(self.held)
+        else:
+            self._pseudo_gradient()
         return self.pseudo_grad
+
+    @torch.no_grad()
+    def hold_contribution(self) -> torch.Tensor:
+        """Compute the pseudo-gradient now, into its buffer, and keep a copy that `pseudo_gradient`
+        returns until `release_contribution`: an outer step whose all-reduce runs behind training
+        (`diloco.overlap_steps`) is retried with what the island trained up to its boundary, not
+        with the inner weights it has moved on to. One more flat fp32 buffer (4 bytes per parameter)."""
+        self._pseudo_gradient()
+        if self.held is None:
+            self.held = torch.empty_like(self.pseudo_grad)
+        self.held.copy_(self.pseudo_grad)
+        self.holding = True
+        return self.pseudo_grad
+
+    def release_contribution(self) -> None:
+        """The held contribution's outer step is over: the next pseudo-gradient is computed afresh."""
+        self.holding = False
 
     @torch.no_grad()
     def scale_contribution(self, factor: float) -> None:
@@ -267,8 +302,10 @@ class DiLoCo(Stateful):
         return combine([*self._state_pieces(), ("pseudo_grad", self.pseudo_grad, piece_digests(self.pseudo_grad))])
 
     @torch.no_grad()
-    def apply(self) -> str:
-        """The outer Nesterov step on the averaged pseudo-gradient, then outer -> inner weights.
+    def apply(self, merge_weight: float = 0.0) -> str:
+        """The outer Nesterov step on the averaged pseudo-gradient, then outer -> inner weights:
+        copied over them, or with `merge_weight` w merged into them, inner <- w * inner + (1 - w) * outer
+        (an overlapped outer step landing on inner weights that moved on; `diloco.merge_weight`).
 
         Returns `state_digest()` of the new outer weights and momentum (this rank's shard), whose
         pieces are kept for the next agreement digest. With error feedback, the residual becomes
@@ -277,7 +314,10 @@ class DiLoCo(Stateful):
         if self.residual is not None:
             torch.mul(self.dropped, 1.0 / self.dropped_scale, out=self.residual)
         self._outer_sgd_step()
-        self._scatter_outer()
+        if merge_weight:
+            self._merge_outer(merge_weight)
+        else:
+            self._scatter_outer()
         return self.state_digest()
 
     @torch.no_grad()

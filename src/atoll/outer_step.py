@@ -25,13 +25,35 @@ local ranks what it saw, so the whole island moves as one):
    attempts every island skips the step: all survivors saw the same aborts, so all skip it.
    mesh.max_skipped_in_a_row skipped steps in a row stop the run (islands training alone are
    not a run).
+
+Overlap (`diloco.overlap_steps` = tau > 0; Streaming DiLoCo, Douillard et al. 2025,
+arXiv:2501.18512, whose recipe this follows for the whole model at once): `begin(behind=True)`
+passes the barrier, computes and keeps the pseudo-gradient (`DiLoCo.hold_contribution`) and its
+statistics on the training thread (they involve the island's local ranks), then runs the
+cross-island half (statistics all-gather, decision, ring: `atoll.validation.average_validated`)
+in a background thread while the island trains tau more inner steps; `land` waits for it and
+goes on as above. The outer step's result is then merged into the inner weights the island has
+moved on to: inner <- w * inner + (1 - w) * outer with w = `diloco.merge_weight` (Streaming
+DiLoCo's mixing; 0 drops the tau steps as blocking DiLoCo would). An island whose contribution was
+rejected takes the outer weights whole (w = 0): its own weights are what was rejected.
+
+Everything else is the blocking step's: the background thread holds no local-rank collective and
+no coordinator call but the epoch's "dissolved?" check, so a dead peer fails its ring at once
+(RingError, reported at landing), a hung one is left at the heartbeat timeout (the ring is
+abandoned, `atoll.comm.allreduce`), and the thread always ends by the ring deadline
+(mesh.collective_timeout_s). A failed attempt is redone at landing, blocking, among the
+survivors, with the held contribution: retries never see the inner weights trained after the
+boundary. Epochs are entered (joins admitted, state broadcast) only on the training thread, at a
+barrier or after the landing, never with an all-reduce in flight. The digests, the validation
+decision and the commit are those of the blocking step on the same contributions.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,7 +67,7 @@ from atoll.held_state import HeldState
 from atoll.island import Island, all_ranks_ok
 from atoll.mesh.member import COMMIT, RESYNC, MeshMember
 from atoll.mesh.membership import Epoch
-from atoll.validation import Decision, average_accepted
+from atoll.validation import Decision, average_accepted, average_validated, island_stats
 
 _PEER = re.compile(r"(?:from|to) rank (\d+)")
 
@@ -81,11 +103,24 @@ class Averaged:
 
 @dataclass
 class Flight:
-    """An outer step between `begin` and `land`."""
+    """An outer step between `begin` and `land`; `behind`: its first average runs in `thread`."""
 
     outer_step: int
     fresh: bool
-    averaged: Averaged
+    averaged: Averaged | None = None
+    """The first attempt's average (None while it runs behind training)."""
+    behind: bool = False
+    thread: threading.Thread | None = None
+    failure: BaseException | None = None
+    """An unexpected error in the background thread, raised again at landing."""
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+
+    def overlap_s(self, landing: float) -> float:
+        """Seconds the background average ran before `landing` (the rest, training waited for)."""
+        if not self.behind or self.finished is None:
+            return 0.0
+        return max(0.0, min(self.finished, landing) - self.started)
 
 
 @dataclass
@@ -125,14 +160,22 @@ class OuterStep:
         this boundary and contributes nothing."""
         return self.land(self.begin(outer_step, fresh))
 
-    def begin(self, outer_step: int, fresh: bool) -> Flight:
+    def begin(self, outer_step: int, fresh: bool, behind: bool = False) -> Flight:
         """Phase 1 and 2 of the first attempt: pass the boundary barrier (entering new epochs
-        while it fails), then average."""
+        while it fails), then average; with `behind`, in a background thread (see the module doc)."""
         self._pass_barrier(outer_step)
+        if behind:
+            return self._average_behind(outer_step, fresh)
         return Flight(outer_step, fresh, self._average(outer_step, fresh))
 
     def land(self, flight: Flight) -> Landed:
-        """Phases 3 and 4: agree on the average, apply it, and redo failed attempts among the survivors."""
+        """Phases 3 and 4: wait for a background average to end (bounded by the ring deadline and
+        the heartbeat timeout), agree on the average, apply it, and redo failed attempts among
+        the survivors."""
+        if flight.thread is not None:
+            flight.thread.join()
+            if flight.failure is not None:
+                raise flight.failure
         outer_step, averaged = flight.outer_step, flight.averaged
         attempts, round_, ring_s = 0, 0, 0.0
         while True:
@@ -146,9 +189,14 @@ class OuterStep:
             epoch = self.member.epoch
             if outcome.kind == COMMIT:
                 decision = averaged.decision  # set on every island: all posted ok
+                keeps = flight.behind and self.member.island_id not in decision.rejected
                 with self.held.changing():
-                    shard_digest = self.diloco.apply() if decision.applies else self.diloco.restore_inner()
+                    if decision.applies:
+                        shard_digest = self.diloco.apply(self.cfg.diloco.merge_weight if keeps else 0.0)
+                    else:
+                        shard_digest = self.diloco.restore_inner()
                     self.held.outer_steps = outer_step  # before entering: a joiner receives it
+                self.diloco.release_contribution()
                 digest = island_digest(shard_digest, self.island)
                 self.skipped_in_a_row = 0
                 if outcome.next_epoch != epoch.number:
@@ -193,9 +241,39 @@ class OuterStep:
             error = str(err).splitlines()[0]
         return Averaged(decision, error, time.perf_counter() - start)
 
+    def _average_behind(self, outer_step: int, fresh: bool) -> Flight:
+        """The first attempt's average in a background thread: the pseudo-gradient (kept for
+        retries) and its statistics here, the cross-island rest behind training."""
+        if self.island.is_leader:
+            self.faults.at("allreduce", outer_step)
+        flight = Flight(outer_step, fresh, behind=True)
+        try:
+            mine = island_stats(self.diloco.hold_contribution(), self.diloco.buckets, self.island, fresh)
+        except RuntimeError as err:  # a local rank's collective failed: reported at landing
+            flight.averaged, flight.finished = Averaged(None, str(err).splitlines()[0], 0.0), time.perf_counter()
+            return flight
+        mean, members = self.entry.mean, self.member.epoch.members
+
+        def average() -> None:
+            start, decision, error = time.perf_counter(), None, ""
+            try:
+                if self.faults.ring_broken:
+                    raise RuntimeError("this island's ring cannot reach its peers (injected fault: break)")
+                decision = average_validated(self.diloco, mean, self.cfg.diloco, members, mine)
+            except RuntimeError as err:  # RingError, or gloo's own error on a broken group
+                error = str(err).splitlines()[0]
+            except BaseException as err:  # noqa: BLE001 - a bug, not a peer: the training thread raises it at landing
+                flight.failure = err
+            flight.averaged, flight.finished = Averaged(decision, error, time.perf_counter() - start), time.perf_counter()
+
+        flight.thread = threading.Thread(target=average, name=f"atoll-outer-step-{outer_step}", daemon=True)
+        flight.thread.start()
+        return flight
+
     def _skip(self, outer_step: int, attempts: int, epoch: Epoch, ring_s: float) -> Landed:
         """Out of attempts: every survivor skips the step alike (outer weights unchanged), then
         enters the next epoch; too many skipped steps in a row stop the run."""
+        self.diloco.release_contribution()
         with self.held.changing():
             self.held.outer_steps = outer_step
         self.entry.enter(self.member.next_epoch())

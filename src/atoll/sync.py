@@ -20,10 +20,17 @@ Joining a running run (`start`): the joiner fetches the state (`atoll.joining`),
 member's next boundary barrier, enters that epoch with the members, and takes part in the outer
 step being averaged there with a zero contribution (it has not trained; `atoll.validation`
 leaves it out of the mean).
+
+With `diloco.overlap_steps` = tau > 0 the outer step due at boundary b is begun there and landed
+after inner step b + tau (`atoll.outer_step`), its record logged then. A joiner's first outer step
+and the outer steps that would land after train.steps (the last boundary, train.steps itself)
+block: there is nothing for them to train behind. Nothing else waits for a landing: the loop asks
+`in_flight` before it saves a checkpoint (`atoll.train`).
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +49,7 @@ from atoll.island import Island
 from atoll.joining import fetch_run_state, fetch_until_admitted
 from atoll.mesh.member import NOT_ADMITTED, MeshMember
 from atoll.mesh.status import island_numbers
-from atoll.outer_step import Landed, OuterStep
+from atoll.outer_step import Flight, Landed, OuterStep
 from atoll.sync_clock import SyncClock
 from atoll.validation import decision_fields
 
@@ -84,6 +91,9 @@ class IslandSync:
         self.protocol = OuterStep(cfg, member, island, self.held, self.entry, faults, self.notes) if self.diloco is not None else None
         self.fresh = False
         """This island joined at the current boundary and has not trained since it took the state."""
+        self.flight: Flight | None = None
+        """The outer step whose all-reduce runs behind training, landing after inner step `lands_at`."""
+        self.lands_at = 0
         self.owes_outer_step = False
         self.inner_state_valid = True
         """False when a joiner took the run's state of another outer step than the one its checkpoint
@@ -153,20 +163,48 @@ class IslandSync:
         diloco.anneal_with_schedule is on.
         """
         self.faults.at("inner", step)
+        if self.flight is not None and step == self.lands_at:
+            return self._land()
         if not self.outer_step_due(step, is_last):
             return {}
-        return self._outer_record(anneal_weight)
+        tau = self.cfg.diloco.overlap_steps
+        return self._outer_record(anneal_weight, lands_at=step + tau if tau and step + tau < self.cfg.train.steps else None)
 
     def outer_step_due(self, step: int, is_last: bool) -> bool:
-        """Whether `after_step(step, is_last)` runs an outer step."""
+        """Whether `after_step(step, is_last)` begins an outer step."""
         return self.diloco is not None and (step % self.cfg.diloco.inner_steps == 0 or is_last)
 
-    def _outer_record(self, anneal_weight: float) -> dict[str, Any]:
+    def outer_state_changes(self, step: int, is_last: bool) -> bool:
+        """Whether `after_step(step, is_last)` may change the outer weights and momentum: an outer
+        step begins (and may block) or one lands."""
+        return self.outer_step_due(step, is_last) or (self.flight is not None and step == self.lands_at)
+
+    @property
+    def in_flight(self) -> bool:
+        """An outer step's all-reduce runs behind training (`diloco.overlap_steps`)."""
+        return self.flight is not None
+
+    def _outer_record(self, anneal_weight: float, lands_at: int | None = None) -> dict[str, Any]:
+        """Run the next outer step, blocking; or, with `lands_at`, begin it and land it after that
+        inner step (its record is then `_land`'s)."""
         if self.cfg.diloco.anneal_with_schedule:
             self.diloco.anneal(anneal_weight)
         with self.clock.blocked():
-            landed = self.protocol.run(self.outer_steps + 1, self.fresh)
+            flight = self.protocol.begin(self.outer_steps + 1, self.fresh, behind=lands_at is not None)
+            landed = self.protocol.land(flight) if lands_at is None else None
         self.fresh = False
+        if landed is None:
+            self.flight, self.lands_at = flight, lands_at
+            return {}
+        return self._record(landed)
+
+    def _land(self) -> dict[str, Any]:
+        """Land the outer step in flight; the wait for its all-reduce is blocked time, the rest of its run overlap."""
+        flight, self.flight = self.flight, None
+        with self.clock.blocked():
+            landing = time.perf_counter()
+            landed = self.protocol.land(flight)
+        self.clock.overlapped(flight.overlap_s(landing))
         return self._record(landed)
 
     def _record(self, landed: Landed) -> dict[str, Any]:

@@ -221,6 +221,7 @@ def _loop(
     window = Window(sync)
     tokens_per_step = cfg.train.global_batch * parts.seq_len
     loss_value, val_loss = float("nan"), None
+    schedule = SaveSchedule(cfg)
 
     def staged(everything: bool = False) -> None:
         """Let the save in flight finish copying what training is about to change."""
@@ -241,8 +242,9 @@ def _loop(
         window.tokens += tokens_per_step
 
         is_last = state.step == cfg.train.steps
-        if sync.outer_step_due(state.step, is_last):
+        if sync.outer_state_changes(state.step, is_last):
             staged(everything=True)  # the outer step changes the outer weights and momentum
+        if sync.outer_step_due(state.step, is_last):
             set_outer_weight_decay(sync, cfg, state.step, trained_phase=True)
         record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
         outer_digest = record.get("outer_digest", outer_digest)
@@ -250,7 +252,7 @@ def _loop(
             log.info(f"atoll: {note}")
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last):
             val_loss = _evaluate(parts, cfg, island, record, window, doing)
-        saving = _save_if_due(parts, cfg, checkpointer, outer_digest, is_last, window, log, staged)
+        saving = _save_if_due(parts, cfg, checkpointer, outer_digest, is_last, window, log, staged, schedule)
         if state.step % cfg.metrics.log_every == 0 or is_last or record or saving:
             loss_value = float(all_reduce_mean(loss))
             _log_row(parts, checkpointer, window, metrics, island, record, loss_value, lr, float(grad_norm), guard.skipped)
@@ -270,15 +272,32 @@ def _evaluate(parts: Parts, cfg: JobConfig, island: Island, record: dict[str, An
     return val_loss
 
 
+class SaveSchedule:
+    """Checkpoints every checkpoint.every steps and at the end (checkpoint.at_end). A save due while
+    an outer step's all-reduce runs behind training is taken when it lands (diloco.overlap_steps
+    later): a checkpoint never holds half an outer step, so whole-run resume stays exact without
+    saving what is in flight (the held contribution, the ring's partial sums, the decision)."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.deferred = False
+
+    def due(self, step: int, is_last: bool, in_flight: bool) -> bool:
+        """Whether to save after inner step `step`."""
+        every = self.cfg.checkpoint.every
+        due = self.deferred or bool(every and step % every == 0) or (is_last and self.cfg.checkpoint.at_end)
+        self.deferred = due and in_flight
+        return due and not in_flight
+
+
 def _save_if_due(
     parts: Parts, cfg: JobConfig, checkpointer: Checkpointer, outer_digest: str | None, is_last: bool, window: Window,
-    log: MetricsLog, staged: Callable[[bool], None],
+    log: MetricsLog, staged: Callable[[bool], None], schedule: SaveSchedule,
 ) -> bool:
-    """Start a checkpoint save every checkpoint.every steps and at the end (checkpoint.at_end);
-    the last one is waited for, and so is the last remote copy (checkpoint.remote_final_wait_s).
-    Whether a save started."""
+    """Start a checkpoint save when `schedule` says; the last one is waited for, and so is the last
+    remote copy (checkpoint.remote_final_wait_s). Whether a save started."""
     step = parts.state.step
-    saving = bool((cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (is_last and cfg.checkpoint.at_end))
+    saving = schedule.due(step, is_last, parts.sync.in_flight)
     if saving:
         started = checkpointer.save(step, parts.stateful, checkpoint_facts(parts.sync, outer_digest), later=parts.sync.stateful().keys())
         if started.waited_s > 0.01:
