@@ -97,7 +97,7 @@ class EpochEntry:
             timedelta(seconds=timeout), lambda: gloo_device(self.cfg.mesh),
         )
         return GlobalMean(
-            groups, get_codec(self.cfg.comm.codec), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire,
+            groups, get_codec(self.cfg.comm.codec, self.cfg.comm.topk_density, self.cfg.comm.topk_bits), timeout, int(self.cfg.comm.chunk_mb * 1e6), self.wire,
             abandoned=lambda: self.member.dissolved(number), key=self.member.epoch_key(),
         )
 
