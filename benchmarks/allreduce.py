@@ -12,7 +12,10 @@ worker process per island inside its namespace (gloo bound to the emulated link)
 every method `--repeats` times on its own random payload (fixed per island), each run between two
 barriers: gloo's own fp32 `all_reduce` (the group's allreduce, then a division), and atoll's
 pipelined ring (`comm/ring.py`) with the fp32, int8, int4 and codebook8 codecs, and int4 once more
-writing what each island's encodings lost (`dropped`, what error feedback costs the ring). All rows of a table
+writing what each island's encodings lost (`dropped`, what error feedback costs the ring), and the
+sparse all-gather (`comm/allgather.py`) of topk payloads (`comm.codec = "topk"` at its default
+density and bits), with and without `dropped`. topk's relative error is large by design (it sends
+1/64 of the values; error feedback sends the rest in later outer steps). All rows of a table
 come from one run, and repeats are interleaved (every method once per round, the order reversed
 every other round) so that noise from other work on the machine hits every method alike.
 
@@ -63,11 +66,13 @@ GLOO = "gloo fp32"
 RING = "atoll ring "
 MAC = " + MAC"
 EF = " + EF"
-METHODS = (GLOO, "atoll ring fp32", "atoll ring int8", "atoll ring int4", "atoll ring int4" + EF, "atoll ring codebook8")
+GATHER = "atoll gather "
+METHODS = (GLOO, "atoll ring fp32", "atoll ring int8", "atoll ring int4", "atoll ring int4" + EF, "atoll ring codebook8",
+           GATHER + "topk", GATHER + "topk" + EF)
 ONE_BY_ONE = " buckets one by one"
 PIPELINED = " buckets pipelined"
-"""A method is gloo's all_reduce or RING + codec name, with MAC appended when payloads are tagged and
-EF when the ring writes what it dropped."""
+"""A method is gloo's all_reduce, RING + codec name or GATHER + sparse codec name, with MAC appended
+when payloads are tagged and EF when the ring or all-gather writes what it dropped."""
 TX_BYTES = "/sys/class/net/{device}/statistics/tx_bytes"
 LOOPBACK = "lo"
 LOOPBACK_HOST = "127.0.0.1"
@@ -82,6 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from atoll.comm.allgather import sparse_all_gather_mean_
     from atoll.comm.codecs import get_codec
     from atoll.comm.ring import ring_all_reduce_mean_, ring_all_reduce_means_
 
@@ -115,6 +121,10 @@ def worker(args: argparse.Namespace) -> None:
                     for i, bucket in enumerate(buckets):
                         ring_all_reduce_mean_(bucket, group, codec, RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence + i)
                 sequence += len(buckets)
+            elif method.startswith(GATHER):
+                codec = get_codec(method.removeprefix(GATHER).removesuffix(EF))
+                sparse_all_gather_mean_(tensor, group, codec, RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence, None, dropped)
+                sequence += 1
             else:
                 codec = method.removeprefix(RING).removesuffix(MAC).removesuffix(EF)
                 ring_all_reduce_mean_(tensor, group, get_codec(codec), RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence,

@@ -81,6 +81,7 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         "int8-ef": (f"DiLoCo int8 + EF, H={h}", [*diloco(h), "--comm.codec", "int8", "--comm.error_feedback", "true"]),
         "int4": (f"DiLoCo int4, H={h}", [*diloco(h), "--comm.codec", "int4"]),
         "int4-ef": (f"DiLoCo int4 + EF, H={h}", [*diloco(h), "--comm.codec", "int4", "--comm.error_feedback", "true"]),
+        "topk-ef": (f"DiLoCo topk + EF, H={h}", [*diloco(h), "--comm.codec", "topk", "--comm.error_feedback", "true"]),
     }
 
 
