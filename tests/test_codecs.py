@@ -381,13 +381,16 @@ def test_topk_payload_repeats_exactly_across_spans_threads_and_calls():
     assert torch.equal(out.view(torch.int32), decoded.view(torch.int32))
 
 
-def test_topk_decode_add_adds_only_at_the_kept_positions():
+def test_topk_decode_add_adds_or_subtracts_only_at_the_kept_positions():
     values, base = gaussian(2 * TOPK_CHUNK + 9, seed=1), gaussian(2 * TOPK_CHUNK + 9, seed=2)
     codec = get_codec("topk")
     payload = codec.encode(values)
     out = base.clone()
     codec.decode_add_(payload, out)
     assert torch.equal(out, base + codec.decode(payload, values.numel()))
+    lost = values.clone()
+    codec.decode_add_(payload, lost, -1)  # what encoding `values` lost, as the all-gather's `dropped`
+    assert torch.equal(lost.view(torch.int32), (values - codec.decode(payload, values.numel())).view(torch.int32))
 
 
 def test_topk_zero_chunks_decode_as_zeros_and_a_sparse_chunk_keeps_all_its_non_zeros():

@@ -197,10 +197,8 @@ class _Gather:
                 self.receiving[piece].append((peer, work, mac_work))
         for piece, values in enumerate(self.pieces):
             payload = self.payloads[piece][self.rank] = self.codec.encode(values)
-            if self.dropped is not None:
-                lost = self.dropped[piece]
-                self.codec.decode_into(payload, lost)
-                torch.sub(values, lost, out=lost)
+            if self.dropped is not None:  # x - decode(encode(x)), changed only where the payload kept a value
+                self.codec.decode_add_(payload, self.dropped[piece].copy_(values), -1)
             outgoing = [payload]
             if self.key is not None:
                 outgoing.append(torch.frombuffer(bytearray(self.mac(piece, self.rank, payload)), dtype=torch.uint8))

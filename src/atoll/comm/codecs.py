@@ -112,9 +112,10 @@ class Codec(ABC):
         `decode` returns, without allocating `out`'s size anew."""
         out.copy_(self.decode(data, out.numel()))
 
-    def decode_add_(self, data: torch.Tensor, out: torch.Tensor) -> None:
-        """Add the fp32 values of a payload into `out` (contiguous 1-D fp32): `out += decode(data)`."""
-        out.add_(self.decode(data, out.numel()))
+    def decode_add_(self, data: torch.Tensor, out: torch.Tensor, sign: int = 1) -> None:
+        """Add (sign 1) or subtract (sign -1) the fp32 values of a payload into `out` (contiguous
+        1-D fp32): `out += sign x decode(data)`."""
+        out.add_(self.decode(data, out.numel()), alpha=sign)
 
     def _check(self, values: torch.Tensor) -> None:
         if values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
@@ -527,10 +528,11 @@ class TopkCodec(Codec):
         out.zero_()
         self.decode_add_(data, out)
 
-    def decode_add_(self, data: torch.Tensor, out: torch.Tensor) -> None:
-        """Add the payload's values into `out` (contiguous 1-D fp32) at their positions, nothing
-        elsewhere: `out += decode(data)`, one add per kept value (the all-gather's sum). Raises
-        ValueError on a payload whose offsets do not rise within their chunks."""
+    def decode_add_(self, data: torch.Tensor, out: torch.Tensor, sign: int = 1) -> None:
+        """Add (sign 1) or subtract (sign -1) the payload's values into `out` (contiguous 1-D fp32)
+        at their positions, nothing elsewhere: `out += sign x decode(data)`, one add per kept value
+        (the all-gather's sum; sign -1 gives what encoding `out` lost). Raises ValueError on a
+        payload whose offsets do not rise within their chunks."""
         self._check(out)
         numel = out.numel()
         self._check_payload(data, numel)
@@ -548,8 +550,8 @@ class TopkCodec(Codec):
             if not bool(((offset[:, 1:] > offset[:, :-1]).all() & (offset[:, -1] < rows.shape[1]).all()).item()):
                 raise ValueError(f"topk payload of {numel} values refused: its offsets do not rise strictly within chunks {row}..{row + rows.shape[0] - 1}")
             magnitude = table[row : row + rows.shape[0]].float().gather(1, code & (self.bins - 1))
-            # the sign bit: 1 - 2 x bit is +1 or -1
-            rows.scatter_add_(1, offset, magnitude.mul_((code >> (self.bits - 1)).mul_(-2).add_(1)))
+            # the sign bit: sign x (1 - 2 x bit) is +1 or -1
+            rows.scatter_add_(1, offset, magnitude.mul_((code >> (self.bits - 1)).mul_(-2 * sign).add_(sign)))
             start, row = start + count, row + rows.shape[0]
 
 
