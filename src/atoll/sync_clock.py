@@ -53,4 +53,5 @@ class SyncClock:
         now = time.perf_counter()
         compute, blocked, overlap = self._compute + now - self._mark, self._blocked, self._overlap
         self._mark, self._compute, self._blocked, self._overlap = now, 0.0, 0.0, 0.0
-        return {"compute_s": compute, "sync_s": blocked, "overlap_s": overlap, "utilization": compute / (compute + blocked)}
+        utilization = compute / (compute + blocked) if compute + blocked > 0 else 1.0  # nothing happened: nothing was lost
+        return {"compute_s": compute, "sync_s": blocked, "overlap_s": overlap, "utilization": utilization}

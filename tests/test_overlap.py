@@ -1,0 +1,198 @@
+"""Overlapped outer steps (`diloco.overlap_steps`): the merge, the held contribution, the clocks
+and the checkpoint schedule without processes; then real `atoll simulate` runs of the debug model
+(H = 4, tau = 2, hard timeouts, no process left behind) that check states, not exit codes alone:
+tau = 0 is the blocking step bit for bit, every island's outer digest agrees at every outer step
+with a NaN island rejected alike, a kill -9 during an overlapped all-reduce is survived, and a whole
+run stopped with an all-reduce in flight resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from conftest import losses_by_step, run_atoll
+from pydantic import ValidationError
+from test_elastic import (
+    assert_live_islands_agree,
+    leftover_processes,
+    membership,
+    simulate,
+)
+from torch import nn
+
+from atoll import sync_clock
+from atoll.config import JobConfig
+from atoll.diloco import DiLoCo
+from atoll.outer_step import Flight
+from atoll.sync_clock import SyncClock
+from atoll.train import SaveSchedule
+
+OVERLAP = ["--diloco.overlap_steps", "2"]
+RUN_TIMEOUT_S = 150
+
+
+def diloco_on(weights: torch.Tensor) -> tuple[nn.Linear, DiLoCo]:
+    model = nn.Linear(weights.shape[1], weights.shape[0], bias=False)
+    with torch.no_grad():
+        model.weight.copy_(weights)
+    return model, DiLoCo(model, lr=0.7, momentum=0.9, nesterov=True)
+
+
+# --- without processes ----------------------------------------------------------------------------
+
+
+def test_a_landing_step_merges_the_islands_newer_weights_and_merge_weight_0_replaces_them():
+    start, trained = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), torch.randn(8, 16)
+    results = {}
+    for weight in (0.0, 0.5):
+        model, diloco = diloco_on(start)
+        with torch.no_grad():
+            model.weight.copy_(trained)  # the inner phase
+        diloco.pseudo_gradient()
+        with torch.no_grad():
+            model.weight.add_(1.0)  # tau more inner steps while the all-reduce ran
+        newer = model.weight.detach().clone()
+        diloco.apply(weight)
+        results[weight] = (diloco.outer.clone(), model.weight.detach().clone(), newer)
+    (outer_0, inner_0, _), (outer_5, inner_5, newer) = results[0.0], results[0.5]
+    assert torch.equal(outer_0, outer_5)  # the outer step does not depend on the merge
+    assert torch.equal(inner_0.reshape(-1), outer_0)  # 0: the blocking step's copy
+    assert torch.allclose(inner_5, 0.5 * newer + 0.5 * outer_5.view_as(newer), atol=1e-6)
+
+
+def test_every_attempt_averages_the_held_contribution_though_the_inner_weights_moved_on():
+    model, diloco = diloco_on(torch.zeros(4, 4))
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    held = diloco.hold_contribution().clone()
+    with torch.no_grad():
+        model.weight.fill_(5.0)  # trained on behind the all-reduce
+    diloco.pseudo_grad.fill_(123.0)  # a failed ring leaves the buffer undefined
+    assert torch.equal(diloco.pseudo_gradient(), held) and torch.equal(held, torch.full((16,), -1.0))
+    diloco.release_contribution()
+    assert torch.equal(diloco.pseudo_gradient(), torch.full((16,), -5.0))  # the next boundary's is computed afresh
+
+
+def test_a_save_due_while_an_all_reduce_is_in_flight_is_taken_when_it_lands():
+    cfg = JobConfig.model_validate({"train": {"steps": 12}, "checkpoint": {"every": 4, "at_end": True}})
+    schedule = SaveSchedule(cfg)
+    in_flight = {4, 5, 8, 9}  # begun at boundaries 4 and 8, landed after steps 6 and 10
+    saved = [step for step in range(1, 13) if schedule.due(step, step == 12, step in in_flight)]
+    assert saved == [6, 10, 12]
+
+
+def test_blocked_time_is_not_compute_and_overlap_is_neither(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(sync_clock.time, "perf_counter", lambda: now[0])
+    clock = SyncClock()
+    now[0] += 3.0  # training
+    with clock.blocked():
+        now[0] += 1.0  # waiting at the barrier
+    clock.pause(0.5)
+    now[0] += 0.5  # evaluation, paused out
+    now[0] += 4.0
+    clock.overlapped(2.5)
+    assert clock.take() == {"compute_s": 7.0, "sync_s": 1.0, "overlap_s": 2.5, "utilization": 7.0 / 8.0}
+    now[0] += 1.0
+    assert clock.take()["sync_s"] == 0.0 and clock.take()["overlap_s"] == 0.0
+
+
+def test_a_flights_overlap_is_what_its_average_ran_before_the_landing():
+    flight = Flight(3, fresh=False, behind=True, started=10.0, finished=13.0)
+    assert flight.overlap_s(landing=12.0) == 2.0  # training then waited 1 s for it
+    assert flight.overlap_s(landing=15.0) == 3.0
+    assert Flight(3, fresh=False, started=10.0, finished=13.0).overlap_s(15.0) == 0.0  # blocking
+
+
+def test_overlap_steps_must_land_before_the_next_boundary():
+    with pytest.raises(ValidationError, match="overlap_steps .4. must be below diloco.inner_steps .4."):
+        JobConfig.model_validate({"diloco": {"inner_steps": 4, "overlap_steps": 4}})
+    with pytest.raises(ValidationError):
+        JobConfig.model_validate({"diloco": {"merge_weight": 1.0}})
+
+
+# --- real runs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 30)
+def test_overlap_0_is_the_blocking_outer_step_bit_for_bit_whatever_the_merge_weight(tmp_path, cache_dir):
+    simulate(tmp_path / "blocking", cache_dir, 2, 12)
+    simulate(tmp_path / "tau0", cache_dir, 2, 12, extra=["--diloco.overlap_steps", "0", "--diloco.merge_weight", "0.9"])
+    expected, got = losses_by_step(tmp_path / "blocking"), losses_by_step(tmp_path / "tau0")
+    assert got == expected  # every loss and outer digest of both islands
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_overlapped_islands_agree_at_every_outer_step_and_reject_a_nan_island_alike(tmp_path, cache_dir):
+    # island-1's weights turn NaN after inner step 6, as outer step 1 (begun at 4) lands there: its
+    # contribution to outer step 2 (begun at 8, landed at 10) is rejected by every island, and
+    # it takes the outer weights whole at that landing
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=nan@inner:6"], extra=[*OVERLAP, "--eval.every", "16"])
+
+    steps = assert_live_islands_agree(outer)  # digest, epoch, world size and landing step per outer step
+    assert [steps[s]["step"] for s in (1, 2, 3, 4)] == [6, 10, 14, 16]  # landed tau steps late; the last one blocks
+    for records in outer.values():
+        assert [r["rejected"] for r in records] == [[], ["island-1"], [], []]
+        assert all(r["overlap_s"] > 0 for r in records[:3]) and records[3]["overlap_s"] == 0
+    final = [records[-1] for records in outer.values()]
+    # the last (blocking) step leaves every island on the same finite weights
+    assert all(math.isfinite(r["val_loss"]) and r["val_loss"] == final[0]["val_loss"] for r in final)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_survivors_agree_after_a_kill_during_an_overlapped_all_reduce(tmp_path, cache_dir):
+    # island-1 dies as outer step 2's all-reduce starts behind training: the survivors' background
+    # rings fail, they report it when the step lands, enter the next epoch and average again
+    # (blocking, with the contributions they held) without island-1
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=kill@allreduce:2"], extra=OVERLAP)
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
+    assert steps[2]["attempts"] == 2 and steps[2]["epoch"] == 1 and not steps[2]["skipped"]
+    assert [r["outer_step"] for r in outer["island-0"]] == [1, 2, 3, 4] == [r["outer_step"] for r in outer["island-2"]]
+    assert membership(tmp_path / "run")[1]["left"] == {"island-1": "its control connection closed (process gone)"}
+
+
+def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:
+    return [
+        "simulate", "configs/debug.toml", "--islands", "2", "--run-dir", str(run_dir),
+        "--train.steps", "12", "--diloco.inner_steps", "4", "--schedule.warmup_steps", "2", "--eval.every", "0",
+        "--metrics.log_every", "1", "--checkpoint.every", "4", "--checkpoint.keep", "5", "--checkpoint.at_end", "false", "--data.cache_dir", cache_dir,
+        "--mesh.heartbeat_interval_s", "0.5", "--mesh.heartbeat_timeout_s", "3", *OVERLAP, *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S + 30)
+def test_a_whole_run_stopped_with_an_all_reduce_in_flight_resumes_exactly(tmp_path, cache_dir):
+    # saves due at steps 4 and 8 fall while an all-reduce is in flight: they are taken at 6 and 10,
+    # where it has landed (12, the last step, blocks). Both islands stop at inner step 9, outer step 2 in flight (begun at 8):
+    # the resumed run starts from step 6 and must reproduce every loss and outer digest
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    try:
+        result = run_atoll(simulate_args(whole, cache_dir), RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert sorted(p.name for p in (whole / "island-0" / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000010", "step-00000012"]
+        run_atoll(simulate_args(stopped, cache_dir, "--fault", "island-0=term@inner:9", "--fault", "island-1=term@inner:9"), RUN_TIMEOUT_S)
+        assert max(losses_by_step(stopped)["island-0"]) < 10  # it did stop
+        result = run_atoll(simulate_args(stopped, cache_dir, "--resume"), RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "resumed at step 6" in result.stdout
+    finally:
+        left = leftover_processes(whole) + leftover_processes(stopped)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert left == []
+    expected, got = losses_by_step(whole), losses_by_step(stopped)
+    for name in ("island-0", "island-1"):
+        assert sorted(got[name]) == list(range(1, 13))
+        assert got[name] == expected[name], name  # bit-identical losses and outer digests
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("token-cache"))
