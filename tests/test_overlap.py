@@ -8,6 +8,7 @@ run stopped with an all-reduce in flight resumes exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -22,12 +23,14 @@ from test_elastic import (
     membership,
     simulate,
 )
+from test_simulate import write_island
 from torch import nn
 
 from atoll import sync_clock
 from atoll.config import JobConfig
 from atoll.diloco import DiLoCo
 from atoll.outer_step import Flight
+from atoll.simulate import summarize
 from atoll.sync_clock import SyncClock
 from atoll.train import SaveSchedule
 
@@ -106,6 +109,17 @@ def test_a_flights_overlap_is_what_its_average_ran_before_the_landing():
     assert flight.overlap_s(landing=12.0) == 2.0  # training then waited 1 s for it
     assert flight.overlap_s(landing=15.0) == 3.0
     assert Flight(3, fresh=False, started=10.0, finished=13.0).overlap_s(15.0) == 0.0  # blocking
+
+
+def test_the_simulate_summary_prints_the_median_overlap_only_when_there_was_one(tmp_path):
+    write_island(tmp_path, "island-0", 12_000_000, [0.1, 0.5, 0.2], [0.9, 0.8, 0.85])
+    records = [json.loads(line) for line in (tmp_path / "island-0" / "metrics.jsonl").read_text().splitlines()]
+    blocking = summarize(tmp_path)
+    assert "overlap" not in blocking
+    for record, overlap in zip((r for r in records if "outer_step" in r), [1.5, 2.5, 0.0]):
+        record["overlap_s"] = overlap
+    (tmp_path / "island-0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert summarize(tmp_path) == blocking.replace("median sync 0.200 s,", "median sync 0.200 s, overlap 1.500 s,")
 
 
 def test_overlap_steps_must_land_before_the_next_boundary():
