@@ -171,6 +171,22 @@ def test_survivors_agree_after_a_kill_during_an_overlapped_all_reduce(tmp_path, 
     assert membership(tmp_path / "run")[1]["left"] == {"island-1": "its control connection closed (process gone)"}
 
 
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_a_peer_hung_during_an_overlapped_all_reduce_is_left_at_the_heartbeat_timeout(tmp_path, cache_dir):
+    # island-1 is stopped (SIGSTOP) as outer step 2's all-reduce starts: the survivors' background
+    # rings stall on it while they train; once the coordinator drops it at the 3 s heartbeat
+    # timeout they abandon those rings, and the landing redoes the step among the two, long
+    # before the 100 s ring deadline
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=stop@allreduce:2"],
+                     extra=[*OVERLAP, "--mesh.collective_timeout_s", "100"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 2, 2, 2]
+    assert steps[2]["attempts"] == 2 and steps[2]["step"] == 10
+    assert max(r["sync_s"] for name in ("island-0", "island-2") for r in outer[name] if r["outer_step"] == 2) < 50
+    assert "no heartbeat" in membership(tmp_path / "run")[1]["left"]["island-1"]
+
+
 def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:
     return [
         "simulate", "configs/debug.toml", "--islands", "2", "--run-dir", str(run_dir),
