@@ -258,8 +258,10 @@ def test_survivors_raise_ring_error_at_once_when_a_peer_is_killed_mid_gather(tmp
     assert codes[1] == -signal.SIGKILL
     assert sorted(out) == [0, 2]  # every island hears from every other: both notice
     for rank, (outcome, message, elapsed) in out.items():
-        assert outcome == "RingError" and "rank 1" in message, (rank, message)
+        assert outcome == "RingError", (rank, message)
         assert elapsed < SLACK_S < DEADLINE_S  # a closed socket fails at once, not at the deadline
+    # the first to notice names the dead island (the other may then lose its connection to the first)
+    assert any("rank 1" in message for _, message, _ in out.values())
     assert codes[0] == codes[2] == 0
 
 
@@ -268,9 +270,11 @@ def test_survivors_raise_ring_error_at_the_deadline_when_a_peer_stops(tmp_path):
     out, codes = run_with_fault(tmp_path, 3, "stop", STOP_DEADLINE_S)
     assert codes[1] == -signal.SIGKILL  # stopped, so run_islands had to kill it
     assert sorted(out) == [0, 2]
-    for rank, (outcome, message, elapsed) in out.items():
-        assert outcome == "RingError" and "Timed out" in message, (rank, message)
-        assert STOP_DEADLINE_S <= elapsed < STOP_DEADLINE_S + SLACK_S
+    for rank, (outcome, message, _) in out.items():
+        assert outcome == "RingError", (rank, message)
+    elapsed = [e for *_, e in out.values()]
+    assert STOP_DEADLINE_S <= max(elapsed) < STOP_DEADLINE_S + SLACK_S  # someone waited out the deadline: nothing else ended it
+    assert any("Timed out" in message for _, message, _ in out.values())
 
 
 @pytest.mark.timeout(PROCESS_TIMEOUT_S)
