@@ -18,6 +18,7 @@ import torch
 from conftest import losses_by_step, run_atoll
 from pydantic import ValidationError
 from test_elastic import (
+    JOIN_OUTER_STEPS,
     assert_live_islands_agree,
     leftover_processes,
     membership,
@@ -185,6 +186,27 @@ def test_a_peer_hung_during_an_overlapped_all_reduce_is_left_at_the_heartbeat_ti
     assert steps[2]["attempts"] == 2 and steps[2]["step"] == 10
     assert max(r["sync_s"] for name in ("island-0", "island-2") for r in outer[name] if r["outer_step"] == 2) < 50
     assert "no heartbeat" in membership(tmp_path / "run")[1]["left"]["island-1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_an_island_that_left_rejoins_under_its_id_and_lands_its_first_overlapped_step_with_the_others(tmp_path, cache_dir):
+    # island-1 leaves after inner step 7 (outer step 1 landed at 6) and is restarted under its id: it
+    # fetches the state, is admitted at a boundary barrier (never with an all-reduce in flight),
+    # and its first outer step, with no contribution, lands tau steps later at the members' step.
+    # island-0 stalls 8 s after inner step 40, so that the restart (seconds) finds the run going
+    outer = simulate(tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, faults=["island-1=term@inner:7", "island-0=sleep@inner:40:8"],
+                     starts=["island-1@1"], extra=OVERLAP)
+
+    steps = assert_live_islands_agree(outer)  # the returning island's records too: digest, epoch, world and step
+    lives = [r["outer_step"] for r in outer["island-1"]]
+    back, end = lives[1], JOIN_OUTER_STEPS + 1
+    assert lives == [1, *range(back, end)] and back > 2
+    assert [steps[s]["world_size"] for s in range(1, end)] == [3] + [2] * (back - 2) + [3] * (end - back)
+    first = outer["island-1"][1]
+    assert first["step"] % 4 == 2 and first["contribution_norms"]["island-1"] == 0.0 and first["overlap_s"] > 0
+    events = membership(tmp_path / "run")
+    assert events[1]["left"]["island-1"].startswith("left (SystemExit") and events[2]["joined"] == ["island-1"]
 
 
 def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:

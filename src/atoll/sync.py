@@ -22,9 +22,10 @@ step being averaged there with a zero contribution (it has not trained; `atoll.v
 leaves it out of the mean).
 
 With `diloco.overlap_steps` = tau > 0 the outer step due at boundary b is begun there and landed
-after inner step b + tau (`atoll.outer_step`), its record logged then. A joiner's first outer step
-and the outer steps that would land after train.steps (the last boundary, train.steps itself)
-block: there is nothing for them to train behind. Nothing else waits for a landing: the loop asks
+after inner step b + tau (`atoll.outer_step`), its record logged then; a joiner admitted at b does
+the same with the members (it trains tau steps from the state it took). Outer steps that would
+land after train.steps (the last boundary, train.steps itself) block: there is nothing for them
+to train behind. Nothing else waits for a landing: the loop asks
 `in_flight` before it saves a checkpoint (`atoll.train`).
 """
 
@@ -134,10 +135,12 @@ class IslandSync:
         self.held.publish()
 
     def join_outer_step(self, anneal_weight: float = 1.0) -> dict[str, Any]:
-        """A joiner's first outer step: the one being averaged where it entered, with no contribution."""
+        """A joiner's first outer step: the one being averaged where it entered, with no
+        contribution; overlapped like the members' when it entered at a boundary (its record is
+        then the landing's, {} here)."""
         self.owes_outer_step = False
         self.clock.restart()  # it trained nothing for this step
-        return self._outer_record(anneal_weight)
+        return self._outer_record(anneal_weight, self._landing_step(self.held.progress.step))
 
     # --- the training loop's side ----------------------------------------------------------------
 
@@ -167,8 +170,16 @@ class IslandSync:
             return self._land()
         if not self.outer_step_due(step, is_last):
             return {}
+        return self._outer_record(anneal_weight, self._landing_step(step))
+
+    def _landing_step(self, step: int) -> int | None:
+        """Where an outer step begun after inner step `step` lands: tau steps later if it begins at
+        a boundary and lands before train.steps, else None (it blocks). A joiner admitted when a
+        retry is redone at a landing step blocks too, so it commits with the members."""
         tau = self.cfg.diloco.overlap_steps
-        return self._outer_record(anneal_weight, lands_at=step + tau if tau and step + tau < self.cfg.train.steps else None)
+        if tau and step % self.cfg.diloco.inner_steps == 0 and step + tau < self.cfg.train.steps:
+            return step + tau
+        return None
 
     def outer_step_due(self, step: int, is_last: bool) -> bool:
         """Whether `after_step(step, is_last)` begins an outer step."""

@@ -166,10 +166,11 @@ def _train_in(
     if sync.owes_outer_step:  # a joiner admitted at a boundary: the outer step being averaged there
         set_outer_weight_decay(sync, cfg, state.step, trained_phase=False)
         record = sync.join_outer_step(outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
-        outer_digest = record["outer_digest"]
+        outer_digest = record.get("outer_digest", outer_digest)
         for note in sync.drain_notes():
             log.info(f"atoll: {note}")
-        log.log({"step": state.step, "tokens": state.tokens, **sync.log_fields(), **record})
+        if record:  # an overlapped one is logged where it lands
+            log.log({"step": state.step, "tokens": state.tokens, **sync.log_fields(), **record})
     log.info(
         f"atoll: {cfg.model.name} model ({count_params(parts.args)['total'] / 1e6:.2f}M params, init sha256 {parts.init_digest[:12]}) "
         f"on {island.world} local rank(s), {island.device.type}; batch {cfg.train.global_batch}x{parts.seq_len} tokens "
