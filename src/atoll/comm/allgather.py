@@ -183,7 +183,8 @@ class _Gather:
         return mac.digest()
 
     def start(self) -> None:
-        """Post every receive, then encode each piece and send it to every peer."""
+        """Post every receive, then encode each piece and send it to every peer. A peer already
+        gone fails the posting with RingError; nothing waits here, so no deadline applies yet."""
         for piece, values in enumerate(self.pieces):
             size = self.codec.encoded_size(values.numel())
             for peer in self.peers:
@@ -210,7 +211,8 @@ class _Gather:
 
     def finish(self) -> tuple[int, int]:
         """Sum every piece as its payloads arrive (after `start`), then wait for the sends.
-        Returns (bytes sent, bytes received)."""
+        Returns (bytes sent, bytes received). RingError at once on a dead peer, after the deadline
+        of one wait on a silent one, or on a payload that fails its MAC or is malformed; never retried."""
         for piece, values in enumerate(self.pieces):
             for peer, work, mac_work in self.receiving[piece]:
                 for w in (work, mac_work):
