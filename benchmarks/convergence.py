@@ -10,6 +10,7 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
   fp32          DiLoCo with fp32 pseudo-gradients every H inner steps
   int8          the same DiLoCo with int8 pseudo-gradients (atoll's ring)
   int8-2h       int8 DiLoCo syncing half as often (H doubled)
+  int8-m09      int8 DiLoCo with DiLoCo's outer momentum 0.9 (atoll's default before it became 0.8)
   no-anneal     DiLoCo fp32 whose outer step does not anneal with the inner LR schedule
   int8-lr       int8 DiLoCo at sqrt(islands) x the inner lr (its islands each see 1/islands of the
                 data-parallel batch; on the defaults this is DiLoCo's better lr, not data-parallel's)
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +73,8 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         "ddp": ("data-parallel fp32, every step", ["--mesh.mode", "ddp", "--comm.codec", "fp32"]),
         "fp32": (f"DiLoCo fp32, H={h}", [*diloco(h), "--comm.codec", "fp32"]),
         "int8": (f"DiLoCo int8, H={h}", [*diloco(h), "--comm.codec", "int8"]),
+        "int8-m09": (f"DiLoCo int8, H={h}, momentum 0.9", [*diloco(h), "--comm.codec", "int8",
+                                                        "--diloco.outer_momentum", "0.9"]),
         "int8-2h": (f"DiLoCo int8, H={2 * h}", [*diloco(2 * h), "--comm.codec", "int8"]),
         "no-anneal": (f"DiLoCo fp32, H={h}, no anneal", [*diloco(h), "--comm.codec", "fp32",
                                                          "--diloco.anneal_with_schedule", "false"]),
@@ -103,8 +107,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak learning rate (every row)")
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final loss")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each run for every row")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (each is deterministic, so the figures do not change; the wall times do)")
     parser.add_argument("--rows", default="ddp,fp32,int8,int8-2h",
-                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef "
+                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-m09, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef "
                              "(ddp is always run)")
     args = parser.parse_args()
 
@@ -115,16 +121,17 @@ def main() -> None:
     tokens = args.steps * args.batch * args.seq_len * args.islands
     print(f"{args.model} model, {args.islands} islands, {args.steps} steps x {args.batch}x{args.seq_len} tokens "
           f"per island = {tokens / 1e6:.2f}M tokens per run; seeds 0..{args.seeds - 1}", flush=True)
-    results: dict[str, list[dict]] = {k: [] for k in keys}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
-            for key in keys:
-                label, extra = settings[key]
-                result = run(Path(tmp) / f"{key}-{seed}", args, seed, extra)
-                results[key].append(result)
-                gap = result["val_loss"] / results["ddp"][seed]["val_loss"] - 1
-                print(f"  seed {seed}  {label:<34} val_loss {result['val_loss']:.4f}  vs ddp {gap:+.2%}  "
-                      f"({result['wall_s']:.0f} s)", flush=True)
+    runs = [(seed, key) for seed in range(args.seeds) for key in keys]
+    done: dict[tuple[int, str], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run, Path(tmp) / f"{key}-{seed}", args, seed, settings[key][1]): (seed, key)
+                   for seed, key in runs}
+        for future in as_completed(futures):
+            seed, key = futures[future]
+            done[seed, key] = result = future.result()
+            print(f"  seed {seed}  {settings[key][0]:<34} val_loss {result['val_loss']:.4f}  "
+                  f"({result['wall_s']:.0f} s)", flush=True)
+    results = {key: [done[seed, key] for seed in range(args.seeds)] for key in keys}
 
     ddp_bytes = statistics.mean(r["bytes"] for r in results["ddp"])
     print(f"\n{'run':<36}{'val_loss mean':>14}{'± sd':>8}{'gap mean':>10}{'± sd':>8}{'worst':>8}"
