@@ -12,10 +12,11 @@ import json
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
-from conftest import losses_by_step, run_atoll
+from conftest import free_port, losses_by_step, read_metrics, run_atoll
 from pydantic import ValidationError
 from test_elastic import (
     JOIN_OUTER_STEPS,
@@ -23,6 +24,16 @@ from test_elastic import (
     leftover_processes,
     membership,
     simulate,
+)
+from test_operations import (
+    LOOPBACK,
+    TIMEOUT_S,
+    atoll,
+    finish,
+    island,
+    logs,
+    outer_steps,
+    wait_for,
 )
 from test_simulate import write_island
 from torch import nn
@@ -133,6 +144,7 @@ def test_overlap_steps_must_land_before_the_next_boundary():
 # --- real runs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 30)
 def test_overlap_0_is_the_blocking_outer_step_bit_for_bit_whatever_the_merge_weight(tmp_path, cache_dir):
     simulate(tmp_path / "blocking", cache_dir, 2, 12)
@@ -207,6 +219,38 @@ def test_an_island_that_left_rejoins_under_its_id_and_lands_its_first_overlapped
     assert first["step"] % 4 == 2 and first["contribution_norms"]["island-1"] == 0.0 and first["overlap_s"] > 0
     events = membership(tmp_path / "run")
     assert events[1]["left"]["island-1"].startswith("left (SystemExit") and events[2]["joined"] == ["island-1"]
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_a_coordinator_killed_and_restarted_during_an_overlapped_all_reduce_continues_the_run(tmp_path, cache_dir):
+    # the coordinator dies as island a logs inner step 12, where outer step 3 began: its all-reduce
+    # runs behind training (island to island, no coordinator needed) and its landing at step 14
+    # meets no coordinator for 2 s, then the restarted one resumes the run from its journal
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    port = free_port()
+    coordinator_args = ["coordinator", "--port", str(port), "--islands", "2", "--heartbeat-timeout", "3",
+                        "--events", str(run_dir / "membership.jsonl")]
+    coordinator = atoll(coordinator_args, run_dir / "coordinator-1.log")
+    address = f"{LOOPBACK}:{port}"
+    procs = [island(address, name, run_dir, 48, cache_dir, *OVERLAP) for name in ("a", "b")]
+    restarted = None
+    try:
+        began = lambda: (run_dir / "a" / "metrics.jsonl").is_file() and any(r["step"] >= 12 for r in read_metrics(run_dir / "a"))
+        wait_for(began, TIMEOUT_S, "inner step 12", [coordinator, *procs])
+        os.killpg(coordinator.pid, signal.SIGKILL)
+        coordinator.wait()
+        time.sleep(2.0)
+        restarted = atoll(coordinator_args, run_dir / "coordinator-2.log")
+        codes = finish([*procs, restarted], run_dir)
+    finally:
+        finish([coordinator, *([restarted] if restarted else [])], run_dir)
+    assert codes == [0, 0, 0], logs(run_dir)
+    outer = {name: outer_steps(run_dir, name) for name in ("a", "b")}
+    steps = assert_live_islands_agree(outer)
+    assert sorted(steps) == list(range(1, 13)) and {s["world_size"] for s in steps.values()} == {2}
+    assert [steps[s]["step"] for s in range(1, 13)] == [*range(6, 48, 4), 48]  # landed tau late, the last blocking
+    assert "resumed run" in (run_dir / "coordinator-2.log").read_text()
 
 
 def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:
