@@ -1,0 +1,136 @@
+"""Overlapped outer steps on the emulated WAN: blocking DiLoCo against overlap with tau inner steps.
+
+    python benchmarks/overlap.py                                  # 2 islands, 20mbit, 10 ms one way, H = 20 (needs root)
+    python benchmarks/overlap.py --islands 3 --rate 20mbit --delay 10ms --steps 160
+    python benchmarks/overlap.py --taus 1 5 10 --merge-weight 0.5 --pin
+
+Each row is one `atoll simulate` of the debug model with the same seed, data and number of inner
+steps: "no sync" (H = train.steps: the islands train alone until the one outer step at the end,
+which is left out of the timing), "blocking" (`diloco.overlap_steps` 0) and overlap with each
+`--taus` value (`diloco.merge_weight` from `--merge-weight`). Printed side by side, from the
+islands' metrics.jsonl:
+
+- utilization: mean over islands and outer steps (the first left out: it includes the groups'
+  warm-up) of compute / (compute + blocked), as the records log it;
+- sync s and overlap s: median per outer step of the time training was blocked and of the time the
+  all-reduce ran behind training;
+- s/step: wall time per inner step (the island's first to last record, the first outer step's
+  phase left out, the last outer step too), mean over islands, and its ratio to the "no sync" row;
+- MB sent per island, and the validation loss at the end (every island evaluates the same
+  weights: the last outer step blocks and replaces them).
+
+The rows run one after another on this machine's cores, with the delay line (a process) and the
+islands competing for them: the s/step column of the "no sync" row is the same contention without
+the links. With --pin, island i's processes are kept on CPU i mod (cores - 1) and the simulate
+process on the last CPU (on 2 cores: the islands on CPU 0, simulate on CPU 1; the delay line stays
+where the kernel puts it). Figures, not pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pin_islands(run_dir: Path, islands: int, stop: threading.Event) -> None:
+    """Keep moving each island's processes, and the simulate process, onto their CPUs (see the module doc)."""
+    cpus = os.cpu_count() or 2
+    while not stop.wait(0.5):
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit():
+                    continue
+                cmdline = (proc / "cmdline").read_bytes()
+                if str(run_dir).encode() not in cmdline:
+                    continue
+                island = next((i for i in range(islands) if f"island-{i}".encode() in cmdline), None)
+                target = {island % (cpus - 1)} if island is not None and cpus > 1 else {cpus - 1}
+                for task in (proc / "task").iterdir():
+                    os.sched_setaffinity(int(task.name), target)
+            except (OSError, ValueError):
+                continue
+
+
+def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) -> dict:
+    """One simulate run; its row's numbers."""
+    run_dir = workdir / name.replace(" ", "-")
+    command = [
+        sys.executable, "-m", "atoll.cli", "simulate", "--islands", str(args.islands), "--run-dir", str(run_dir),
+        str(REPO / "configs" / "debug.toml"), "--train.steps", str(args.steps), "--diloco.inner_steps", str(args.inner_steps),
+        "--eval.every", str(args.steps), "--checkpoint.at_end", "false", "--metrics.log_every", "1",
+        "--data.cache_dir", str(workdir / "cache"), "--wan-rate", args.rate, "--wan-delay", args.delay,
+        "--diloco.merge_weight", str(args.merge_weight), *extra,
+    ]
+    stop = threading.Event()
+    pinner = threading.Thread(target=pin_islands, args=(run_dir, args.islands, stop), daemon=True)
+    if args.pin:
+        pinner.start()
+    try:
+        out = subprocess.run(command, check=False, capture_output=True, text=True, timeout=1800, cwd=REPO)
+    finally:
+        stop.set()
+    if out.returncode != 0:
+        raise SystemExit(f"{name}: simulate failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    islands = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in sorted(run_dir.glob("island-*"))]
+    outer = [r for records in islands for r in records if r.get("outer_step", 0) > 1]
+    per_step = []
+    for records in islands:
+        timed = [r for r in records if "loss" in r and args.inner_steps < r["step"] < args.steps]
+        if len(timed) > 1:
+            per_step.append((timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"]))
+    last = [records[-1] for records in islands]
+    return {
+        "name": name,
+        "utilization": statistics.mean(r["utilization"] for r in outer) if outer else None,
+        "sync_s": statistics.median(r["sync_s"] for r in outer) if outer else None,
+        "overlap_s": statistics.median(r.get("overlap_s", 0.0) for r in outer) if outer else None,
+        "s_per_step": statistics.mean(per_step),
+        "mb_sent": statistics.mean(r["bytes_sent"] for r in last) / 1e6,
+        "val_loss": statistics.mean(r["val_loss"] for r in last),
+    }
+
+
+def number(value: float | None, fmt: str) -> str:
+    """`value` in `fmt`, or a dash as wide."""
+    return format(value, fmt) if value is not None else format("—", ">" + fmt.split(".")[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--islands", type=int, default=2)
+    parser.add_argument("--rate", default="20mbit", help="each island's link rate (default 20mbit)")
+    parser.add_argument("--delay", default="10ms", help="one-way delay between islands (default 10ms)")
+    parser.add_argument("--steps", type=int, default=120, help="inner steps per run (default 120)")
+    parser.add_argument("--inner-steps", type=int, default=20, help="H (default 20)")
+    parser.add_argument("--taus", type=int, nargs="+", help="overlap_steps values (default 1, H/4, H/2)")
+    parser.add_argument("--merge-weight", type=float, default=0.5)
+    parser.add_argument("--pin", action="store_true", help="island i on CPU i mod (cores - 1), simulate on the last")
+    args = parser.parse_args()
+    taus = args.taus or sorted({1, args.inner_steps // 4, args.inner_steps // 2})
+    with tempfile.TemporaryDirectory(prefix="atoll-overlap-") as tmp:
+        workdir = Path(tmp)
+        started = time.time()
+        rows = [run("no sync", args, ["--diloco.inner_steps", str(args.steps)], workdir), run("blocking", args, [], workdir)]
+        rows += [run(f"overlap tau={tau}", args, ["--diloco.overlap_steps", str(tau)], workdir) for tau in taus]
+    alone = rows[0]["s_per_step"]
+    print(f"{args.islands} islands, debug model, {args.steps} inner steps, H = {args.inner_steps}, emulated WAN {args.rate}, "
+          f"{args.delay} one way, merge_weight {args.merge_weight}" + (", pinned" if args.pin else "")
+          + f"; {time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'mode':<16} {'utilization':>11} {'sync s':>8} {'overlap s':>9} {'s/step':>7} {'vs no sync':>10} {'MB sent':>8} {'val_loss':>9}")
+    for r in rows:
+        print(f"{r['name']:<16} {number(r['utilization'], '11.1%')} {number(r['sync_s'], '8.3f')} {number(r['overlap_s'], '9.3f')} "
+              f"{r['s_per_step']:7.3f} {r['s_per_step'] / alone:10.3f} {r['mb_sent']:8.1f} {r['val_loss']:9.4f}")
+
+
+if __name__ == "__main__":
+    main()
