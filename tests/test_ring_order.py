@@ -5,14 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from atoll.mesh.ring_order import (
-    EXACT_MAX_ISLANDS,
-    Link,
-    best_ring,
-    bottleneck,
-    canonical,
-    edges,
-)
+from atoll.mesh.ring_order import EXACT_MAX_ISLANDS, Link, best_ring, bottleneck, canonical, edges
 
 FAST, SLOW = 1e9 / 8, 20e6 / 8  # 1 Gbit/s inside a region, 20 Mbit/s across
 

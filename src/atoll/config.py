@@ -421,6 +421,12 @@ class CommConfig(Section):
     chunk_mb: float = Field(default=4.0, gt=0)
     """Pipelining unit of the ring, in MB of fp32 values: one chunk is encoded while the previous
     one is on the wire."""
+    ring_order: Literal["id", "measured"] = "id"
+    """Order of the islands around the ring (and so their rank in the global groups): "id" sorts
+    them by island id; "measured" has the coordinator pick the order whose slowest directed link
+    is the fastest from the links the islands measure and report (atoll/mesh/ring_order.py), for
+    each new epoch, and re-form the epoch at an outer-step boundary when a measured order's
+    slowest link is `atoll.mesh.ring_order.REORDER_GAIN` times the current one's. Run-wide."""
 
     @model_validator(mode="after")
     def _check_topk(self) -> CommConfig:

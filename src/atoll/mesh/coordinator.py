@@ -27,6 +27,12 @@ Failure semantics:
   stopped, or starved): it reconnects at once and is kept.
 - A coordinator that was stopped (SIGSTOP, a suspended VM) judges nobody on the silence it caused:
   every heartbeat clock restarts when it runs again (`_forgive_own_stall`).
+- Ring order (`comm.ring_order = "measured"`): islands report the links they measured (`links`);
+  each new epoch's members are put in the order `atoll.mesh.ring_order` picks from them, journalled
+  with the epoch (and the links it was picked from), so a restarted coordinator keeps the order and
+  picks the next from the same figures until new reports come. At an outer step's boundary, with
+  nothing else to decide, an order `REORDER_GAIN` times faster re-forms the epoch with the same
+  members (reason "ring reordered"), entered from the barrier as a join is.
 - When every member has left, the run has ended: it says so to anyone who asks, and `serve()`
   returns (unless told to stay).
 """
@@ -48,9 +54,11 @@ from atoll.mesh.auth import is_loopback, run_key, status_key, verify
 from atoll.mesh.events import EventLog
 from atoll.mesh.journal import Journal, replay
 from atoll.mesh.membership import (
-    Decision, IslandView, Registration, Rules, StepResult, decide, fingerprint_mismatch, first_epoch, without,
+    Decision, IslandView, Registration, Rules, StepResult, decide, fingerprint_mismatch, first_epoch, in_ring_order, reconnecting,
+    successor, without,
 )
 from atoll.mesh.endpoints import CoordinatorServer
+from atoll.mesh.ring_order import RING_ORDER_KEY, Link, better_ring, links_to_json, parse_report, ring_for
 
 TICK_S = 0.1
 MAX_WAIT_S = 30.0
@@ -120,6 +128,11 @@ class Coordinator:
         self.epochs = dict(state.epochs)
         self.epoch = self.epochs[max(self.epochs)] if self.epochs else None
         self.outcomes = dict(state.outcomes)
+        self.links: dict[tuple[str, str], Link] = dict(state.links)
+        """Directed links measured by the islands (`links`), newest report per pair."""
+        self._reorder_looked: tuple[int, int] | None = None
+        """(epoch, links reports) when `_reorder` last looked: it looks again only after a change."""
+        self._link_reports = 0
         now = time.monotonic()
         self.arrivals: list[Registration] = []
         self.views: dict[str, IslandView] = {}
@@ -332,6 +345,14 @@ class Coordinator:
     def _op_latest(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
         return self._status(island, incarnation)
 
+    def _op_links(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
+        """An island's measured links to its peers (`atoll.mesh.ring_order.parse_report`); a newer
+        report of a pair replaces the older. The next epoch's order is picked from them."""
+        if self._member(island, incarnation):
+            self.links.update(parse_report(island, args["links"], set(self.views)))
+            self._link_reports += 1
+        return {}
+
     def _op_leave(self, island: str, incarnation: str, args: dict, connection: int) -> dict:
         if self._member(island, incarnation):
             self.views[island].leaving = str(args["reason"])
@@ -507,7 +528,27 @@ class Coordinator:
         if self.epoch is None:
             self._form_first_epoch(now)
             return
-        self._apply(decide(self.epoch, self.views, self.decided, now, self.rules, self._failures_in_a_row, at_boundary or self._at_boundary()))
+        at_boundary = at_boundary or self._at_boundary()
+        decision = decide(self.epoch, self.views, self.decided, now, self.rules, self._failures_in_a_row, at_boundary)
+        if decision == Decision() and at_boundary:
+            decision = self._reorder(now)
+        self._apply(decision)
+
+    @property
+    def ring_policy(self) -> str:
+        """The run's `comm.ring_order` ("id" until the first island registered)."""
+        return str(self.fingerprint.get(RING_ORDER_KEY, "id"))
+
+    def _reorder(self, now: float) -> Decision:
+        """The same members in a measured ring order worth re-forming the epoch for (see
+        `ring_order.better_ring`), or no decision; never while a member's connection is unsure."""
+        looked = (self.epoch.number, self._link_reports)
+        if self.ring_policy != "measured" or self._reorder_looked == looked or reconnecting(self.epoch.members, self.views, now):
+            return Decision()
+        self._reorder_looked = looked  # the solver runs once per new figures, not on every tick
+        if better_ring(self.epoch.members, self.links) is None:
+            return Decision()
+        return Decision(epoch=successor(self.epoch, self.epoch.members, self.views, "ring reordered", time.time()))
 
     def _at_boundary(self) -> bool:
         """Some member waits at an outer step's boundary barrier of the current epoch that has not passed."""
@@ -560,7 +601,11 @@ class Coordinator:
 
     def _start_epoch(self, decision: Decision) -> None:
         epoch = dataclasses.replace(decision.epoch, started_at=time.time())
-        self.journal.append({"kind": "epoch", "epoch": epoch.to_dict(), "left": decision.left, "joined": list(decision.joined)})
+        epoch = in_ring_order(epoch, ring_for(epoch.members, self.links, self.ring_policy))
+        self.journal.append({
+            "kind": "epoch", "epoch": epoch.to_dict(), "left": decision.left, "joined": list(decision.joined),
+            "links": links_to_json(self.links, epoch.members),
+        })
         for island in decision.left:
             self.views.pop(island, None)
         for view in self.views.values():

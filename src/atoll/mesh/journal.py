@@ -4,7 +4,8 @@ One JSON object per line, appended and fsynced before the decision is announced 
 
     {"kind": "run", "run_id", "local_ranks", "fingerprint"}   the run's identity, once
     {"kind": "registration", "registration"}                  an incarnation that was accepted
-    {"kind": "epoch", "epoch", "left", "joined"}              a new epoch
+    {"kind": "epoch", "epoch", "left", "joined", "links"}     a new epoch (members in ring order, and
+                                                              the measured links it was ordered from)
     {"kind": "outcome", "epoch", "step", "round", "outcome", "next", "source"}
     {"kind": "ended", "why"}
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from atoll.mesh.membership import Epoch, Registration
+from atoll.mesh.ring_order import Link, links_from_json
 
 
 @dataclass
@@ -34,6 +36,8 @@ class JournalState:
     """The newest accepted incarnation of each island id."""
     epochs: dict[int, Epoch] = field(default_factory=dict)
     outcomes: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
+    links: dict[tuple[str, str], Link] = field(default_factory=dict)
+    """The measured links the latest epoch was ordered from."""
     ended: str | None = None
 
 
@@ -79,6 +83,7 @@ def replay(path: Path | None) -> JournalState:
         elif kind == "epoch":
             epoch = Epoch.from_dict(record["epoch"])
             state.epochs[epoch.number] = epoch
+            state.links = links_from_json(record.get("links", {}))
             for island in record.get("left", {}):
                 state.registrations.pop(island, None)
         elif kind == "outcome":

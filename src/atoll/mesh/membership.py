@@ -4,6 +4,10 @@ An epoch is one fixed membership of the run. Process groups are never resized: e
 membership makes a new epoch with new groups. Pure data and decisions, no I/O: the coordinator
 feeds `decide` its view of the islands and publishes what it returns; tests drive it directly.
 
+Under `comm.ring_order = "measured"` the coordinator reorders each epoch's members into the ring
+order it measured (`in_ring_order`) before anyone hears of the epoch, so the rank order is still one
+decision, the same on every island (and journalled with the epoch).
+
 Every process start is a new **incarnation** of its island id (a random nonce chosen at start),
 so a restarted island is never mistaken for the process it replaces. Members are ordered by
 island id, not by arrival, so the same membership always gives every island the same global rank
@@ -13,7 +17,7 @@ and data slot (runs are reproducible whatever order the islands start in).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,8 @@ class Epoch:
     number: int
     """Epochs count up from 0; each has its own process groups."""
     members: tuple[str, ...]
-    """Island ids, sorted: the global-rank order."""
+    """Island ids in global-rank order, which is the ring's order: sorted by id, or as the
+    coordinator measured it (`comm.ring_order`, `atoll.mesh.ring_order`)."""
     local_ranks: int
     """Local ranks per island; global group k joins local rank k of every member."""
     reason: str = "start"
@@ -332,3 +337,11 @@ def successor(current: Epoch, members: tuple[str, ...], views: dict[str, IslandV
     """The next epoch: number + 1, the given members (sorted) with their current incarnations."""
     ordered = tuple(sorted(members))
     return Epoch(current.number + 1, ordered, current.local_ranks, reason, tuple(views[m].registration.incarnation for m in ordered), now)
+
+
+def in_ring_order(epoch: Epoch, ring: tuple[str, ...]) -> Epoch:
+    """`epoch` with its members (and their incarnations) in the order of `ring`, a permutation of them."""
+    if sorted(ring) != sorted(epoch.members):
+        raise ValueError(f"ring order {list(ring)} is not a permutation of the members {list(epoch.members)}")
+    incarnation = dict(zip(epoch.members, epoch.incarnations))
+    return replace(epoch, members=ring, incarnations=tuple(incarnation[m] for m in ring))

@@ -63,6 +63,9 @@ yet no request outlives a restart of either side by long).
                                                     (base64) of the current epoch, from a member
     rendezvous_get {epoch, keys, wait_s}         -> {"values": {key: base64}} | {"refused": why} | {}:
                                                     once every key is set (see `atoll.mesh.rendezvous`)
+    links       {links: {peer: {throughput, rtt}}} -> {}: the links this island measured to its
+                                                    peers (bytes/s, s), for the ring order
+                                                    (`atoll.mesh.ring_order`); replaces older figures
 
 Ops are idempotent where a retry may repeat them (register of the same incarnation, barrier
 arrivals, reports, results), so an island that lost an answer to a blip or a coordinator
@@ -85,7 +88,7 @@ MAX_SEQ = 1 << 63
 MAX_NAME_CHARS = 256
 OPS = (
     "preflight", "register", "beat", "latest", "leave", "admission", "ready", "barrier", "report", "result", "next_epoch", "epoch",
-    "rendezvous_set", "rendezvous_get",
+    "rendezvous_set", "rendezvous_get", "links",
 )
 
 

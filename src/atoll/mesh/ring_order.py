@@ -19,11 +19,19 @@ Ring direction: island ring[i] sends to ring[i + 1] (and the last to the first),
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 EXACT_MAX_ISLANDS = 8
 """Up to this many islands every cycle is tried; beyond, the heuristic."""
+REORDER_GAIN = 1.2
+"""A running epoch is re-formed for a measured order only when its slowest link is this many times
+the current order's (re-forming costs a rendezvous; measurements are noisy)."""
+MAX_REPORTED_PEERS = 1024
+"""Peers one link report may name (it is parsed after authentication, but still bounded)."""
+RING_ORDER_KEY = "comm.ring_order"
+"""The run's policy in its fingerprint (`atoll.fingerprint`): "id" or "measured"."""
 
 
 @dataclass(frozen=True)
@@ -141,3 +149,48 @@ def _neighbours(tour: list[str]) -> Iterator[tuple[str, ...]]:
         for j in range(n - 1):
             if j != i:
                 yield tuple(rest[:j] + [tour[i]] + rest[j:])
+
+
+def ring_for(members: Sequence[str], links: Links, policy: str) -> tuple[str, ...]:
+    """The ring order of an epoch's members under the run's policy ("id": sorted; "measured": `best_ring`)."""
+    return best_ring(members, links) if policy == "measured" else tuple(sorted(members))
+
+
+def better_ring(current: Sequence[str], links: Links) -> tuple[str, ...] | None:
+    """A measured order worth re-forming the epoch for (its slowest link at least `REORDER_GAIN`
+    times the current order's), or None: every link of both measured, or it is not worth it."""
+    ids = tuple(current)
+    if len(ids) <= 2 or not complete(ids, links):
+        return None
+    best = best_ring(ids, links)
+    return best if bottleneck(best, links) >= REORDER_GAIN * bottleneck(ids, links) else None
+
+
+def parse_report(sender: str, raw: object, known: set[str]) -> dict[tuple[str, str], Link]:
+    """An island's report of its links ({peer: {"throughput", "rtt"}}) as directed links from
+    `sender`. Peers not in `known` (gone since it measured) are left out; ValueError for more than
+    `MAX_REPORTED_PEERS` peers, or a throughput that is not finite and positive or an RTT that is
+    not finite and non-negative (a broken island: the coordinator refuses the report)."""
+    if not isinstance(raw, dict) or len(raw) > MAX_REPORTED_PEERS:
+        raise ValueError(f"links must be an object of at most {MAX_REPORTED_PEERS} peers")
+    links = {}
+    for peer, measured in raw.items():
+        link = Link.from_dict(measured)
+        if not (math.isfinite(link.throughput) and link.throughput > 0 and math.isfinite(link.rtt) and link.rtt >= 0):
+            raise ValueError(f"the link to {str(peer)[:64]!r} has throughput {link.throughput} and rtt {link.rtt}")
+        if peer in known and peer != sender:
+            links[(sender, peer)] = link
+    return links
+
+
+def links_to_json(links: Links, members: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{sender: {receiver: link}} of the links among `members` (what the journal keeps)."""
+    kept: dict[str, dict[str, dict[str, float]]] = {}
+    for (a, b), link in sorted(links.items()):
+        if a in members and b in members:
+            kept.setdefault(a, {})[b] = link.to_dict()
+    return kept
+
+
+def links_from_json(raw: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[tuple[str, str], Link]:
+    return {(a, b): Link.from_dict(link) for a, row in raw.items() for b, link in row.items()}
