@@ -74,6 +74,7 @@ class EpochEntry:
             try:
                 self.mean = self._groups(epoch.number)
                 self._share_state()
+                self.member.measure_links(self.mean.groups, self.cfg.comm.ring_order)  # the next epochs' ring order
             except RuntimeError as err:
                 error = str(err).splitlines()[0]
             if all_ranks_ok(not error, self.island):

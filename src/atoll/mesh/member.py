@@ -30,6 +30,7 @@ from atoll.errors import ExpectedFailure, say
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
 from atoll.mesh.client import CoordinatorClient, Heartbeat, log_waiting, new_incarnation, refused, register, wait_for_admission
+from atoll.mesh.link_probe import probe_links
 from atoll.mesh.membership import Epoch
 
 ABORT, COMMIT, RESYNC = 0, 1, 2
@@ -125,6 +126,25 @@ class MeshMember:
         """Tell the coordinator this joiner holds the state of outer step `step` (-1: none, it takes
         it by broadcast on entering); False if that state is stale (a step was committed since)."""
         return from_leader(self.island, lambda: "stale" not in self.client.call("ready", {"step": step}))
+
+    def measure_links(self, groups: list[dist.ProcessGroup], ring_order: str) -> None:
+        """Under `comm.ring_order = "measured"`, with 3 or more islands (2 have one ring), measure
+        this island's links to the epoch's other members on local rank 0's first global group
+        (`atoll.mesh.link_probe`; every member's rank 0 does, right after entering) and report them
+        to the coordinator, which orders the next epochs by them. A dead or silent peer (RuntimeError
+        at the group's timeout) is logged and nothing is reported: the epoch's next collective fails
+        as it would have. The report itself retries like every request (`atoll.mesh.client`)."""
+        if ring_order != "measured" or not self.island.is_leader or self.epoch.world < 3:
+            return
+        try:
+            links = probe_links(groups[0], self.epoch.members, self.index)
+        except RuntimeError as err:
+            self.log(f"atoll: measuring the links of epoch {self.epoch.number} failed: {str(err).splitlines()[0]}")
+            return
+        self.client.call("links", {"links": {peer: link.to_dict() for peer, link in links.items()}})
+        slowest = min(links.items(), key=lambda item: item[1].throughput)
+        self.log(f"atoll: links of epoch {self.epoch.number} measured; slowest to {slowest[0]!r}: "
+                 f"{slowest[1].throughput * 8 / 1e6:.1f} Mbit/s, rtt {slowest[1].rtt * 1e3:.1f} ms")
 
     def report_failure(self, what: str) -> None:
         """Tell the coordinator that entering the current epoch failed here (local rank 0; no
