@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--wan-delay", metavar="DELAY",
             help="emulate a WAN (needs root): one-way delay per direction between islands (e.g. 20ms gives a 40 ms round trip)",
         )
+        sim.add_argument(
+            "--wan-topology", type=Path, metavar="FILE",
+            help="emulate a WAN (needs root) with a rate and one-way delay per directed pair of islands, from a TOML file: "
+            '[regions] eu = [0, 1] ...; [within] and [between] rate = "50mbit", delay = "40ms"; [[pair]] from, to, rate, '
+            "delay override one direction (see atoll/wan/topology.py); instead of --wan-rate/--wan-delay",
+        )
         sim.add_argument("--scenario", type=Path, metavar="FILE", help="a TOML file of faults, late starts and signals (format below)")
         sim.add_argument(
             "--fault", action="append", default=[], metavar="ISLAND=ACTION@POINT:N",
@@ -499,12 +505,20 @@ def cmd_simulate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def emulated_wan(args: argparse.Namespace) -> EmulatedWan | None:
-    """The emulated WAN that --wan-rate/--wan-delay ask for (not started), or None without them."""
-    if args.wan_rate is None and args.wan_delay is None:
+    """The emulated WAN that --wan-rate/--wan-delay or --wan-topology ask for (not started), or None without them."""
+    if args.wan_rate is None and args.wan_delay is None and args.wan_topology is None:
         return None
     from atoll.wan.namespaces import require_privileges
     from atoll.wan.network import EmulatedWan
+    from atoll.wan.topology import load_topology
     from atoll.wan.units import parse_delay, parse_rate
+
+    if args.wan_topology is not None:
+        if args.wan_rate is not None or args.wan_delay is not None:
+            raise UserError("--wan-topology gives every pair its rate and delay: drop --wan-rate and --wan-delay")
+        topology = load_topology(args.wan_topology, args.islands)
+        require_privileges()
+        return EmulatedWan(args.islands, None, 0.0, topology)
 
     rate = parse_rate(args.wan_rate) if args.wan_rate is not None else None
     delay = parse_delay(args.wan_delay) if args.wan_delay is not None else 0.0

@@ -7,6 +7,10 @@ small control messages). Every link's egress from an island is shaped by tbf to 
 the delay line then holds each packet for the one-way delay. A round trip between two islands is
 therefore 2 x delay plus serialization at the rate.
 
+With a topology (`--wan-topology`, `atoll.wan.topology`) each directed pair of islands has its own
+rate and delay, both applied by the delay line (no tbf: it shapes an island's egress to every peer
+alike); the coordinator's links take the smallest island delay and no rate limit.
+
 Link settings, and why:
 - MTU: one millisecond of the link rate, clamped to [1500, 65000] bytes. Large packets keep the
   Python delay line at about a thousand packets per second per 100 Mbit/s; the clamp to 1 ms
@@ -37,6 +41,7 @@ from atoll.logs import log
 from atoll.mesh.addresses import GLOO_SOCKET_IFNAME_ENV
 from atoll.wan import namespaces
 from atoll.wan.delay_line import Link, command
+from atoll.wan.topology import Topology
 
 SUBNET = "10.77.0."
 PREFIX_LEN = 24
@@ -74,13 +79,16 @@ def link_shape(rate_bps: int | None, delay_s: float) -> LinkShape:
 class EmulatedWan:
     """Islands 0..n-1 and a coordinator, each in its own namespace, joined through a delay line."""
 
-    def __init__(self, islands: int, rate_bps: int | None, delay_s: float) -> None:
+    def __init__(self, islands: int, rate_bps: int | None, delay_s: float, topology: Topology | None = None) -> None:
+        """With `topology`, `rate_bps` and `delay_s` are ignored: every pair has its own."""
         if not 1 <= islands <= MAX_ISLANDS:
             raise UserError(f"the emulated WAN supports 1 to {MAX_ISLANDS} islands, got --islands {islands}")
         self.islands = islands
-        self.rate_bps = rate_bps
-        self.delay_s = delay_s
-        self.shape = link_shape(rate_bps, delay_s)
+        self.topology = topology
+        self.rate_bps = rate_bps if topology is None else None
+        self.delay_s = delay_s if topology is None else min(topology_delays(topology), default=0.0)
+        fastest = max((r for i, row in enumerate(topology.rates_bps) for j, r in enumerate(row) if i != j), default=None) if topology else None
+        self.shape = link_shape(rate_bps if topology is None else fastest, self.delay_s)
         run = next(_runs)
         self.island_namespaces = [namespaces.namespace_name(run, f"island{i}") for i in range(islands)]
         self.coordinator_namespace = namespaces.namespace_name(run, COORDINATOR_ROLE)
@@ -125,7 +133,7 @@ class EmulatedWan:
             fds.append(control_read)
             # Own session: Ctrl-C reaches only simulate, which then stops the delay line by closing the pipe.
             self.delay_line = subprocess.Popen(
-                command(links, self.delay_s, control_read), pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True,
+                command(links, self.delay_s, control_read, self._pairs()), pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         except BaseException:
             self.close()
@@ -134,6 +142,18 @@ class EmulatedWan:
             for fd in fds:  # the delay line holds its copies; the devices live as long as it does
                 os.close(fd)
         return self
+
+    def _pairs(self) -> tuple[list[list[float]], list[list[int]]] | None:
+        """(delays_s, rates_bps) over the islands' links and the coordinator's (last), or None
+        without a topology (the delay line's uniform delay then, and tbf)."""
+        if self.topology is None:
+            return None
+        n = self.islands
+        delays = [[*row, self.delay_s] for row in self.topology.delays_s] + [[self.delay_s] * n + [0.0]]
+        rates = [[*row, 0] for row in self.topology.rates_bps] + [[0] * (n + 1)]
+        for i in range(n + 1):
+            delays[i][i], rates[i][i] = 0.0, 0
+        return delays, rates
 
     def _make_link(self, name: str, address: str, fds: list[int]) -> Link:
         self._created.append(name)
@@ -166,3 +186,8 @@ class EmulatedWan:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def topology_delays(topology: Topology) -> list[float]:
+    """The one-way delays between distinct islands."""
+    return [d for i, row in enumerate(topology.delays_s) for j, d in enumerate(row) if i != j]
