@@ -155,14 +155,10 @@ class OuterStep:
         self.notes = notes
         self.skipped_in_a_row = 0
 
-    def run(self, outer_step: int, fresh: bool = False) -> Landed:
-        """Outer step `outer_step` from barrier to commit, blocking. `fresh`: this island joined at
-        this boundary and contributes nothing."""
-        return self.land(self.begin(outer_step, fresh))
-
     def begin(self, outer_step: int, fresh: bool, behind: bool = False) -> Flight:
         """Phase 1 and 2 of the first attempt: pass the boundary barrier (entering new epochs
-        while it fails), then average; with `behind`, in a background thread (see the module doc)."""
+        while it fails), then average; with `behind`, in a background thread (see the module doc).
+        `fresh`: this island joined at this boundary and contributes nothing."""
         self._pass_barrier(outer_step)
         if behind:
             return self._average_behind(outer_step, fresh)
@@ -188,20 +184,10 @@ class OuterStep:
             attempts += 1
             epoch = self.member.epoch
             if outcome.kind == COMMIT:
-                decision = averaged.decision  # set on every island: all posted ok
-                keeps = flight.behind and self.member.island_id not in decision.rejected
-                with self.held.changing():
-                    if decision.applies:
-                        shard_digest = self.diloco.apply(self.cfg.diloco.merge_weight if keeps else 0.0)
-                    else:
-                        shard_digest = self.diloco.restore_inner()
-                    self.held.outer_steps = outer_step  # before entering: a joiner receives it
-                self.diloco.release_contribution()
-                digest = island_digest(shard_digest, self.island)
-                self.skipped_in_a_row = 0
+                digest = self._commit(flight, averaged.decision)  # set on every island: all posted ok
                 if outcome.next_epoch != epoch.number:
                     self.entry.enter(outcome.next_epoch)
-                return Landed(outer_step, decision.skip, digest, attempts, epoch, ring_s, decision)
+                return Landed(outer_step, averaged.decision.skip, digest, attempts, epoch, ring_s, averaged.decision)
             if outcome.kind == RESYNC:
                 self._resync(outer_step, outcome.source)
                 round_ += 1
@@ -217,6 +203,21 @@ class OuterStep:
             if self._pass_barrier(outer_step):
                 round_ = 0
             averaged = self._average(outer_step, flight.fresh)
+
+    def _commit(self, flight: Flight, decision: Decision) -> str:
+        """Apply the committed step (or, skipped, reset to the outer weights) with the state server
+        withdrawn; an overlapped one merges into the inner weights unless this island's contribution
+        was rejected. Returns the island's digest of the new outer state."""
+        keeps = flight.behind and self.member.island_id not in decision.rejected
+        with self.held.changing():
+            if decision.applies:
+                shard_digest = self.diloco.apply(self.cfg.diloco.merge_weight if keeps else 0.0)
+            else:
+                shard_digest = self.diloco.restore_inner()
+            self.held.outer_steps = flight.outer_step  # before entering: a joiner receives it
+        self.diloco.release_contribution()
+        self.skipped_in_a_row = 0
+        return island_digest(shard_digest, self.island)
 
     def _pass_barrier(self, outer_step: int) -> bool:
         """Boundary barrier "outer-s", entering the next epoch each time the current one dissolves
