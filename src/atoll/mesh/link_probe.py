@@ -5,20 +5,25 @@ Run by local rank 0 of every member on its first global group right after the ep
 each member probes the member d ranks after it while the member d ranks before probes it, so
 every directed link is measured once, one flow per island's egress at a time:
 1. ping-pong of one value: the round-trip time;
-2. `PROBE_BYTES` to the peer, one value back once they arrived: the throughput of one ring step
-   (bytes over the elapsed time, which includes the round trip a ring step also waits).
-Bounded: 2 x (world - 1) x PROBE_BYTES per island and epoch. The bytes are zeros: a man in the
+2. `PROBE_BYTES` to the peer, one value back once they arrived, `PROBE_TRANSFERS` times: the
+   throughput is the bytes over the fastest transfer's time less the round trip (the first
+   transfer pays TCP's slow start, which says little about the link's rate; measured on the
+   two-region example, one transfer without the subtraction told 10 from 40 Mbit/s by 4%).
+Bounded: PROBE_TRANSFERS x (world - 1) x PROBE_BYTES sent per island and epoch. The bytes are zeros: a man in the
 middle can only skew the figures, which order the ring but never decide what it computes.
 
-Failure semantics: a dead or silent peer makes the group's send or receive raise RuntimeError at
-the group's timeout (mesh.collective_timeout_s), as in the ring; the caller reports nothing then
-and the epoch's next collective fails as it would have. Nothing is retried: the next epoch
+Failure semantics: a dead peer makes the group's send or receive raise RuntimeError (gloo's
+error); a silent one (stopped, or a link too slow to move PROBE_BYTES in time) raises RuntimeError
+after PROBE_DEADLINE_S for one wait. The caller reports nothing then and the epoch's next
+collective fails (at its own deadline) as it would have. Nothing is retried: the next epoch
 measures again.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,7 +34,12 @@ PROBE_BYTES = 1 << 20
 """About one ring step's payload: a 4 MB fp32 chunk (comm.chunk_mb) encoded in int8."""
 PROBE_TAG = 2**31 - 8
 """The probe's messages and (+ 1) their answers (the ring counts its tags up from 0: these come last)."""
-MIN_ELAPSED_S = 1e-6
+PROBE_TRANSFERS = 2
+PROBE_DEADLINE_S = 30.0
+"""One round trip's limit: PROBE_BYTES take 8 s at 1 Mbit/s."""
+MIN_TRANSFER_SHARE = 0.1
+"""The round trip subtracted leaves at least this share of the transfer's time (a noisy RTT
+larger than the transfer must not make the link look infinitely fast)."""
 
 
 def probe_links(group: dist.ProcessGroup, members: tuple[str, ...], rank: int) -> dict[str, Link]:
@@ -40,22 +50,40 @@ def probe_links(group: dist.ProcessGroup, members: tuple[str, ...], rank: int) -
     for d in range(1, world):
         to, frm = (rank + d) % world, (rank - d) % world
         rtt = _round_trip(group, to, frm, torch.zeros(1), torch.zeros(1))
-        elapsed = _round_trip(group, to, frm, torch.zeros(PROBE_BYTES, dtype=torch.uint8), torch.empty(PROBE_BYTES, dtype=torch.uint8))
-        links[members[to]] = Link(PROBE_BYTES / max(elapsed, MIN_ELAPSED_S), rtt)
+        out, into = torch.zeros(PROBE_BYTES, dtype=torch.uint8), torch.empty(PROBE_BYTES, dtype=torch.uint8)
+        elapsed = min(_round_trip(group, to, frm, out, into) for _ in range(PROBE_TRANSFERS))
+        links[members[to]] = Link(PROBE_BYTES / max(elapsed - rtt, MIN_TRANSFER_SHARE * elapsed), rtt)
     return links
 
 
 def _round_trip(group: dist.ProcessGroup, to: int, frm: int, out: torch.Tensor, into: torch.Tensor) -> float:
-    """Send `out` to rank `to` and time until its one-value answer arrives, while receiving the
-    same from rank `frm` into `into` and answering it. Receives are posted first: no deadlock."""
+    """Send `out` to rank `to` and time until its one-value answer arrives, while a thread
+    receives the same from rank `frm` into `into` and answers it as soon as it is in (so the time
+    is this link's, not the previous member's, and no wait around the ring closes a cycle).
+    Receives are posted first; each wait is bounded by PROBE_DEADLINE_S."""
+    deadline = timedelta(seconds=PROBE_DEADLINE_S)
     answer, answered = torch.zeros(1), torch.empty(1)
     incoming = group.recv([into], frm, PROBE_TAG)
     reply = group.recv([answered], to, PROBE_TAG + 1)
+    failures: list[BaseException] = []
+
+    def answer_it() -> None:
+        try:
+            incoming.wait(deadline)
+            group.send([answer], frm, PROBE_TAG + 1).wait(deadline)
+        except RuntimeError as err:  # re-raised by the caller's thread below
+            failures.append(err)
+
+    answering = threading.Thread(target=answer_it, name="atoll-link-probe", daemon=True)
+    answering.start()
     start = time.perf_counter()
     sent = group.send([out], to, PROBE_TAG)
-    incoming.wait()
-    group.send([answer], frm, PROBE_TAG + 1).wait()
-    reply.wait()
+    reply.wait(deadline)
     elapsed = time.perf_counter() - start
-    sent.wait()
+    sent.wait(deadline)
+    answering.join(PROBE_DEADLINE_S)
+    if answering.is_alive():
+        raise RuntimeError(f"link probe: rank {frm} sent nothing within {PROBE_DEADLINE_S:.0f}s")
+    if failures:
+        raise failures[0]
     return elapsed
