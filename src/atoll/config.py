@@ -372,7 +372,8 @@ class DilocoConfig(Section):
     it: the agreement, the outer step, and the merge into the inner weights it has moved on to
     (`merge_weight`). 0 is the blocking outer step. Must be below inner_steps; an outer step that
     would land after train.steps (the last ones) blocks. Costs one more flat fp32 buffer on the
-    host (4 bytes per parameter): the contribution is kept for retries among survivors."""
+    host (4 bytes per parameter): the contribution is kept for retries among survivors. Run-wide;
+    ddp mode has no outer steps and ignores it."""
     merge_weight: float = Field(default=0.5, ge=0, lt=1)
     """With overlap_steps > 0: the share of its own newer inner weights an island keeps when an
     overlapped outer step lands, inner <- w * inner + (1 - w) * outer. 0 replaces them with the new
