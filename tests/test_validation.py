@@ -102,6 +102,24 @@ def test_island_stats_measure_norms_per_bucket_and_see_any_non_finite_value():
     assert ContributionStats.from_tensor(got.to_tensor()) == got
 
 
+def test_error_feedback_residuals_are_left_out_of_the_norms_but_not_of_the_finiteness_check():
+    """A veteran whose topk residual is most of its contribution beside a recent joiner (residual
+    zero): both trained alike, so both are accepted; measured on the whole contributions the
+    veteran would be rejected."""
+    buckets = [slice(0, 4), slice(4, 10)]
+    trained = torch.linspace(-1, 1, 10)
+    residual = 8 * torch.linspace(1, -1, 10).roll(3)
+    veteran = island_stats(trained + residual, buckets, ONE_RANK, residual=residual)
+    joiner = island_stats(trained.clone(), buckets, ONE_RANK, residual=torch.zeros(10))
+    assert veteran.norm == pytest.approx(trained.norm().item(), rel=1e-5)
+    assert decide({"veteran": veteran, "joiner": joiner}, max_norm_ratio=5.0, min_accepted=1).accepted == ("joiner", "veteran")
+    whole = island_stats(trained + residual, buckets, ONE_RANK)
+    assert decide({"veteran": whole, "joiner": joiner}, max_norm_ratio=5.0, min_accepted=1).rejected.keys() == {"veteran"}
+    poisoned = residual.clone()
+    poisoned[5] = float("inf")
+    assert not island_stats(trained + poisoned, buckets, ONE_RANK, residual=poisoned).finite
+
+
 def test_a_rejected_contribution_becomes_zeros_even_when_it_held_nan():
     diloco = DiLoCo(torch.nn.Linear(4, 4), lr=0.7, momentum=0.9, nesterov=True)
     diloco.pseudo_grad.fill_(float("nan"))

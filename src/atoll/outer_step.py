@@ -249,7 +249,7 @@ class OuterStep:
             self.faults.at("allreduce", outer_step)
         flight = Flight(outer_step, fresh, behind=True)
         try:
-            mine = island_stats(self.diloco.hold_contribution(), self.diloco.buckets, self.island, fresh)
+            mine = island_stats(self.diloco.hold_contribution(), self.diloco.buckets, self.island, fresh, self.diloco.residual)
         except RuntimeError as err:  # a local rank's collective failed: reported at landing
             flight.averaged, flight.finished = Averaged(None, str(err).splitlines()[0], 0.0), time.perf_counter()
             return flight
