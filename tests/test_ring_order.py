@@ -98,3 +98,11 @@ def test_heuristic_keeps_a_bottleneck_free_cycle_when_one_exists():
     for a, b in edges(hidden):
         links[(a, b)] = Link(FAST, 0.05)
     assert bottleneck(best_ring(ids, links), links) == FAST
+
+
+def test_links_are_remeasured_every_n_committed_steps_but_not_where_an_epoch_was_just_entered():
+    from atoll.sync import links_due
+
+    assert [s for s in range(1, 11) if links_due(s, 3, 0, 0)] == [3, 6, 9]
+    assert not links_due(6, 3, 0, 1)  # outer step 6 ended by entering epoch 1: entering measured them
+    assert not any(links_due(s, 0, 0, 0) for s in range(1, 11))  # 0: only when an epoch forms

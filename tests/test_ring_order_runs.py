@@ -18,8 +18,8 @@ WAN_TIMEOUT_S = 240
 
 @pytest.mark.timeout(TIMEOUT_S + 30)
 def test_islands_measure_every_link_and_agree_on_every_outer_step_in_the_measured_order(tmp_path, cache_dir):  # noqa: F811
-    run = tmp_path / "run"
-    outer = simulate(run, cache_dir, 3, 12, extra=["--comm.ring_order", "measured"])
+    run, output = tmp_path / "run", []
+    outer = simulate(run, cache_dir, 3, 12, extra=["--comm.ring_order", "measured", "--comm.link_probe_every", "1"], output=output)
 
     steps = assert_live_islands_agree(outer)
     assert sorted(steps) == [1, 2, 3] and all(steps[s]["world_size"] == 3 for s in steps)
@@ -31,6 +31,11 @@ def test_islands_measure_every_link_and_agree_on_every_outer_step_in_the_measure
     for record in epochs[1:]:
         members = record["epoch"]["members"]
         assert {a: set(row) for a, row in record["links"].items()} == {a: set(members) - {a} for a in members if len(members) > 1}
+    # measured on entering epoch 0, then re-measured behind training after outer steps 1 and 2 (not
+    # after the last); a reorder's epoch adds its entry's measurement
+    for island in ISLANDS:
+        lines = [line for line in output[0].splitlines() if line.startswith(f"[{island}]") and "links of epoch" in line]
+        assert len(lines) >= 3 and all("measured; slowest to" in line for line in lines), lines
 
 
 @needs_namespaces

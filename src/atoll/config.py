@@ -428,6 +428,12 @@ class CommConfig(Section):
     is the fastest from the links the islands measure and report (atoll/mesh/ring_order.py), for
     each new epoch, and re-form the epoch at an outer-step boundary when a measured order's
     slowest link is `atoll.mesh.ring_order.REORDER_GAIN` times the current one's. Run-wide."""
+    link_probe_every: int = Field(default=10, ge=0)
+    """With ring_order = "measured": besides measuring when an epoch forms, re-measure the links
+    after every this many committed outer steps, in a background thread while the next inner phase
+    trains (2 MiB and a few round trips per peer), so that a link that slows down mid-run moves
+    the ring at a later boundary; 0 measures only when an epoch forms. Run-wide: the members
+    measure each other at the same outer step."""
 
     @model_validator(mode="after")
     def _check_topk(self) -> CommConfig:

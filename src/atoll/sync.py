@@ -48,6 +48,7 @@ from atoll.faults import FaultInjector
 from atoll.held_state import HeldState
 from atoll.island import Island
 from atoll.joining import fetch_run_state, fetch_until_admitted
+from atoll.mesh.link_probe import BackgroundProbe
 from atoll.mesh.member import NOT_ADMITTED, MeshMember
 from atoll.mesh.status import island_numbers
 from atoll.outer_step import Flight, Landed, OuterStep
@@ -56,6 +57,14 @@ from atoll.validation import decision_fields
 
 if TYPE_CHECKING:
     from atoll.train_state import TrainState
+
+
+def links_due(outer_step: int, every: int, step_epoch: int, current_epoch: int) -> bool:
+    """Whether the links are re-measured after committed outer step `outer_step`
+    (`comm.link_probe_every` = `every`): every `every` steps, unless the step ended by entering a new
+    epoch (`step_epoch` != `current_epoch`), which measured them on entering. The same on every
+    member: they commit the same steps and enter the same epochs."""
+    return every > 0 and outer_step % every == 0 and step_epoch == current_epoch
 
 
 class IslandSync:
@@ -95,6 +104,8 @@ class IslandSync:
         self.flight: Flight | None = None
         """The outer step whose all-reduce runs behind training, landing after inner step `lands_at`."""
         self.lands_at = 0
+        self.probe: BackgroundProbe | None = None
+        """Links being re-measured behind training (`comm.link_probe_every`), reported before the next outer step."""
         self.owes_outer_step = False
         self.inner_state_valid = True
         """False when a joiner took the run's state of another outer step than the one its checkpoint
@@ -140,7 +151,7 @@ class IslandSync:
         then the landing's, {} here)."""
         self.owes_outer_step = False
         self.clock.restart()  # it trained nothing for this step
-        return self._outer_record(anneal_weight, self._landing_step(self.held.progress.step))
+        return self._measure_after(self._outer_record(anneal_weight, self._landing_step(self.held.progress.step)))
 
     # --- the training loop's side ----------------------------------------------------------------
 
@@ -167,10 +178,19 @@ class IslandSync:
         """
         self.faults.at("inner", step)
         if self.flight is not None and step == self.lands_at:
-            return self._land()
-        if not self.outer_step_due(step, is_last):
+            record = self._land()
+        elif self.outer_step_due(step, is_last):
+            record = self._outer_record(anneal_weight, self._landing_step(step))
+        else:
             return {}
-        return self._outer_record(anneal_weight, self._landing_step(step))
+        return record if is_last else self._measure_after(record)
+
+    def _measure_after(self, record: dict[str, Any]) -> dict[str, Any]:
+        """After a committed outer step's `record` (not the run's last), start re-measuring the
+        links behind training when they are due (`links_due`); the next outer step reports them."""
+        if record and links_due(record["outer_step"], self.cfg.comm.link_probe_every, record["epoch"], self.member.epoch.number):
+            self.probe = self.member.measure_links_behind(self.mean.groups, self.cfg.comm.ring_order)
+        return record
 
     def _landing_step(self, step: int) -> int | None:
         """Where an outer step begun after inner step `step` lands: tau steps later if it begins at
@@ -201,6 +221,9 @@ class IslandSync:
         if self.cfg.diloco.anneal_with_schedule:
             self.diloco.anneal(anneal_weight)
         with self.clock.blocked():
+            if self.probe is not None:
+                self.member.report_links(self.probe)
+                self.probe = None
             flight = self.protocol.begin(self.outer_steps + 1, self.fresh, behind=lands_at is not None)
             landed = self.protocol.land(flight) if lands_at is None else None
         self.fresh = False

@@ -1,7 +1,9 @@
 """Measuring the links of an epoch's ring candidates: round-trip time and throughput to every peer.
 
 Run by local rank 0 of every member on its first global group right after the epoch is entered
-(`MeshMember.measure_links`), when `comm.ring_order = "measured"`. In round d (1 .. world - 1)
+(`MeshMember.measure_links`), when `comm.ring_order = "measured"`, and again every
+`comm.link_probe_every` outer steps in a background thread while the inner phase trains
+(`BackgroundProbe`, `MeshMember.measure_links_behind`). In round d (1 .. world - 1)
 each member probes the member d ranks after it while the member d ranks before probes it, so
 every directed link is measured once, one flow per island's egress at a time:
 1. ping-pong of one value: the round-trip time;
@@ -54,6 +56,25 @@ def probe_links(group: dist.ProcessGroup, members: tuple[str, ...], rank: int) -
         elapsed = min(_round_trip(group, to, frm, out, into) for _ in range(PROBE_TRANSFERS))
         links[members[to]] = Link(PROBE_BYTES / max(elapsed - rtt, MIN_TRANSFER_SHARE * elapsed), rtt)
     return links
+
+
+class BackgroundProbe:
+    """`probe_links` in a daemon thread, for epoch `epoch`: `links` when it ended with figures,
+    `error` (one line) when a peer was dead or silent (see the module doc). The group must carry
+    nothing else until the thread ends: the caller waits for it before the next outer step."""
+
+    def __init__(self, group: dist.ProcessGroup, members: tuple[str, ...], rank: int, epoch: int) -> None:
+        self.epoch = epoch
+        self.links: dict[str, Link] | None = None
+        self.error = ""
+        self.thread = threading.Thread(target=self._run, args=(group, members, rank), name="atoll-link-remeasure", daemon=True)
+        self.thread.start()
+
+    def _run(self, group: dist.ProcessGroup, members: tuple[str, ...], rank: int) -> None:
+        try:
+            self.links = probe_links(group, members, rank)
+        except RuntimeError as err:
+            self.error = str(err).splitlines()[0]
 
 
 def _round_trip(group: dist.ProcessGroup, to: int, frm: int, out: torch.Tensor, into: torch.Tensor) -> float:

@@ -30,13 +30,16 @@ from atoll.errors import ExpectedFailure, say
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
 from atoll.mesh.client import CoordinatorClient, Heartbeat, log_waiting, new_incarnation, refused, register, wait_for_admission
-from atoll.mesh.link_probe import probe_links
+from atoll.mesh.link_probe import BackgroundProbe, probe_links
 from atoll.mesh.membership import Epoch
+from atoll.mesh.ring_order import Link
 
 ABORT, COMMIT, RESYNC = 0, 1, 2
 NOT_ADMITTED = -1
 """The epoch number of a joiner that is not a member of any epoch yet."""
 OUTCOMES = {"abort": ABORT, "commit": COMMIT, "resync": RESYNC}
+PROBE_POLL_S = 0.5
+"""How often `report_links` looks whether the epoch it waits on was dissolved."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,33 @@ class MeshMember:
         except RuntimeError as err:
             self.log(f"atoll: measuring the links of epoch {self.epoch.number} failed: {str(err).splitlines()[0]}")
             return
+        self._report_links(links)
+
+    def measure_links_behind(self, groups: list[dist.ProcessGroup], ring_order: str) -> BackgroundProbe | None:
+        """`measure_links`' measurement started in a background thread (None where it does not
+        apply); `report_links` waits for it and reports. Every member must start it at the same
+        point (after the same committed outer step), as the probes pair up."""
+        if ring_order != "measured" or not self.island.is_leader or self.epoch.world < 3:
+            return None
+        return BackgroundProbe(groups[0], self.epoch.members, self.index, self.epoch.number)
+
+    def report_links(self, probe: BackgroundProbe) -> None:
+        """Wait for a background measurement and report its links like `measure_links`. Waits no
+        longer once its epoch is dissolved (a member died or hung: the probe ends at its own
+        deadline on groups nobody uses any more, and nothing is reported); a failed probe is
+        logged. The report retries like every request (`atoll.mesh.client`)."""
+        while probe.thread.is_alive():
+            probe.thread.join(PROBE_POLL_S)
+            if probe.thread.is_alive() and self.dissolved(probe.epoch):
+                self.log(f"atoll: re-measuring the links of epoch {probe.epoch} abandoned: the epoch was dissolved")
+                return
+        if probe.links is None:
+            self.log(f"atoll: re-measuring the links of epoch {probe.epoch} failed: {probe.error}")
+            return
+        self._report_links(probe.links)
+
+    def _report_links(self, links: dict[str, Link]) -> None:
+        """Send measured links to the coordinator (which orders the next epochs by them) and log the slowest."""
         self.client.call("links", {"links": {peer: link.to_dict() for peer, link in links.items()}})
         slowest = min(links.items(), key=lambda item: item[1].throughput)
         self.log(f"atoll: links of epoch {self.epoch.number} measured; slowest to {slowest[0]!r}: "
