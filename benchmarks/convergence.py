@@ -19,6 +19,9 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
   int8-ef       int8 DiLoCo with error feedback (`comm.error_feedback`)
   int4          DiLoCo with int4 (FP4) pseudo-gradients
   int4-ef       int4 DiLoCo with error feedback
+  topk-ef       DiLoCo with topk pseudo-gradients and error feedback
+  int8-overlap  int8 DiLoCo whose all-reduce runs behind H/5 inner steps (`diloco.overlap_steps`,
+                merged with the default `diloco.merge_weight`)
 All rows of one seed see the same samples in the same order (islands read disjoint slices of one
 seeded stream) and the same inner optimizer and schedule, so the only difference is how the
 islands synchronise. Each run prints as it finishes; the table then gives, per row, the mean and
@@ -86,6 +89,8 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         "int4": (f"DiLoCo int4, H={h}", [*diloco(h), "--comm.codec", "int4"]),
         "int4-ef": (f"DiLoCo int4 + EF, H={h}", [*diloco(h), "--comm.codec", "int4", "--comm.error_feedback", "true"]),
         "topk-ef": (f"DiLoCo topk + EF, H={h}", [*diloco(h), "--comm.codec", "topk", "--comm.error_feedback", "true"]),
+        "int8-overlap": (f"DiLoCo int8, H={h}, overlap tau={h // 5}", [*diloco(h), "--comm.codec", "int8",
+                                                                       "--diloco.overlap_steps", str(h // 5)]),
     }
 
 
@@ -110,7 +115,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (each is deterministic, so the figures do not change; the wall times do)")
     parser.add_argument("--rows", default="ddp,fp32,int8,int8-2h",
-                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-m09, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef "
+                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-m09, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef, "
+                             "topk-ef, int8-overlap "
                              "(ddp is always run)")
     args = parser.parse_args()
 
