@@ -134,6 +134,14 @@ def test_the_simulate_summary_prints_the_median_overlap_only_when_there_was_one(
     assert summarize(tmp_path) == blocking.replace("median sync 0.200 s,", "median sync 0.200 s, overlap 1.500 s,")
 
 
+def test_the_progress_line_shows_the_overlap_of_an_outer_step_that_had_one():
+    from atoll.metrics import _summary
+
+    record = {"step": 12, "loss": 2.5, "outer_step": 3, "sync_s": 0.14, "overlap_s": 0.0, "utilization": 0.9, "bytes_sent": 2e6}
+    assert "overlap" not in _summary(record) and "sync=0.14s utilization=90.0%" in _summary(record)
+    assert "sync=0.14s overlap=0.33s utilization=90.0%" in _summary({**record, "overlap_s": 0.33})
+
+
 def test_overlap_steps_must_land_before_the_next_boundary():
     with pytest.raises(ValidationError, match="overlap_steps .4. must be below diloco.inner_steps .4."):
         JobConfig.model_validate({"diloco": {"inner_steps": 4, "overlap_steps": 4}})

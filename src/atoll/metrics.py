@@ -255,6 +255,7 @@ def _summary(record: dict[str, Any]) -> str:
     if record.get("mfu") is not None:
         parts.append(f"mfu={record['mfu']:.1%}")
     if "outer_step" in record:
-        parts.append(f"outer_step={record['outer_step']} sync={record['sync_s']:.2f}s "
+        overlap = f" overlap={record['overlap_s']:.2f}s" if record.get("overlap_s") else ""  # only behind training
+        parts.append(f"outer_step={record['outer_step']} sync={record['sync_s']:.2f}s{overlap} "
                      f"utilization={record['utilization']:.1%} sent={record['bytes_sent'] / 1e6:.1f}MB")
     return " ".join(parts)
