@@ -23,7 +23,7 @@ from atoll.atomic import atomic_write
 from atoll.checkpoint import Checkpointer, ModelOptimizerState
 from atoll.comm.transfer import ServedState, StateServer
 from atoll.config import JobConfig, dump_config
-from atoll.data import BatchSource, TrainingData, load_training_data
+from atoll.data import BatchSource, TrainingData, load_training_data, training_tokenizer
 from atoll.faults import FaultInjector
 from atoll.fingerprint import job_fingerprint
 from atoll.island import Island, broadcast_text, check_same_on_all_ranks, gather_ints
@@ -108,6 +108,7 @@ def assemble(
     """Data, model, registration with the coordinator (after the model is built), optimizer,
     synchronisation and the stateful pieces. A coordinator that refuses the island raises from
     `join_mesh` with one line (`atoll.mesh.member`)."""
+    model_args(cfg, training_tokenizer(cfg.data).vocab_size)  # a tokenizer the model cannot hold fails before any tokenizing
     doing("preparing the data")
     data = load_training_data(cfg.data, say_line)
     args = model_args(cfg, data.tokenizer.vocab_size)

@@ -13,7 +13,7 @@ _EXPORTS = {
     "atoll.data.corpus": ("STDLIB_SOURCE", "load_documents", "source_files", "split_files", "stdlib_files"),
     "atoll.data.loader": ("BatchSource", "MixtureLoader", "PackedLoader", "iter_eval_batches"),
     "atoll.data.mixture": ("MixturePlan", "WindowPermutation", "block_counts"),
-    "atoll.data.pipeline": ("TrainingData", "load_training_data", "run_prepare", "weighted_mean"),
+    "atoll.data.pipeline": ("TrainingData", "load_training_data", "run_prepare", "training_tokenizer", "weighted_mean"),
     "atoll.data.shards": ("PrepareSettings", "ShardError", "ShardedTokens", "open_prepared", "prepare"),
     "atoll.data.sources": ("Source", "SourceError", "SourceSpec"),
     "atoll.data.tokenizer": (

@@ -130,16 +130,21 @@ def run_prepare(cfg: DataConfig, workers: int, progress: bool, log: Callable[[st
         raise UserError(f"data: {err}") from None
 
 
+def training_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """``data.tokenizer`` loaded; a missing or bad one raises UserError."""
+    try:
+        return load_tokenizer(cfg.tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"data: {err}") from None
+
+
 def load_training_data(cfg: DataConfig, log: Callable[[str], None]) -> TrainingData:
     """The tokenizer and tokens training reads (see the module docstring); ``log`` gets progress lines.
 
     Raises:
         UserError: a missing or bad tokenizer, source, or shard.
     """
-    try:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"data: {err}") from None
+    tokenizer = training_tokenizer(cfg)
     if not cfg.sources:
         try:
             splits = [load_split_tokens(cfg.source, split, cfg.val_fraction, tokenizer, cache_dir(cfg)) for split in ("train", "val")]
