@@ -120,7 +120,7 @@ def run_islands(world: int, outer_steps: int, lr: float, momentum: float) -> lis
     return sorted(out)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # an odd world: a ring whose segments differ in size
 def test_outer_lr_one_without_momentum_averages_the_islands_weights(world):
     out = run_islands(world, outer_steps=1, lr=1.0, momentum=0.0)
     for _, _, max_err, _, _, _ in out:

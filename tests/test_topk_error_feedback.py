@@ -1,15 +1,13 @@
 """Error feedback with topk (`comm.codec = "topk"`, which requires `comm.error_feedback`): what the
-sparse codec leaves out comes back in later pseudo-gradients, the residual resumes exactly, and a
-whole 2-island run through the sparse all-gather, stopped and resumed, reproduces the
-uninterrupted run (the one multi-process test, hard timeout, marked slow)."""
+sparse codec leaves out comes back in later pseudo-gradients and the residual resumes exactly. A
+whole run stopped and resumed with error feedback is tests/test_error_feedback.py's (int4): what
+it saves and restores is the same residual whichever codec filled it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import losses_by_step, run_atoll
-from test_error_feedback import NUMEL, TIMEOUT, Flat, LossyMean, island, move, simulate_args
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from test_error_feedback import NUMEL, Flat, LossyMean, island, move
 
 from atoll.config import load_config
 from atoll.errors import UserError
@@ -65,28 +63,3 @@ def test_the_topk_residual_resumes_exactly():
     steps(resumed_model, resumed, 3, 6)
     for name in ("outer", "residual"):
         assert torch.equal(getattr(resumed, name).view(torch.int32), getattr(diloco, name).view(torch.int32)), name
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(3 * TIMEOUT)
-def test_a_whole_topk_run_stopped_and_resumed_reproduces_the_uninterrupted_run(tmp_path):
-    # as the int4 test in test_error_feedback: both islands stop at inner step 10 (after the
-    # checkpoint of outer step 2) and resume; the sparse all-gather's residuals must come back bit
-    # for bit, or the outer digests of step 3 would differ
-    cache_dir, topk = str(tmp_path / "cache"), ["--comm.codec", "topk"]
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    result = run_atoll(simulate_args(whole, cache_dir, *topk), TIMEOUT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    faults = ["--fault", "island-0=term@inner:10", "--fault", "island-1=term@inner:10"]
-    run_atoll(simulate_args(stopped, cache_dir, *topk, *faults), TIMEOUT)
-    assert max(losses_by_step(stopped)["island-0"]) < 12
-    saved = tmp_path / "saved.pt"
-    dcp_to_torch_save(next((stopped / "island-0" / "checkpoints").glob("step-00000008*")), saved)
-    assert torch.load(saved)["diloco.rank0"]["error_feedback"].abs().max() > 0
-    result = run_atoll(simulate_args(stopped, cache_dir, *topk, "--resume"), TIMEOUT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "resumed at step 8" in result.stdout
-    expected, got = losses_by_step(whole), losses_by_step(stopped)
-    for name in ("island-0", "island-1"):
-        assert sorted(got[name]) == list(range(1, 13))
-        assert got[name] == expected[name], name

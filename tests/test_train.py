@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -78,24 +80,6 @@ def test_two_local_ranks_match_one_process_on_the_same_global_batch(tmp_path, ca
     assert info1["init_digest"] == info2["init_digest"]
 
 
-def test_resume_with_two_local_ranks_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
-    full = tmp_path / "full"
-    resumed = tmp_path / "resumed"
-    r = run_atoll([*debug_args(full, cache_dir, 10, "--checkpoint.every", "5", "--checkpoint.keep", "4"), "--nproc", "2"], TIMEOUT)
-    assert r.returncode == 0, r.stderr
-    ckpt = full / "checkpoints" / "step-00000005"
-    assert ckpt.is_dir()
-
-    r = run_atoll([*debug_args(resumed, cache_dir, 10), "--nproc", "2", "--resume", str(ckpt)], TIMEOUT)
-    assert r.returncode == 0, r.stderr
-    before, after = losses(full), losses(resumed)
-    assert sorted(after) == list(range(6, 11))
-    for step in after:
-        assert abs(before[step] - after[step]) <= 1e-6, (step, before[step], after[step])
-    tokens = {rec["step"]: rec["tokens"] for rec in read_metrics(resumed)}
-    assert tokens[6] == 6 * 8 * 64
-
-
 def test_half_written_checkpoint_is_never_resumed_from(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert run_atoll(debug_args(run_dir, cache_dir, 4, "--eval.every", "0"), TIMEOUT).returncode == 0
@@ -132,8 +116,10 @@ def test_trained_bpe_tokenizer_drives_a_run_on_a_directory_corpus(tmp_path, cach
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_a_one_line_error(tmp_path, cache_dir):
-    tokenizer = tmp_path / "tok.json"
-    assert run_atoll(["tokenizer", "train", "--vocab-size", "600", "--out", str(tokenizer)], TIMEOUT).returncode == 0
+    tokenizer, corpus = tmp_path / "tok.json", tmp_path / "corpus.txt"
+    corpus.write_text("".join(Path(m.__file__).read_text() for m in (argparse, textwrap)))  # enough for 600 tokens, fast
+    result = run_atoll(["tokenizer", "train", "--vocab-size", "600", "--source", str(corpus), "--out", str(tokenizer)], TIMEOUT)
+    assert result.returncode == 0, result.stderr
     r = run_atoll([*debug_args(tmp_path / "run", cache_dir, 4), "--data.tokenizer", str(tokenizer)], TIMEOUT)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--model.vocab_size 600" in r.stderr
