@@ -194,12 +194,12 @@ def test_islands_started_in_another_order_give_identical_losses(tmp_path, cache)
     assert finals[0] == finals[1]
 
 
-@pytest.mark.timeout(TIMEOUT_S + 80)
+@pytest.mark.timeout(TIMEOUT_S + 100)
 def test_a_paused_coordinator_costs_the_run_its_pause_and_drops_no_one(tmp_path, cache):
     # SIGSTOP: nothing answers and connections stay open; the islands' own requests time out (15 s)
     # and close their connections, which must not read as their deaths when the coordinator runs again.
-    # 20 s is past the request timeout and 6x the heartbeat timeout: a longer pause only waits longer
-    pause_s = 20
+    # 35 s: past two of those request timeouts (two rounds of retries) and 10x the heartbeat timeout
+    pause_s = 35
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     port = free_port()
