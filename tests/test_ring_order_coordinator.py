@@ -48,6 +48,31 @@ def test_a_running_epoch_is_reordered_only_for_a_gain_on_fully_measured_links():
     assert better_ring(("a", "b", "c", "d"), slow_pair) is None  # unmeasured: nothing to act on
 
 
+def test_a_reorder_needs_the_gain_in_the_last_two_measurements_not_in_one_noisy_round():
+    links = {(a, b): Link.from_dict(v) for a in REGION for b, v in measured_by(a).items()}
+    slow_pair = dict(links)
+    for pair in (("a", "b"), ("c", "d")):
+        slow_pair[pair] = Link(SLOW / 2, 0.08)  # id order uses both; the best ring neither
+    # one round saw the two pairs slow, the one before it did not: noise, no reorder
+    assert better_ring(("a", "b", "c", "d"), slow_pair, previous=links) is None
+    # slow in both rounds: reorder
+    assert better_ring(("a", "b", "c", "d"), slow_pair, previous=slow_pair) == ("a", "c", "b", "d")
+    # the new order's links count at their lower figure: one slow round on them blocks the move
+    flaky_best = {**slow_pair, ("a", "c"): Link(SLOW / 4, 0.08)}
+    assert better_ring(("a", "b", "c", "d"), slow_pair, previous=flaky_best) is None
+
+
+def test_the_coordinator_keeps_the_measurement_before_the_newest_of_each_pair(tmp_path):
+    coordinator = Coordinator("127.0.0.1", 0, 3, Rules(), tmp_path / "membership.jsonl", "token")
+    for island in ("a", "b", "c"):
+        coordinator._member = lambda island, incarnation: True  # membership is not what this test is about
+        coordinator.views[island] = None
+    coordinator._op_links("a", "i", {"links": {"b": {"throughput": 1.0, "rtt": 0.1}}}, 0)
+    assert coordinator.previous_links == {} and coordinator.links[("a", "b")].throughput == 1.0
+    coordinator._op_links("a", "i", {"links": {"b": {"throughput": 2.0, "rtt": 0.1}, "c": {"throughput": 3.0, "rtt": 0.1}}}, 0)
+    assert coordinator.previous_links == {("a", "b"): Link(1.0, 0.1)} and coordinator.links[("a", "b")].throughput == 2.0
+
+
 @pytest.mark.parametrize("raw", [
     [], {"b": {"throughput": 0.0, "rtt": 0.0}}, {"b": {"throughput": float("nan"), "rtt": 0.0}},
     {"b": {"throughput": 1.0, "rtt": -1.0}}, {"b": {"throughput": 1.0}}, {"b": 5},
@@ -90,7 +115,9 @@ def test_measured_ring_order_is_handed_to_every_island_and_kept_by_a_restarted_c
         assert {e.members for e in epochs.values()} == {("a", "c", "d")}
         slow = {"throughput": SLOW / 4, "rtt": 0.2}
         clients["a"].call("links", {"links": {**measured_by("a"), "c": slow}})  # a -> c now slowest: the ring goes a -> d -> c
-        assert clients["c"].call("barrier", {"epoch": 1, "name": "outer-2", "wait_s": 0}) == {"dissolved": True}
+        assert clients["c"].call("barrier", {"epoch": 1, "name": "outer-2", "wait_s": 0}) == {}  # one round is not enough
+        clients["a"].call("links", {"links": {**measured_by("a"), "c": slow}})  # the next round agrees
+        assert clients["c"].call("barrier", {"epoch": 1, "name": "outer-3", "wait_s": 0}) == {"dissolved": True}
         epochs = {island: admitted(m, after=1) for island, m in clients.items() if island != "b"}
         assert {(e.number, e.members, e.reason) for e in epochs.values()} == {(2, ("a", "d", "c"), "ring reordered")}
         assert {e.incarnations for e in epochs.values()} == {tuple(clients[m].incarnation for m in ("a", "d", "c"))}

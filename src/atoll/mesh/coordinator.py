@@ -130,6 +130,8 @@ class Coordinator:
         self.outcomes = dict(state.outcomes)
         self.links: dict[tuple[str, str], Link] = dict(state.links)
         """Directed links measured by the islands (`links`), newest report per pair."""
+        self.previous_links: dict[tuple[str, str], Link] = {}
+        """Each pair's measurement before its newest (not journalled): a reorder needs both (`ring_order.better_ring`)."""
         self._reorder_looked: tuple[int, int] | None = None
         """(epoch, links reports) when `_reorder` last looked: it looks again only after a change."""
         self._link_reports = 0
@@ -349,7 +351,9 @@ class Coordinator:
         """An island's measured links to its peers (`atoll.mesh.ring_order.parse_report`); a newer
         report of a pair replaces the older. The next epoch's order is picked from them."""
         if self._member(island, incarnation):
-            self.links.update(parse_report(island, args["links"], set(self.views)))
+            reported = parse_report(island, args["links"], set(self.views))
+            self.previous_links.update({pair: self.links[pair] for pair in reported if pair in self.links})
+            self.links.update(reported)
             self._link_reports += 1
         return {}
 
@@ -546,7 +550,7 @@ class Coordinator:
         if self.ring_policy != "measured" or self._reorder_looked == looked or reconnecting(self.epoch.members, self.views, now):
             return Decision()
         self._reorder_looked = looked  # the solver runs once per new figures, not on every tick
-        if better_ring(self.epoch.members, self.links) is None:
+        if better_ring(self.epoch.members, self.links, self.previous_links) is None:
             return Decision()
         return Decision(epoch=successor(self.epoch, self.epoch.members, self.views, "ring reordered", time.time()))
 

@@ -156,14 +156,22 @@ def ring_for(members: Sequence[str], links: Links, policy: str) -> tuple[str, ..
     return best_ring(members, links) if policy == "measured" else tuple(sorted(members))
 
 
-def better_ring(current: Sequence[str], links: Links) -> tuple[str, ...] | None:
+def better_ring(current: Sequence[str], links: Links, previous: Links | None = None) -> tuple[str, ...] | None:
     """A measured order worth re-forming the epoch for (its slowest link at least `REORDER_GAIN`
-    times the current order's), or None: every link of both measured, or it is not worth it."""
+    times the current order's), or None: every link of both measured, or it is not worth it.
+
+    With `previous` (each pair's measurement before the latest one, where there is one), a link
+    counts at the lower of its two figures on the new order and at the higher on the current one:
+    the gain must show in both measurements, so one noisy round cannot flap the ring (on loopback
+    single probes of one link range over 0.4-90 Gbit/s)."""
     ids = tuple(current)
     if len(ids) <= 2 or not complete(ids, links):
         return None
     best = best_ring(ids, links)
-    return best if bottleneck(best, links) >= REORDER_GAIN * bottleneck(ids, links) else None
+    earlier = previous or {}
+    low = {pair: min(link, earlier.get(pair, link), key=lambda kept: kept.throughput) for pair, link in links.items()}
+    high = {pair: max(link, earlier.get(pair, link), key=lambda kept: kept.throughput) for pair, link in links.items()}
+    return best if bottleneck(best, low) >= REORDER_GAIN * bottleneck(ids, high) else None
 
 
 def parse_report(sender: str, raw: object, known: set[str]) -> dict[tuple[str, str], Link]:
