@@ -108,10 +108,10 @@ def assemble(
     """Data, model, registration with the coordinator (after the model is built), optimizer,
     synchronisation and the stateful pieces. A coordinator that refuses the island raises from
     `join_mesh` with one line (`atoll.mesh.member`)."""
-    model_args(cfg, training_tokenizer(cfg.data).vocab_size)  # a tokenizer the model cannot hold fails before any tokenizing
+    tokenizer = training_tokenizer(cfg.data)
+    args = model_args(cfg, tokenizer.vocab_size)  # a tokenizer the model cannot hold fails before any tokenizing
     doing("preparing the data")
-    data = load_training_data(cfg.data, say_line)
-    args = model_args(cfg, data.tokenizer.vocab_size)
+    data = load_training_data(cfg.data, say_line, tokenizer)
     seq_len = sequence_length(cfg)
     accum = accumulation_steps(cfg, island)
     loader = data.loader(seq_len, cfg.train.global_batch, island.rank, island.world, cfg.train.seed)

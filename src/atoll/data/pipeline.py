@@ -138,13 +138,14 @@ def training_tokenizer(cfg: DataConfig) -> Tokenizer:
         raise UserError(f"data: {err}") from None
 
 
-def load_training_data(cfg: DataConfig, log: Callable[[str], None]) -> TrainingData:
-    """The tokenizer and tokens training reads (see the module docstring); ``log`` gets progress lines.
+def load_training_data(cfg: DataConfig, log: Callable[[str], None], tokenizer: Tokenizer | None = None) -> TrainingData:
+    """The tokenizer (``training_tokenizer``'s, unless the caller loaded it already) and tokens
+    training reads (see the module docstring); ``log`` gets progress lines.
 
     Raises:
         UserError: a missing or bad tokenizer, source, or shard.
     """
-    tokenizer = training_tokenizer(cfg)
+    tokenizer = training_tokenizer(cfg) if tokenizer is None else tokenizer
     if not cfg.sources:
         try:
             splits = [load_split_tokens(cfg.source, split, cfg.val_fraction, tokenizer, cache_dir(cfg)) for split in ("train", "val")]
