@@ -30,7 +30,7 @@ from atoll.errors import ExpectedFailure, say
 from atoll.island import Island, broadcast_ints
 from atoll.mesh.auth import epoch_key, run_token
 from atoll.mesh.client import CoordinatorClient, Heartbeat, log_waiting, new_incarnation, refused, register, wait_for_admission
-from atoll.mesh.link_probe import BackgroundProbe, probe_links
+from atoll.mesh.link_probe import BackgroundProbe
 from atoll.mesh.membership import Epoch
 from atoll.mesh.ring_order import Link
 
@@ -134,38 +134,31 @@ class MeshMember:
         """Under `comm.ring_order = "measured"`, with 3 or more islands (2 have one ring), measure
         this island's links to the epoch's other members on local rank 0's first global group
         (`atoll.mesh.link_probe`; every member's rank 0 does, right after entering) and report them
-        to the coordinator, which orders the next epochs by them. A dead or silent peer (RuntimeError
-        at the group's timeout) is logged and nothing is reported: the epoch's next collective fails
-        as it would have. The report itself retries like every request (`atoll.mesh.client`)."""
-        if ring_order != "measured" or not self.island.is_leader or self.epoch.world < 3:
-            return
-        try:
-            links = probe_links(groups[0], self.epoch.members, self.index)
-        except RuntimeError as err:
-            self.log(f"atoll: measuring the links of epoch {self.epoch.number} failed: {str(err).splitlines()[0]}")
-            return
-        self._report_links(links)
+        to the coordinator, which orders the next epochs by them: `measure_links_behind`, then
+        `report_links`, whose doc says what a dead, silent or dissolved peer does."""
+        if (probe := self.measure_links_behind(groups, ring_order)) is not None:
+            self.report_links(probe)
 
     def measure_links_behind(self, groups: list[dist.ProcessGroup], ring_order: str) -> BackgroundProbe | None:
         """`measure_links`' measurement started in a background thread (None where it does not
         apply); `report_links` waits for it and reports. Every member must start it at the same
-        point (after the same committed outer step), as the probes pair up."""
+        point (on entering an epoch, or after the same committed outer step), as the probes pair up."""
         if ring_order != "measured" or not self.island.is_leader or self.epoch.world < 3:
             return None
         return BackgroundProbe(groups[0], self.epoch.members, self.index, self.epoch.number)
 
     def report_links(self, probe: BackgroundProbe) -> None:
-        """Wait for a background measurement and report its links like `measure_links`. Waits no
-        longer once its epoch is dissolved (a member died or hung: the probe ends at its own
-        deadline on groups nobody uses any more, and nothing is reported); a failed probe is
-        logged. The report retries like every request (`atoll.mesh.client`)."""
+        """Wait for a measurement and report its links. A dead or silent peer (RuntimeError at the
+        probe's deadline) is logged and nothing is reported: the epoch's next collective fails as it
+        would have. Waits no longer once the epoch is dissolved (the probe ends at its own deadline
+        on groups nobody uses any more). The report retries like every request (`atoll.mesh.client`)."""
         while probe.thread.is_alive():
             probe.thread.join(PROBE_POLL_S)
             if probe.thread.is_alive() and self.dissolved(probe.epoch):
-                self.log(f"atoll: re-measuring the links of epoch {probe.epoch} abandoned: the epoch was dissolved")
+                self.log(f"atoll: measuring the links of epoch {probe.epoch} abandoned: the epoch was dissolved")
                 return
         if probe.links is None:
-            self.log(f"atoll: re-measuring the links of epoch {probe.epoch} failed: {probe.error}")
+            self.log(f"atoll: measuring the links of epoch {probe.epoch} failed: {probe.error}")
             return
         self._report_links(probe.links)
 
