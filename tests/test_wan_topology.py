@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
-from test_wan import connect_from, listen_in, needs_namespaces
+from test_wan import bulk_mbit_s, needs_namespaces
 
 from atoll.errors import UserError
 from atoll.wan.delay_line import DelayLine, Link
@@ -69,24 +66,6 @@ def test_the_coordinator_link_takes_the_smallest_delay_and_no_rate():
 
 
 # --- real namespaces -----------------------------------------------------------------------------
-
-
-def bulk_mbit_s(wan: EmulatedWan, sender: int, receiver: int, size: int) -> float:
-    """Mbit/s of one TCP transfer of `size` bytes from island `sender` to island `receiver`."""
-    server = listen_in(wan.island_namespaces[receiver], wan.island_address(receiver))
-    client, conn = connect_from(wan.island_namespaces[sender], server)
-    received = 0
-    with server, client, conn:
-        start = time.perf_counter()
-        thread = threading.Thread(target=client.sendall, args=(bytes(size),), daemon=True)
-        thread.start()
-        while received < size:
-            chunk = conn.recv(1 << 20)
-            assert chunk, "connection closed early"
-            received += len(chunk)
-        elapsed = time.perf_counter() - start
-        thread.join(timeout=10)
-    return size * 8 / elapsed / 1e6
 
 
 @needs_namespaces
