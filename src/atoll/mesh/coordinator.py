@@ -31,8 +31,9 @@ Failure semantics:
   each new epoch's members are put in the order `atoll.mesh.ring_order` picks from them, journalled
   with the epoch (and the links it was picked from), so a restarted coordinator keeps the order and
   picks the next from the same figures until new reports come. At an outer step's boundary, with
-  nothing else to decide, an order `REORDER_GAIN` times faster re-forms the epoch with the same
-  members (reason "ring reordered"), entered from the barrier as a join is.
+  nothing else to decide, an order `REORDER_GAIN` times faster in each link's last two
+  measurements re-forms the epoch with the same members (reason "ring reordered"), entered from the
+  barrier as a join is.
 - When every member has left, the run has ended: it says so to anyone who asks, and `serve()`
   returns (unless told to stay).
 """
