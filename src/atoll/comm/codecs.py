@@ -55,10 +55,12 @@ payloads do not add up along a ring (`summable` is False), so they travel by an 
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 INT8_BLOCK = 64
@@ -360,6 +362,40 @@ def _run(work: Callable[..., None], spans: list[tuple[torch.Tensor, ...]], pool_
         future.result()
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """This thread's fp32 buffer shaped as `like`, reused across calls: a fresh one per span costs
+    its page faults every time (twice the topk encode, measured here)."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < like.numel() or buffer.device != like.device:
+        buffer = _SCRATCH.buffer = torch.empty(like.numel(), device=like.device)
+    return buffer[: like.numel()].view_as(like)
+
+
+def _largest(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
+    """Positions in `magnitudes` (2-D, contiguous, >= 0) of the `keep` largest of each row, NaN
+    the largest: int64 [rows, keep], rising. On CPU: each row's keep-th largest by numpy's
+    introselect on values (`partition`), then the positions at or above it, already rising
+    (`flatnonzero`): 2x `torch.topk` and its sort on a span here. A span where some row ties at its
+    threshold (more than `keep` at or above it: a chunk of zeros) takes `argpartition`, whose
+    choice among the tied is the same on every run."""
+    rows, length = magnitudes.shape
+    starts = torch.arange(rows, device=magnitudes.device)[:, None] * length
+    if magnitudes.device.type != "cpu":
+        return magnitudes.topk(keep, 1, sorted=False).indices.sort(1).values + starts
+    # non-negative floats order as their int32 bits, NaN above inf: NaN counts as the largest
+    bits = magnitudes.numpy().view(np.int32)
+    kth = length - keep
+    chosen = np.flatnonzero(bits >= np.partition(bits, kth, axis=1)[:, kth : kth + 1])
+    if chosen.size == rows * keep:  # every row has at least keep at or above its threshold: exactly keep each
+        return torch.from_numpy(chosen).view(rows, keep)
+    offsets = np.argpartition(bits, kth, axis=1)[:, kth:]
+    offsets.sort(1)
+    return torch.from_numpy(offsets) + starts
+
+
 class Codebook8Codec(Codec):
     """PRIME's uniform 8-bit codebook. Payload: [256 fp32 bin means][uint8 bin per value]."""
 
@@ -428,15 +464,18 @@ class TopkCodec(Codec):
     (NaN counts as the largest magnitude) and makes the chunk's table NaN, so every value it kept
     decodes as NaN, and the values it did not keep as 0.
 
-    Speed (`benchmarks/codecs.py`, 64 MiB, 2 cores under a load average of 6.8 from other work):
-    encode 0.43x a `clone()` (`torch.topk` over every chunk is about half of it, the magnitudes
-    most of the rest), decode into a buffer 4.1x (zeros, then one scatter of the kept 1/64).
+    Speed (`benchmarks/codecs.py --repeats 9`, 64 MiB, 2 cores, load 1): encode 0.70x a `clone()`
+    (0.32x with `torch.topk` and a sort per span, side by side in the same minute), decode into a
+    buffer 2.6x (zeros, then one scatter of the kept 1/64). Encoding runs spans of SPAN_ROWS
+    chunks on the codec pool; the selection (`_largest`) is about two thirds of a span.
     """
 
     name = "topk"
     summable = False
     SPAN_ROWS = 256
     """Chunks encoded at a time: the magnitudes and the selection stay in cache (1M values)."""
+    POOL_SPANS = 2
+    """Fewest spans worth the codec pool (see _BlockCodec.POOL_SPANS)."""
 
     def __init__(self, density: float = TOPK_DENSITY, bits: int = TOPK_BITS) -> None:
         if not 0 < density <= 1:
@@ -485,28 +524,26 @@ class TopkCodec(Codec):
         numel = values.numel()
         out = torch.empty(self.encoded_size(numel), dtype=torch.uint8, device=values.device)
         table, code_bytes, offset_bytes = self._split(out, numel)
-        codes, offsets, row = [], [], 0
-        # one buffer for every span's magnitudes: a fresh one per span costs its page faults each time (2x the encode here)
-        scratch = torch.empty(min(numel, self.SPAN_ROWS * TOPK_CHUNK), device=values.device)
+        _, _, _, kept = self._layout(numel)
+        codes = torch.empty(kept, dtype=torch.int32, device=values.device)
+        offsets = torch.empty(kept, dtype=torch.int32, device=values.device)
+        spans, row, start = [], 0, 0
         for rows, keep in self._rows(values):
-            magnitudes = torch.abs(rows, out=scratch[: rows.numel()].view_as(rows))
-            span_codes, span_offsets = self._encode_rows(rows, magnitudes, keep, table[row : row + rows.shape[0]])
-            codes.append(span_codes.view(-1))
-            offsets.append(span_offsets.view(-1))
-            row += rows.shape[0]
+            count = rows.shape[0] * keep
+            spans.append((rows, keep, table[row : row + rows.shape[0]], codes[start : start + count], offsets[start : start + count]))
+            row, start = row + rows.shape[0], start + count
+        _run(self._encode_span, spans, self.POOL_SPANS)
         if numel:
-            _pack_codes(torch.cat(codes), self.bits, code_bytes)
-            _pack_offsets(torch.cat(offsets), offset_bytes)
+            _pack_codes(codes, self.bits, code_bytes)
+            _pack_offsets(offsets, offset_bytes)
         return out
 
-    def _encode_rows(self, rows: torch.Tensor, magnitudes: torch.Tensor, keep: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the bin tables of value rows (one chunk each, `magnitudes` their absolute values);
-        return their codes and offsets (int32)."""
-        # topk counts NaN as the largest magnitude: a chunk's NaN is always kept
-        magnitude, offsets = magnitudes.topk(keep, 1, sorted=False)
-        offsets, order = offsets.sort(1)  # rising offsets: a canonical payload, checkable on receipt
-        magnitude = magnitude.gather(1, order)
-        negative = rows.gather(1, offsets) < 0
+    def _encode_span(self, rows: torch.Tensor, keep: int, table: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Write the bin tables of value rows (one chunk each) and their codes and offsets (int32, unpacked)."""
+        magnitudes = torch.abs(rows, out=_scratch(rows))
+        kept = _largest(magnitudes, keep)
+        magnitude = torch.take(magnitudes, kept)  # 3x gather here
+        negative = torch.take(rows, kept) < 0
         low, high = magnitude.amin(1, keepdim=True), magnitude.amax(1, keepdim=True)
         if self.bins > 1:
             # the share of [low, high] below each value, in bins; a chunk whose kept values are all equal (0/0) is bin 0;
@@ -514,7 +551,7 @@ class TopkCodec(Codec):
             position = (magnitude - low).div_(high - low).mul_(self.bins).nan_to_num_(0.0)
             bins = position.clamp_(0, self.bins - 1).to(torch.int32)
         else:
-            bins = torch.zeros_like(offsets, dtype=torch.int32)
+            bins = torch.zeros_like(kept, dtype=torch.int32)
         means = torch.empty(rows.shape[0], self.bins, device=rows.device)
         for b in range(self.bins):  # a few bins of `keep` values: masked sums beat a scatter here
             member = bins == b
@@ -522,8 +559,8 @@ class TopkCodec(Codec):
         # a NaN or inf among the kept values: the chunk decodes as NaN where it kept values
         means.masked_fill_(~high.isfinite(), float("nan"))
         table.copy_(means)
-        codes = bins.bitwise_or_(negative.to(torch.int32) << (self.bits - 1)) if self.bits > 1 else negative.to(torch.int32)
-        return codes, offsets.to(torch.int32)
+        codes.view_as(bins).copy_(bins.bitwise_or_(negative.to(torch.int32) << (self.bits - 1)) if self.bits > 1 else negative)
+        offsets.view_as(kept).copy_(kept % rows.shape[1])
 
     def decode(self, data: torch.Tensor, numel: int) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32, device=data.device)
