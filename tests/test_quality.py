@@ -1,6 +1,6 @@
 """Quality guard: DiLoCo's validation loss on a short seeded run stays where it was measured.
 
-Two islands train the debug model (paths relative to the repository, where `run_atoll` runs) for a few hundred steps, once with DiLoCo (int8, the default
+Two islands train the debug model (paths relative to the repository, where `run_atoll` runs) for 300 steps, once with DiLoCo (int8, the default
 outer step) and once data-parallel, on the same seed, data and token budget. The test fails when
 either final validation loss moves more than the stored tolerance from the reference figures in
 `quality_reference.json`, or when DiLoCo falls further behind data-parallel than the reference
@@ -29,11 +29,11 @@ REFERENCE = Path(__file__).with_name("quality_reference.json")
 RUN_TIMEOUT_S = 300
 SETTING = [
     "configs/demo.toml", "--model.name", "debug", "--train.seed", "0",
-    "--train.steps", "600", "--train.global_batch", "8", "--train.seq_len", "64", "--optim.lr", "3e-3",
-    "--schedule.warmup_steps", "60", "--diloco.inner_steps", "25", "--comm.codec", "int8",
-    "--eval.every", "600", "--eval.batches", "16", "--metrics.log_every", "100", "--checkpoint.at_end", "false",
+    "--train.steps", "300", "--train.global_batch", "8", "--train.seq_len", "64", "--optim.lr", "3e-3",
+    "--schedule.warmup_steps", "30", "--diloco.inner_steps", "25", "--comm.codec", "int8",
+    "--eval.every", "300", "--eval.batches", "16", "--metrics.log_every", "100", "--checkpoint.at_end", "false",
 ]
-"""The demo's schedule and optimizer on the debug model: 600 steps of 8 x 64 tokens per island."""
+"""The demo's schedule and optimizer on the debug model: 300 steps of 8 x 64 tokens per island."""
 MODES = {"diloco": ["--mesh.mode", "diloco"], "ddp": ["--mesh.mode", "ddp"]}
 
 
