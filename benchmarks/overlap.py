@@ -16,6 +16,9 @@ islands' metrics.jsonl:
   all-reduce ran behind training;
 - s/step: wall time per inner step (the island's first to last record, the first outer step's
   phase left out, the last outer step too), mean over islands, and its ratio to the "no sync" row;
+- peak MB/s: the most bytes any island's link sent in a 1 s window, read off the tx counter of
+  its emulated link (`ip -s link` in its namespace, sampled every 0.1 s): the link rate while a
+  whole-model all-reduce is on the wire, whatever the mode; only sending less at a time lowers it;
 - MB sent per island, and the validation loss at the end (every island evaluates the same
   weights: the last outer step blocks and replaces them).
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +43,11 @@ import threading
 import time
 from pathlib import Path
 
+from atoll.wan.namespaces import LINK_NAME, NAME_PREFIX, list_namespaces
+
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE_S = 0.1
+WINDOW_S = 1.0
 
 
 def pin_islands(run_dir: Path, islands: int, stop: threading.Event) -> None:
@@ -61,6 +69,37 @@ def pin_islands(run_dir: Path, islands: int, stop: threading.Event) -> None:
                 continue
 
 
+def link_bytes(namespace: str) -> int | None:
+    """Bytes the emulated link of `namespace` has sent, or None once the namespace is gone."""
+    out = subprocess.run(["ip", "-n", namespace, "-s", "-j", "link", "show", LINK_NAME], capture_output=True, text=True, timeout=5, check=False)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout)[0]["stats64"]["tx"]["bytes"]
+
+
+def sample_links(simulate_pid: int, islands: int, stop: threading.Event, samples: dict[int, list[tuple[float, int]]]) -> None:
+    """Every SAMPLE_S until `stop`, append (time, bytes sent) of each island's link to samples[island].
+    The namespaces are those `atoll simulate` (pid `simulate_pid`) creates: atoll-PID-RUN-islandI."""
+    prefix = f"{NAME_PREFIX}-{simulate_pid}-"
+    while not stop.wait(SAMPLE_S):
+        names = {name.rsplit("-island", 1)[1]: name for name in list_namespaces() if name.startswith(prefix) and "-island" in name}
+        for island in range(islands):
+            sent = link_bytes(names[str(island)]) if str(island) in names else None
+            if sent is not None:
+                samples.setdefault(island, []).append((time.monotonic(), sent))
+
+
+def peak_rate(samples: list[tuple[float, int]]) -> float:
+    """The most bytes/s sent over any window of at least WINDOW_S between two samples."""
+    best, first = 0.0, 0
+    for last, (t, sent) in enumerate(samples):
+        while first + 1 < last and t - samples[first + 1][0] >= WINDOW_S:
+            first += 1
+        if t - samples[first][0] >= WINDOW_S:
+            best = max(best, (sent - samples[first][1]) / (t - samples[first][0]))
+    return best
+
+
 def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) -> dict:
     """One simulate run; its row's numbers."""
     run_dir = workdir / name.replace(" ", "-")
@@ -75,12 +114,23 @@ def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) ->
     pinner = threading.Thread(target=pin_islands, args=(run_dir, args.islands, stop), daemon=True)
     if args.pin:
         pinner.start()
-    try:
-        out = subprocess.run(command, check=False, capture_output=True, text=True, timeout=1800, cwd=REPO)
-    finally:
-        stop.set()
-    if out.returncode != 0:
-        raise SystemExit(f"{name}: simulate failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    samples: dict[int, list[tuple[float, int]]] = {}
+    with tempfile.TemporaryFile("w+") as log:
+        simulate = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        sampler = threading.Thread(target=sample_links, args=(simulate.pid, args.islands, stop, samples), daemon=True)
+        sampler.start()
+        try:
+            returncode = simulate.wait(timeout=1800)
+        except BaseException:
+            simulate.send_signal(signal.SIGINT)  # as Ctrl-C: simulate stops its islands and deletes the namespaces
+            simulate.wait(timeout=60)
+            raise
+        finally:
+            stop.set()
+            sampler.join()
+        log.seek(0)
+        if returncode != 0:
+            raise SystemExit(f"{name}: simulate failed ({returncode}):\n{log.read()[-6000:]}")
     islands = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in sorted(run_dir.glob("island-*"))]
     outer = [r for records in islands for r in records if r.get("outer_step", 0) > 1]
     per_step = []
@@ -95,6 +145,7 @@ def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) ->
         "sync_s": statistics.median(r["sync_s"] for r in outer) if outer else None,
         "overlap_s": statistics.median(r.get("overlap_s", 0.0) for r in outer) if outer else None,
         "s_per_step": statistics.mean(per_step),
+        "peak_mb_s": max((peak_rate(s) for s in samples.values()), default=0.0) / 1e6,
         "mb_sent": statistics.mean(r["bytes_sent"] for r in last) / 1e6,
         "val_loss": statistics.mean(r["val_loss"] for r in last),
     }
@@ -126,10 +177,10 @@ def main() -> None:
     print(f"{args.islands} islands, debug model, {args.steps} inner steps, H = {args.inner_steps}, emulated WAN {args.rate}, "
           f"{args.delay} one way, merge_weight {args.merge_weight}" + (", pinned" if args.pin else "")
           + f"; {time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'mode':<16} {'utilization':>11} {'sync s':>8} {'overlap s':>9} {'s/step':>7} {'vs no sync':>10} {'MB sent':>8} {'val_loss':>9}")
+    print(f"{'mode':<16} {'utilization':>11} {'sync s':>8} {'overlap s':>9} {'s/step':>7} {'vs no sync':>10} {'peak MB/s':>9} {'MB sent':>8} {'val_loss':>9}")
     for r in rows:
         print(f"{r['name']:<16} {number(r['utilization'], '11.1%')} {number(r['sync_s'], '8.3f')} {number(r['overlap_s'], '9.3f')} "
-              f"{r['s_per_step']:7.3f} {r['s_per_step'] / alone:10.3f} {r['mb_sent']:8.1f} {r['val_loss']:9.4f}")
+              f"{r['s_per_step']:7.3f} {r['s_per_step'] / alone:10.3f} {r['peak_mb_s']:9.2f} {r['mb_sent']:8.1f} {r['val_loss']:9.4f}")
 
 
 if __name__ == "__main__":
