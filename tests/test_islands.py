@@ -22,7 +22,8 @@ def common(cache_dir: str, steps: int) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("islands,procs", [(3, 1), (2, 2)])  # 3 x 2 ranks: 6 processes on 2 cores
+# 2 islands of 2 ranks; 3 islands agreeing at every outer step: test_ring_order_runs (and 4 in test_elastic)
+@pytest.mark.parametrize("islands,procs", [(2, 2)])
 def test_diloco_islands_hold_identical_outer_weights_after_every_outer_step(tmp_path, cache_dir, islands, procs):
     run_dir = tmp_path / "run"
     args = ["simulate", "--islands", str(islands), "--procs-per-island", str(procs), "--run-dir", str(run_dir),
