@@ -44,11 +44,11 @@ the one-way delay, so one ring takes at least bytes / rate + 2(islands - 1) x de
 3 islands on the defaults that is 12.7 MB / 100 Mbit/s = 1.02 s plus 4 x 20 ms: at most 92.7% of
 the link, which the int4 ring reached (92.2%, 6.80x gloo fp32, load average 5 on 2 cores).
 
-The topk all-gather is bound by its encode, not the link: on the defaults it moved 0.5 / 1.0 MB
-per island at 2 / 3 islands (the int4 ring 9.5 / 12.7 MB) in 0.98-1.30 / 1.86-1.87 s over two
-runs, 5.4-7.4x / 4.0-4.1x gloo fp32 (int4 at 3 islands: 1.08-1.10 s, 6.8-7.0x), with every
-island's encode and sum on the same 2 cores at a load average of 7-9; writing `dropped` added
-0.3-0.5 s, most of it the page faults of the fresh `dropped` tensor each run takes here.
+The topk all-gather moves 1.0 MB per island at 3 islands (the int4 ring 12.7 MB). With the
+encode of `TopkCodec` before its numpy selection it took 1.86-1.87 s over two runs (4.0-4.1x gloo
+fp32, load average 7-9), bound by that encode; after it, 0.30 s (25.3x gloo fp32, int4 6.8x in the
+same run, load average 0.5-0.8), 0.41 s writing `dropped` (the page faults of the fresh `dropped`
+tensor each run takes here).
 """
 
 from __future__ import annotations
