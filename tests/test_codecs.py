@@ -402,6 +402,24 @@ def test_topk_zero_chunks_decode_as_zeros_and_a_sparse_chunk_keeps_all_its_non_z
     assert torch.equal(round_trip_topk(values)[: TOPK_CHUNK], torch.zeros(TOPK_CHUNK))
 
 
+def test_topk_a_chunk_tied_at_its_threshold_keeps_exactly_its_share_and_leaves_the_other_chunks_as_alone():
+    # chunk 1: ten values of magnitude 2, the rest +-0.5: its 64 kept are the ten and 54 of the tied
+    values = gaussian(3 * TOPK_CHUNK, seed=3)
+    tied = torch.full((TOPK_CHUNK,), 0.5) * torch.where(gaussian(TOPK_CHUNK, seed=5) < 0, -1.0, 1.0)
+    tied[torch.arange(10) * 400] = torch.tensor([2.0, -2.0] * 5)
+    values[TOPK_CHUNK : 2 * TOPK_CHUNK] = tied
+    codec = get_codec("topk")
+    payload = codec.encode(values)
+    assert torch.equal(payload, codec.encode(values))  # the choice among the tied repeats
+    decoded = codec.decode(payload, values.numel())
+    chunk = decoded[TOPK_CHUNK : 2 * TOPK_CHUNK]
+    assert int((chunk != 0).sum()) == codec.keep and (chunk[torch.arange(10) * 400] != 0).all()
+    assert torch.equal(torch.sign(chunk[chunk != 0]), torch.sign(tied[chunk != 0]))
+    for first in (0, 2 * TOPK_CHUNK):  # the continuous chunks are encoded as they would be on their own
+        alone = values[first : first + TOPK_CHUNK]
+        assert torch.equal(decoded[first : first + TOPK_CHUNK], codec.decode(codec.encode(alone), TOPK_CHUNK))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_topk_non_finite_values_make_their_chunks_kept_values_nan_and_no_others(bad):
     values = gaussian(3 * TOPK_CHUNK + 100)
