@@ -266,7 +266,7 @@ def test_a_coordinator_killed_and_restarted_during_an_overlapped_all_reduce_cont
 
 def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:
     return [
-        "simulate", "configs/debug.toml", "--islands", "2", "--procs-per-island", "2", "--run-dir", str(run_dir),
+        "simulate", "configs/debug.toml", "--islands", "2", "--run-dir", str(run_dir),
         "--train.steps", "12", "--diloco.inner_steps", "4", "--schedule.warmup_steps", "2", "--eval.every", "0",
         "--metrics.log_every", "1", "--checkpoint.every", "4", "--checkpoint.keep", "5", "--checkpoint.at_end", "false", "--data.cache_dir", cache_dir,
         "--mesh.heartbeat_interval_s", "0.5", "--mesh.heartbeat_timeout_s", "3", *OVERLAP, *extra,
@@ -276,8 +276,7 @@ def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S + 30)
 def test_a_whole_run_stopped_with_an_all_reduce_in_flight_resumes_exactly(tmp_path, cache_dir):
-    # 2 islands of 2 local ranks (each rank's ring runs behind training; each rank saves its shard).
-    # Saves due at steps 4 and 8 fall while an all-reduce is in flight: they are taken at 6 and 10,
+    # saves due at steps 4 and 8 fall while an all-reduce is in flight: they are taken at 6 and 10,
     # where it has landed (12, the last step, blocks). Both islands stop at inner step 9, outer step 2 in flight (begun at 8):
     # the resumed run starts from step 6 and must reproduce every loss and outer digest
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
