@@ -108,6 +108,12 @@ def test_summary_reports_bytes_against_data_parallel_sync_time_and_utilization(t
     ]
 
 
+def test_summary_shows_kilobytes_sent_under_1_mb_to_three_digits(tmp_path):
+    write_island(tmp_path, "island-0", 19_300, [0.1, 0.5, 0.2], [0.9, 0.8, 0.85])  # a topk run's bytes
+
+    assert "sent 0.0193 MB vs 48.0 MB for data-parallel (2487x fewer)" in summarize(tmp_path)
+
+
 def test_summary_of_a_run_without_evaluation_has_no_val_loss(tmp_path):
     write_island(tmp_path, "island-0", 12_000_000, [0.1, 0.5, 0.2], [0.9, 0.8, 0.85])
     metrics = tmp_path / "island-0" / "metrics.jsonl"

@@ -410,13 +410,20 @@ def island_summaries(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def megabytes(count: int) -> str:
+    """`count` bytes in MB: one decimal, or three significant digits under 1 MB (a topk run's
+    outer steps send kilobytes, which one decimal shows as 0.0)."""
+    mb = count / 1e6
+    return f"{mb:.1f}" if mb >= 1 else f"{mb:.3g}"
+
+
 def summary_line(name: str, s: dict[str, Any]) -> str:
     """One island's line of the run summary."""
     if not s["trained_steps"]:
         return f"{name}: entered at the run's last outer step; it trained no steps"
     line = (
         f"{name}: loss {s['loss']:.4f}" + (f", val_loss {s['val_loss']:.4f}" if s["val_loss"] is not None else "") + "; "
-        f"sent {s['bytes_sent'] / 1e6:.1f} MB vs {s['ddp_bytes'] / 1e6:.1f} MB for data-parallel "
+        f"sent {megabytes(s['bytes_sent'])} MB vs {megabytes(s['ddp_bytes'])} MB for data-parallel "
         f"({s['ddp_bytes'] / max(s['bytes_sent'], 1):.0f}x fewer)"
     )
     if s["outer_steps"]:
