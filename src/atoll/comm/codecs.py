@@ -382,18 +382,17 @@ def _largest(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
     threshold (more than `keep` at or above it: a chunk of zeros) takes `argpartition`, whose
     choice among the tied is the same on every run."""
     rows, length = magnitudes.shape
-    starts = torch.arange(rows, device=magnitudes.device)[:, None] * length
-    if magnitudes.device.type != "cpu":
-        return magnitudes.topk(keep, 1, sorted=False).indices.sort(1).values + starts
-    # non-negative floats order as their int32 bits, NaN above inf: NaN counts as the largest
-    bits = magnitudes.numpy().view(np.int32)
-    kth = length - keep
-    chosen = np.flatnonzero(bits >= np.partition(bits, kth, axis=1)[:, kth : kth + 1])
-    if chosen.size == rows * keep:  # every row has at least keep at or above its threshold: exactly keep each
-        return torch.from_numpy(chosen).view(rows, keep)
-    offsets = np.argpartition(bits, kth, axis=1)[:, kth:]
-    offsets.sort(1)
-    return torch.from_numpy(offsets) + starts
+    if magnitudes.device.type == "cpu":
+        # non-negative floats order as their int32 bits, NaN above inf: NaN counts as the largest
+        bits = magnitudes.numpy().view(np.int32)
+        kth = length - keep
+        chosen = np.flatnonzero(bits >= np.partition(bits, kth, axis=1)[:, kth : kth + 1])
+        if chosen.size == rows * keep:  # every row has at least keep at or above its threshold: exactly keep each
+            return torch.from_numpy(chosen).view(rows, keep)
+        offsets = torch.from_numpy(np.sort(np.argpartition(bits, kth, axis=1)[:, kth:], 1))
+    else:
+        offsets = magnitudes.topk(keep, 1, sorted=False).indices.sort(1).values
+    return offsets + torch.arange(rows, device=magnitudes.device)[:, None] * length  # row offsets to positions
 
 
 class Codebook8Codec(Codec):
