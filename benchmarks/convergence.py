@@ -22,6 +22,8 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
   topk-ef       DiLoCo with topk pseudo-gradients and error feedback
   int8-overlap  int8 DiLoCo whose all-reduce runs behind H/5 inner steps (`diloco.overlap_steps`,
                 merged with the default `diloco.merge_weight`)
+  int8-p2       int8 DiLoCo in 2 fragments (`diloco.fragments`: half the model every H/2 steps)
+  int8-p2-overlap  the same, each fragment's all-reduce behind H/5 inner steps
 All rows of one seed see the same samples in the same order (islands read disjoint slices of one
 seeded stream) and the same inner optimizer and schedule, so the only difference is how the
 islands synchronise. Each run prints as it finishes; the table then gives, per row, the mean and
@@ -91,6 +93,9 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         "topk-ef": (f"DiLoCo topk + EF, H={h}", [*diloco(h), "--comm.codec", "topk", "--comm.error_feedback", "true"]),
         "int8-overlap": (f"DiLoCo int8, H={h}, overlap tau={h // 5}", [*diloco(h), "--comm.codec", "int8",
                                                                        "--diloco.overlap_steps", str(h // 5)]),
+        "int8-p2": (f"DiLoCo int8, H={h}, 2 fragments", [*diloco(h), "--comm.codec", "int8", "--diloco.fragments", "2"]),
+        "int8-p2-overlap": (f"DiLoCo int8, H={h}, 2 fragments, overlap tau={h // 5}",
+                            [*diloco(h), "--comm.codec", "int8", "--diloco.fragments", "2", "--diloco.overlap_steps", str(h // 5)]),
     }
 
 
@@ -116,7 +121,7 @@ def main() -> None:
                         help="runs at once (each is deterministic, so the figures do not change; the wall times do)")
     parser.add_argument("--rows", default="ddp,fp32,int8,int8-2h",
                         help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-m09, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef, "
-                             "topk-ef, int8-overlap "
+                             "topk-ef, int8-overlap, int8-p2, int8-p2-overlap "
                              "(ddp is always run)")
     args = parser.parse_args()
 

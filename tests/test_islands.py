@@ -22,13 +22,15 @@ def common(cache_dir: str, steps: int) -> list[str]:
     ]
 
 
-# 2 islands of 2 local ranks with overlapped outer steps (every rank's ring runs behind training);
-# blocking 2 x 2 islands agree in test_checkpoint_runs, 3 islands in test_ring_order_runs, 4 in test_elastic
+# 2 islands of 2 local ranks with overlapped outer steps of 2 fragments (every rank's ring runs behind
+# training, over its shard of one fragment); blocking 2 x 2 islands agree in test_checkpoint_runs,
+# 3 islands in test_ring_order_runs, 4 in test_elastic
 def test_diloco_islands_hold_identical_outer_weights_after_every_outer_step(tmp_path, cache_dir):
     islands, procs = 2, 2
     run_dir = tmp_path / "run"
     args = ["simulate", "--islands", str(islands), "--procs-per-island", str(procs), "--run-dir", str(run_dir),
-            "configs/debug.toml", *common(cache_dir, 8), "--diloco.inner_steps", "4", "--diloco.overlap_steps", "2"]
+            "configs/debug.toml", *common(cache_dir, 8), "--diloco.inner_steps", "4", "--diloco.fragments", "2",
+            "--diloco.overlap_steps", "1"]
     result = run_atoll(args, TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -37,15 +39,18 @@ def test_diloco_islands_hold_identical_outer_weights_after_every_outer_step(tmp_
         records = read_metrics(run_dir / f"island-{i}")
         assert [r["step"] for r in records] == list(range(1, 9))
         steps = [r for r in records if "outer_step" in r]
-        assert [(r["outer_step"], r["step"]) for r in steps] == [(1, 6), (2, 8)]  # landed 2 steps late; the last blocks
-        assert steps[0]["overlap_s"] > 0 and steps[1]["overlap_s"] == 0
+        # a fragment every H/P = 2 steps, landed 1 step late; the last step averages both, blocking
+        assert [(r["outer_step"], r["step"], r["fragment"]) for r in steps] == [(1, 3, 0), (2, 5, 1), (3, 7, 0), (4, 8, None)]
+        assert all(r["overlap_s"] > 0 for r in steps[:3]) and steps[3]["overlap_s"] == 0
         assert all(r["world_size"] == islands for r in records)
         assert all(0 < r["utilization"] <= 1 and r["compute_s"] > 0 and r["sync_s"] > 0 for r in steps)
+        sent = [b - a for a, b in zip([0] + [r["bytes_sent"] for r in steps], [r["bytes_sent"] for r in steps])]
+        assert 0.45 < sent[0] / sent[3] < 0.55 and 0.45 < sent[1] / sent[3] < 0.55  # a fragment is half the model
         outer[i] = [r["outer_digest"] for r in steps]
         info = json.loads((run_dir / f"island-{i}" / "run.json").read_text())
         assert info["local_ranks"] == procs and info["mode"] == "diloco"
     assert len({tuple(d) for d in outer.values()}) == 1
-    assert outer[0][0] != outer[0][1]
+    assert len(set(outer[0])) == 4
 
 
 def test_ddp_across_two_islands_equals_one_island_with_their_combined_batch(tmp_path, cache_dir):

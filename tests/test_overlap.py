@@ -276,19 +276,23 @@ def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S + 30)
 def test_a_whole_run_stopped_with_an_all_reduce_in_flight_resumes_exactly(tmp_path, cache_dir):
-    # saves due at steps 4 and 8 fall while an all-reduce is in flight: they are taken at 6 and 10,
-    # where it has landed (12, the last step, blocks). Both islands stop at inner step 9, outer step 2 in flight (begun at 8):
-    # the resumed run starts from step 6 and must reproduce every loss and outer digest
+    # 2 fragments (diloco.fragments): a fragment every 2 steps, its all-reduce landing 1 step later.
+    # Saves due at steps 4 and 8 fall while one is in flight: they are taken at 5 and 9, where it
+    # has landed (12, the last step, averages both fragments, blocking). Both islands stop at inner
+    # step 9, fragment 1's outer step 4 in flight (begun at 8), before its landing and the save:
+    # the resumed run starts from step 5 and must reproduce every loss and outer digest
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    fragments = ["--diloco.fragments", "2", "--diloco.overlap_steps", "1"]
     try:
-        result = run_atoll(simulate_args(whole, cache_dir), RUN_TIMEOUT_S)
+        result = run_atoll(simulate_args(whole, cache_dir, *fragments), RUN_TIMEOUT_S)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert sorted(p.name for p in (whole / "island-0" / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000010", "step-00000012"]
-        run_atoll(simulate_args(stopped, cache_dir, "--fault", "island-0=term@inner:9", "--fault", "island-1=term@inner:9"), RUN_TIMEOUT_S)
+        assert sorted(p.name for p in (whole / "island-0" / "checkpoints").glob("step-*")) == ["step-00000005", "step-00000009", "step-00000012"]
+        stops = ["--fault", "island-0=term@inner:9", "--fault", "island-1=term@inner:9"]
+        run_atoll(simulate_args(stopped, cache_dir, *fragments, *stops), RUN_TIMEOUT_S)
         assert max(losses_by_step(stopped)["island-0"]) < 10  # it did stop
-        result = run_atoll(simulate_args(stopped, cache_dir, "--resume"), RUN_TIMEOUT_S)
+        result = run_atoll(simulate_args(stopped, cache_dir, *fragments, "--resume"), RUN_TIMEOUT_S)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert "resumed at step 6" in result.stdout
+        assert "resumed at step 5" in result.stdout
     finally:
         left = leftover_processes(whole) + leftover_processes(stopped)
         for pid in left:

@@ -380,12 +380,27 @@ class DilocoConfig(Section):
     outer weights as blocking DiLoCo does (dropping the tau steps trained meanwhile); Streaming
     DiLoCo mixes with 0.5. An island whose contribution was rejected, and every island of a skipped
     step, takes the outer weights whole."""
+    fragments: int = Field(default=1, ge=1)
+    """P: average the model in P fragments of consecutive transformer blocks (Streaming DiLoCo,
+    Douillard et al. 2025, arXiv:2501.18512), each every inner_steps, staggered by inner_steps / P:
+    an outer step every inner_steps / P inner steps carries one fragment, so the link carries 1/P of
+    the model at a time (peak bandwidth / P), and with overlap_steps it hides behind fewer inner
+    steps. The last outer step of the run averages every fragment. 1 averages the whole model at
+    once. Must divide inner_steps and be at most the model's number of blocks; overlap_steps must be
+    below inner_steps / P (one fragment in flight at a time). See atoll/fragments.py."""
 
     @model_validator(mode="after")
     def _check_overlap(self) -> DilocoConfig:
-        if self.overlap_steps >= self.inner_steps:
+        if self.inner_steps % self.fragments:
             raise ValueError(
-                f"diloco.overlap_steps ({self.overlap_steps}) must be below diloco.inner_steps ({self.inner_steps}): "
+                f"diloco.fragments ({self.fragments}) must divide diloco.inner_steps ({self.inner_steps}): "
+                "the fragments' outer steps are inner_steps / fragments apart"
+            )
+        period = self.inner_steps // self.fragments
+        if self.overlap_steps >= period:
+            bound = "diloco.inner_steps" if self.fragments == 1 else "diloco.inner_steps / diloco.fragments"
+            raise ValueError(
+                f"diloco.overlap_steps ({self.overlap_steps}) must be below {bound} ({period}): "
                 "an outer step's all-reduce lands before the next boundary"
             )
         return self

@@ -78,6 +78,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.comm.allreduce import GlobalMean
 from atoll.digest import combine, piece_digests
+from atoll.fragments import split_fragments
 from atoll.optim import decays_weight
 
 _LAYER = re.compile(r"^(layers\.\d+)\.")
@@ -115,17 +116,26 @@ def layer_buckets(names: list[str], sizes: list[int]) -> list[slice]:
 class DiLoCo(Stateful):
     """Outer weights, outer optimizer and the outer step for one local rank of one island."""
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float, nesterov: bool, error_feedback: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, momentum: float, nesterov: bool, error_feedback: bool = False, fragments: int = 1,
+    ) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         # parameters, not their local views: FSDP2's lazy init may re-allocate a shard (older torch,
         # uneven sharding), so a view taken now could go stale; `_shards` reads them at each use
         self.params = [p for _, p in named]
         self.sizes = [s.numel() for s in self._shards()]
-        self.buckets = layer_buckets(self.names, self.sizes)
+        self.all_buckets = layer_buckets(self.names, self.sizes)
+        self.fragments = split_fragments(self.names, self.sizes, fragments)
+        """Streaming DiLoCo's fragments (`atoll.fragments`); one, the whole model, by default."""
+        self.fragment_of = [f for f, fragment in enumerate(self.fragments) for _ in fragment.params]
+        self.params_on = range(len(self.params))
+        self.span = slice(0, sum(self.sizes))
+        """The parameters, and their span of the flat buffers, that the next outer step averages (`select`)."""
         self.decayed = [decays_weight(p) for p in self.params]
         """Per parameter: whether the inner AdamW decays it (see `set_weight_kept`)."""
-        self.kept_own = self.kept_run = 1.0
+        self.kept_own = [1.0] * len(self.fragments)
+        self.kept_run = [1.0] * len(self.fragments)
         # 12 bytes per parameter of the shard: outer weights, pseudo-gradient, momentum (created by
         # SGD's first step). The two that cross to the device are pinned on CUDA (DMA copies).
         pin = any(s.is_cuda for s in self._shards())
@@ -150,6 +160,25 @@ class DiLoCo(Stateful):
         """Per state buffer ("outer", "momentum"): (its address, its version counter, its piece
         digests) when it was last hashed."""
 
+    def select(self, fragment: int | None) -> None:
+        """Make the next outer step average `fragment` only (its pseudo-gradient, ring, digest, update
+        and copy into the inner weights), or, with None, the whole model. Not state: the caller selects
+        before every outer step, from the step (`atoll.fragments.fragment_at`)."""
+        if fragment is None:
+            self.params_on, self.span = range(len(self.params)), slice(0, sum(self.sizes))
+        else:
+            self.params_on, self.span = self.fragments[fragment].params, self.fragments[fragment].span
+
+    @property
+    def buckets(self) -> list[slice]:
+        """The per-layer buckets of the selected part (`select`): what the ring averages and validation measures."""
+        return [b for b in self.all_buckets if self.span.start <= b.start and b.stop <= self.span.stop]
+
+    def _on(self, buffer: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(parameter index, its chunk of `buffer`) for the selected parameters."""
+        chunks = buffer.split(self.sizes)
+        return [(i, chunks[i]) for i in self.params_on]
+
     def anneal(self, weight: float) -> None:
         """Scale the outer step towards a plain average: lr 1 - (1 - lr) * weight, momentum * weight.
 
@@ -160,7 +189,7 @@ class DiLoCo(Stateful):
             group["lr"] = 1.0 - (1.0 - self.lr) * weight
             group["momentum"] = self.momentum * weight
 
-    def set_weight_kept(self, own: float, run: float) -> None:
+    def set_weight_kept(self, own: float, run: float, fragment: int | None = None) -> None:
         """Take the inner AdamW's weight decay out of the outer step's momentum and learning rate.
 
         `own`: the share of a decayed weight this island's inner phase kept (1 for a joiner that
@@ -172,51 +201,62 @@ class DiLoCo(Stateful):
         gradient that points the same way every outer step, so Nesterov momentum multiplies it by
         outer_lr / (1 - outer_momentum), 7x at lr 0.7 and momentum 0.9, once the momentum has built
         up. 1 and 1 (the default) is the plain DiLoCo step. Like `anneal`, not state: set before every outer step.
+        `fragment`: for that fragment's parameters only (their inner phase began elsewhere), None for all.
         """
-        self.kept_own, self.kept_run = own, run
+        for f in range(len(self.fragments)) if fragment is None else [fragment]:
+            self.kept_own[f], self.kept_run[f] = own, run
+
+    def _kept(self, index: int) -> tuple[float, float]:
+        """(own, run) weight kept for parameter `index` (`set_weight_kept`)."""
+        f = self.fragment_of[index]
+        return self.kept_own[f], self.kept_run[f]
 
     def _shards(self) -> list[torch.Tensor]:
         return [local_shard(p) for p in self.params]
 
     @torch.no_grad()
     def _pseudo_gradient(self) -> None:
-        """pseudo_grad = outer − inner (+ the residual, with error feedback): one pass per CPU shard;
-        a device shard is copied into the buffer first."""
+        """pseudo_grad = outer − inner (+ the residual, with error feedback) over the selected
+        parameters: one pass per CPU shard; a device shard is copied into the buffer first."""
         shards = self._shards()
         on_device = [s.device.type != "cpu" or s.dtype != torch.float32 for s in shards]
         if any(on_device):
             self._read_inner(self.pseudo_grad)
-        for shard, outer, out, copied, decayed in zip(
-            shards, self.outer.split(self.sizes), self.pseudo_grad.split(self.sizes), on_device, self.decayed
-        ):
-            torch.sub(outer, out if copied else shard.detach().reshape(-1), out=out)
-            if decayed and self.kept_own != 1.0:  # own * outer - inner: the decay stays out of the average
-                out.add_(outer, alpha=self.kept_own - 1.0)
+        outers = self.outer.split(self.sizes)
+        for i, out in self._on(self.pseudo_grad):
+            torch.sub(outers[i], out if on_device[i] else shards[i].detach().reshape(-1), out=out)
+            own = self._kept(i)[0]
+            if self.decayed[i] and own != 1.0:  # own * outer - inner: the decay stays out of the average
+                out.add_(outers[i], alpha=own - 1.0)
         if self.residual is not None:
-            self.pseudo_grad.add_(self.residual)
+            self.pseudo_grad[self.span].add_(self.residual[self.span])
 
     @torch.no_grad()
     def _read_inner(self, out: torch.Tensor) -> None:
-        """Copy the inner weights' local shards into the flat fp32 CPU buffer `out`, shard by shard."""
-        for shard, chunk in zip(self._shards(), out.split(self.sizes)):
-            chunk.view_as(shard).copy_(shard.detach(), non_blocking=True)
-        if any(s.is_cuda for s in self._shards()):
+        """Copy the selected inner weights' local shards into the flat fp32 CPU buffer `out`, shard by shard."""
+        shards = self._shards()
+        for i, chunk in self._on(out):
+            chunk.view_as(shards[i]).copy_(shards[i].detach(), non_blocking=True)
+        if any(s.is_cuda for s in shards):
             torch.cuda.synchronize()
 
     @torch.no_grad()
-    def _scatter_outer(self) -> None:
-        """Overwrite the inner weights with the outer weights."""
-        for shard, chunk in zip(self._shards(), self.outer.split(self.sizes)):
-            shard.copy_(chunk.view_as(shard), non_blocking=True)
-        if any(s.is_cuda for s in self._shards()):
+    def _scatter_outer(self, whole: bool = False) -> None:
+        """Overwrite the selected inner weights (`whole`: all of them) with the outer weights."""
+        shards, chunks = self._shards(), self.outer.split(self.sizes)
+        for i in range(len(shards)) if whole else self.params_on:
+            shards[i].copy_(chunks[i].view_as(shards[i]), non_blocking=True)
+        if any(s.is_cuda for s in shards):
             torch.cuda.synchronize()
 
     @torch.no_grad()
     def _merge_outer(self, weight: float) -> None:
-        """inner <- weight * inner + (1 - weight) * outer, shard by shard (`lerp_`: no full-size temporary)."""
-        for shard, chunk in zip(self._shards(), self.outer.split(self.sizes)):
-            shard.lerp_(chunk.view_as(shard).to(shard.device, shard.dtype, non_blocking=True), 1.0 - weight)
-        if any(s.is_cuda for s in self._shards()):
+        """inner <- weight * inner + (1 - weight) * outer over the selected parameters, shard by shard
+        (`lerp_`: no full-size temporary)."""
+        shards = self._shards()
+        for i, chunk in self._on(self.outer):
+            shards[i].lerp_(chunk.view_as(shards[i]).to(shards[i].device, shards[i].dtype, non_blocking=True), 1.0 - weight)
+        if any(s.is_cuda for s in shards):
             torch.cuda.synchronize()
 
     def _state_pieces(self) -> list[tuple[str, torch.Tensor, list[bytes]]]:
@@ -254,7 +294,7 @@ class DiLoCo(Stateful):
         """Recompute outer − inner into the pseudo-gradient buffer and return it (the first half of
         `average`); while a contribution is held, copy that one in instead."""
         if self.holding:
-            self.pseudo_grad.copy_(self.held)
+            self.pseudo_grad[self.span].copy_(self.held[self.span])
         else:
             self._pseudo_gradient()
         return self.pseudo_grad
@@ -268,7 +308,7 @@ class DiLoCo(Stateful):
         self._pseudo_gradient()
         if self.held is None:
             self.held = torch.empty_like(self.pseudo_grad)
-        self.held.copy_(self.pseudo_grad)
+        self.held[self.span].copy_(self.pseudo_grad[self.span])
         self.holding = True
         return self.pseudo_grad
 
@@ -281,9 +321,9 @@ class DiLoCo(Stateful):
         """Multiply the pseudo-gradient buffer by `factor` before the ring (see `atoll.validation`);
         0 writes zeros, which also clears NaN and inf (0 x NaN is NaN)."""
         if factor == 0:
-            self.pseudo_grad.zero_()
+            self.pseudo_grad[self.span].zero_()
         elif factor != 1:
-            self.pseudo_grad.mul_(factor)
+            self.pseudo_grad[self.span].mul_(factor)
 
     @torch.no_grad()
     def mean_pseudo_gradient(self, mean: GlobalMean, accepted_factor: float = 1.0) -> None:
@@ -298,8 +338,10 @@ class DiLoCo(Stateful):
         """Digest of everything the outer step reads: the outer weights, the momentum and the
         averaged pseudo-gradient; equal on all islands iff applying the step leaves every island
         with the same outer weights and momentum. The same bits as `tensor_digest` of those, in that
-        order; the outer weights and momentum are hashed again only if written since last hashed."""
-        return combine([*self._state_pieces(), ("pseudo_grad", self.pseudo_grad, piece_digests(self.pseudo_grad))])
+        order (of the selected part of the pseudo-gradient: the rest is not applied); the outer
+        weights and momentum are hashed again only if written since last hashed."""
+        averaged = self.pseudo_grad[self.span]
+        return combine([*self._state_pieces(), ("pseudo_grad", averaged, piece_digests(averaged))])
 
     @torch.no_grad()
     def apply(self, merge_weight: float = 0.0) -> str:
@@ -312,7 +354,7 @@ class DiLoCo(Stateful):
         what this step's ring lost (see the module doc).
         """
         if self.residual is not None:
-            torch.mul(self.dropped, 1.0 / self.dropped_scale, out=self.residual)
+            torch.mul(self.dropped[self.span], 1.0 / self.dropped_scale, out=self.residual[self.span])
         self._outer_sgd_step()
         if merge_weight:
             self._merge_outer(merge_weight)
@@ -331,15 +373,17 @@ class DiLoCo(Stateful):
         lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
         state = self.optimizer.state[self.outer]
         fresh = momentum != 0 and state.get("momentum_buffer") is None
-        if fresh:  # torch starts the momentum buffer as a copy of the first gradient
+        if fresh and len(self.fragments) > 1:  # zeros: the fragments not averaged yet have no momentum
+            state["momentum_buffer"], fresh = torch.zeros_like(self.outer), False
+        elif fresh:  # torch starts the momentum buffer as a copy of the first gradient
             state["momentum_buffer"] = self.pseudo_grad.clone()
-        if self.kept_run != 1.0:  # the inner phase's weight decay, applied once (`set_weight_kept`)
-            for chunk, decayed in zip(self.outer.split(self.sizes), self.decayed):
-                if decayed:
-                    chunk.mul_(self.kept_run)
+        for i, chunk in self._on(self.outer):  # the inner phase's weight decay, applied once (`set_weight_kept`)
+            run = self._kept(i)[1]
+            if self.decayed[i] and run != 1.0:
+                chunk.mul_(run)
         # spans small enough that the update's four passes over a span run in cache
-        for start in range(0, self.outer.numel(), UPDATE_SPAN):
-            span = slice(start, start + UPDATE_SPAN)
+        for start in range(self.span.start, self.span.stop, UPDATE_SPAN):
+            span = slice(start, min(start + UPDATE_SPAN, self.span.stop))
             grad = self.pseudo_grad[span]
             if momentum != 0:
                 buffer = state["momentum_buffer"][span]
@@ -349,11 +393,11 @@ class DiLoCo(Stateful):
             self.outer[span].add_(grad, alpha=-lr)
 
     @torch.no_grad()
-    def restore_inner(self) -> str:
-        """Overwrite the inner weights with the outer weights, which stay as they are (a skipped
-        outer step, or an island reset after non-finite inner steps; the residual stays too);
-        returns `state_digest()`."""
-        self._scatter_outer()
+    def restore_inner(self, whole: bool = False) -> str:
+        """Overwrite the selected inner weights (`whole`: all of them) with the outer weights,
+        which stay as they are (a skipped outer step; with `whole`, an island reset after non-finite
+        inner steps; the residual stays too); returns `state_digest()`."""
+        self._scatter_outer(whole)
         return self.state_digest()
 
     @torch.no_grad()
@@ -377,7 +421,7 @@ class DiLoCo(Stateful):
             state.pop("momentum_buffer", None)
         mean.broadcast_(tensors, source)
         self._kept_digests.clear()
-        self._scatter_outer()
+        self._scatter_outer(whole=True)
 
     def served_buffers(self) -> dict[str, torch.Tensor]:
         """The live outer weights and momentum (if any yet), as a state transfer serves them."""
@@ -397,7 +441,7 @@ class DiLoCo(Stateful):
         if not has_momentum:
             self.optimizer.state[self.outer].pop("momentum_buffer", None)
         self._kept_digests.clear()
-        self._scatter_outer()
+        self._scatter_outer(whole=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The outer weights and the outer momentum as fixed keys (the live buffers: copy before

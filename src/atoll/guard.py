@@ -55,7 +55,7 @@ class InnerGuard:
                     f"training diverged: {self.in_row} inner steps in a row up to step {step} had a non-finite loss or "
                     "gradient norm and there are no outer weights to reset to; lower optim.lr or resume from an earlier checkpoint"
                 )
-            self.diloco.restore_inner()
+            self.diloco.restore_inner(whole=True)
             self.in_row = 0
             self.say(f"atoll: inner weights reset to the outer weights after {self.max_in_row + 1} non-finite inner steps in a row")
         return False

@@ -44,7 +44,9 @@ from atoll.data import BatchSource
 from atoll.data.cursor import next_batch
 from atoll.diloco import DiLoCo, average_gradients
 from atoll.epoch_entry import EpochEntry
+from atoll.errors import UserError
 from atoll.faults import FaultInjector
+from atoll.fragments import fragment_at, period
 from atoll.held_state import HeldState
 from atoll.island import Island
 from atoll.joining import fetch_run_state, fetch_until_admitted
@@ -88,10 +90,7 @@ class IslandSync:
         self.mode = cfg.mesh.mode if member is not None else "alone"
         self.clock = SyncClock()
         self.wire = WireStats()
-        self.diloco = (
-            DiLoCo(model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov, cfg.comm.error_feedback)
-            if self.mode == "diloco" else None
-        )
+        self.diloco = self._diloco(cfg, model) if self.mode == "diloco" else None
         if self.diloco is not None:
             faults.outer = self.diloco.outer
         # epoch 0 is formed by islands that start the run: each holds a state (a checkpoint's or the seeded weights)
@@ -104,12 +103,23 @@ class IslandSync:
         self.flight: Flight | None = None
         """The outer step whose all-reduce runs behind training, landing after inner step `lands_at`."""
         self.lands_at = 0
+        self.fragment: int | None = None
+        """The fragment of the outer step begun last (None: the whole model)."""
         self.probe: BackgroundProbe | None = None
         """Links being re-measured behind training (`comm.link_probe_every`), reported before the next outer step."""
         self.owes_outer_step = False
         self.inner_state_valid = True
         """False when a joiner took the run's state of another outer step than the one its checkpoint
         held: its inner optimizer's state (AdamW moments) belongs to other weights."""
+
+    @staticmethod
+    def _diloco(cfg: JobConfig, model: nn.Module) -> DiLoCo:
+        try:
+            return DiLoCo(
+                model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov, cfg.comm.error_feedback, cfg.diloco.fragments,
+            )
+        except ValueError as err:  # more fragments than blocks
+            raise UserError(f"{err} with model.name {cfg.model.name!r}") from None
 
     @property
     def outer_steps(self) -> int:
@@ -151,7 +161,9 @@ class IslandSync:
         then the landing's, {} here)."""
         self.owes_outer_step = False
         self.clock.restart()  # it trained nothing for this step
-        return self._measure_after(self._outer_record(anneal_weight, self._landing_step(self.held.progress.step)))
+        step = self.held.progress.step
+        fragment = self.fragment_at(step, step >= self.cfg.train.steps)
+        return self._measure_after(self._outer_record(anneal_weight, self._landing_step(step), fragment))
 
     # --- the training loop's side ----------------------------------------------------------------
 
@@ -180,7 +192,7 @@ class IslandSync:
         if self.flight is not None and step == self.lands_at:
             record = self._land()
         elif self.outer_step_due(step, is_last):
-            record = self._outer_record(anneal_weight, self._landing_step(step))
+            record = self._outer_record(anneal_weight, self._landing_step(step), self.fragment_at(step, is_last))
         else:
             return {}
         return record if is_last else self._measure_after(record)
@@ -197,13 +209,22 @@ class IslandSync:
         a boundary and lands before train.steps, else None (it blocks). A joiner admitted when a
         retry is redone at a landing step blocks too, so it commits with the members."""
         tau = self.cfg.diloco.overlap_steps
-        if tau and step % self.cfg.diloco.inner_steps == 0 and step + tau < self.cfg.train.steps:
+        if tau and step % self.period == 0 and step + tau < self.cfg.train.steps:
             return step + tau
         return None
 
+    @property
+    def period(self) -> int:
+        """Inner steps between outer steps: H, or H/P with fragments (`atoll.fragments`)."""
+        return period(self.cfg.diloco.inner_steps, self.cfg.diloco.fragments)
+
+    def fragment_at(self, step: int, is_last: bool) -> int | None:
+        """The fragment the outer step after inner step `step` averages; None: the whole model."""
+        return fragment_at(step, is_last, self.cfg.diloco.inner_steps, self.cfg.diloco.fragments)
+
     def outer_step_due(self, step: int, is_last: bool) -> bool:
         """Whether `after_step(step, is_last)` begins an outer step."""
-        return self.diloco is not None and (step % self.cfg.diloco.inner_steps == 0 or is_last)
+        return self.diloco is not None and (step % self.period == 0 or is_last)
 
     def outer_state_changes(self, step: int, is_last: bool) -> bool:
         """Whether `after_step(step, is_last)` may change the outer weights and momentum: an outer
@@ -215,11 +236,13 @@ class IslandSync:
         """An outer step's all-reduce runs behind training (`diloco.overlap_steps`)."""
         return self.flight is not None
 
-    def _outer_record(self, anneal_weight: float, lands_at: int | None = None) -> dict[str, Any]:
-        """Run the next outer step, blocking; or, with `lands_at`, begin it and land it after that
-        inner step (its record is then `_land`'s)."""
+    def _outer_record(self, anneal_weight: float, lands_at: int | None = None, fragment: int | None = None) -> dict[str, Any]:
+        """Run the next outer step, of `fragment` (None: the whole model), blocking; or, with
+        `lands_at`, begin it and land it after that inner step (its record is then `_land`'s)."""
         if self.cfg.diloco.anneal_with_schedule:
             self.diloco.anneal(anneal_weight)
+        self.diloco.select(fragment)
+        self.fragment = fragment
         with self.clock.blocked():
             if self.probe is not None:
                 self.member.report_links(self.probe)
@@ -249,6 +272,7 @@ class IslandSync:
             self.notes.append(note)
         return {
             "outer_step": landed.outer_step,
+            **({"fragment": self.fragment} if self.cfg.diloco.fragments > 1 else {}),
             **self.clock.take(),
             "ring_s": landed.ring_s,
             "outer_digest": landed.digest,

@@ -23,6 +23,7 @@ from atoll.comm.transfer import StateServer
 from atoll.config import JobConfig
 from atoll.data import weighted_mean
 from atoll.errors import ExpectedFailure, say
+from atoll.fragments import last_averaged
 from atoll.guard import InnerGuard
 from atoll.inner_step import train_step
 from atoll.island import (
@@ -76,13 +77,16 @@ class TrainResult:
 
 def set_outer_weight_decay(sync: IslandSync, cfg: JobConfig, step: int, trained_phase: bool) -> None:
     """Before the outer step at `step`: the inner phase's weight decay, which the outer step takes
-    out of the pseudo-gradient and applies once (diloco.decouple_weight_decay). The phase began at
-    the last multiple of H before `step`; an island that did not train it (a joiner) kept all of it."""
+    out of the pseudo-gradient and applies once (diloco.decouple_weight_decay). Each fragment's
+    phase began where it was last averaged (`atoll.fragments.last_averaged`: the last multiple of H
+    before `step` without fragments); an island that did not train it (a joiner) kept all of it."""
     if not cfg.diloco.decouple_weight_decay:
         return
-    start = (step - 1) // cfg.diloco.inner_steps * cfg.diloco.inner_steps
-    run = weight_kept(start, step, cfg.train.steps, cfg.optim.lr, cfg.optim.weight_decay, cfg.schedule)
-    sync.diloco.set_weight_kept(own=run if trained_phase else 1.0, run=run)
+    fragment = sync.fragment_at(step, step == cfg.train.steps)
+    for f in range(cfg.diloco.fragments) if fragment is None else [fragment]:
+        start = last_averaged(step, f, cfg.diloco.inner_steps, cfg.diloco.fragments)
+        run = weight_kept(start, step, cfg.train.steps, cfg.optim.lr, cfg.optim.weight_decay, cfg.schedule)
+        sync.diloco.set_weight_kept(own=run if trained_phase else 1.0, run=run, fragment=f)
 
 
 def train(cfg: JobConfig, run_dir: Path | None = None, resume: str | None = None) -> TrainResult:
