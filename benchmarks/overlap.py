@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+from atoll.model import get_size
 from atoll.wan.namespaces import LINK_NAME, NAME_PREFIX, list_namespaces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) ->
     run_dir = workdir / name.replace(" ", "-")
     command = [
         sys.executable, "-m", "atoll.cli", "simulate", "--islands", str(args.islands), "--run-dir", str(run_dir),
-        str(REPO / "configs" / "debug.toml"), "--train.steps", str(args.steps), "--diloco.inner_steps", str(args.inner_steps),
+        str(REPO / "configs" / "debug.toml"), "--model.name", args.model, "--train.steps", str(args.steps), "--diloco.inner_steps", str(args.inner_steps),
         "--eval.every", str(args.steps), "--checkpoint.at_end", "false", "--metrics.log_every", "1",
         "--data.cache_dir", str(workdir / "cache"), "--wan-rate", args.rate, "--wan-delay", args.delay,
         "--diloco.merge_weight", str(args.merge_weight), *extra,
@@ -164,17 +165,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="inner steps per run (default 120)")
     parser.add_argument("--inner-steps", type=int, default=20, help="H (default 20)")
     parser.add_argument("--taus", type=int, nargs="+", help="overlap_steps values (default 1, H/4, H/2)")
+    parser.add_argument("--fragments", type=int, nargs="*", default=[2, 4],
+                        help="diloco.fragments values, each run blocking and overlapped by H/(2P) (default 2 4; "
+                             "those above the model's blocks or not dividing H are left out, and said)")
+    parser.add_argument("--model", default="debug", help="model size (default debug: 2 blocks, so at most 2 fragments)")
     parser.add_argument("--merge-weight", type=float, default=0.5)
     parser.add_argument("--pin", action="store_true", help="island i on CPU i mod (cores - 1), simulate on the last")
     args = parser.parse_args()
     taus = args.taus or sorted({1, args.inner_steps // 4, args.inner_steps // 2})
+    blocks = get_size(args.model).n_layers
+    fragments = [p for p in args.fragments if 1 < p <= blocks and args.inner_steps % p == 0]
     with tempfile.TemporaryDirectory(prefix="atoll-overlap-") as tmp:
         workdir = Path(tmp)
         started = time.time()
         rows = [run("no sync", args, ["--diloco.inner_steps", str(args.steps)], workdir), run("blocking", args, [], workdir)]
         rows += [run(f"overlap tau={tau}", args, ["--diloco.overlap_steps", str(tau)], workdir) for tau in taus]
+        for count in fragments:
+            tau = max(1, args.inner_steps // (2 * count))
+            rows.append(run(f"P={count}", args, ["--diloco.fragments", str(count)], workdir))
+            rows.append(run(f"P={count} tau={tau}", args, ["--diloco.fragments", str(count), "--diloco.overlap_steps", str(tau)], workdir))
     alone = rows[0]["s_per_step"]
-    print(f"{args.islands} islands, debug model, {args.steps} inner steps, H = {args.inner_steps}, emulated WAN {args.rate}, "
+    for count in sorted(set(args.fragments) - set(fragments)):
+        print(f"P={count} left out: the {args.model} model has {blocks} blocks and H = {args.inner_steps}")
+    print(f"{args.islands} islands, {args.model} model, {args.steps} inner steps, H = {args.inner_steps}, emulated WAN {args.rate}, "
           f"{args.delay} one way, merge_weight {args.merge_weight}" + (", pinned" if args.pin else "")
           + f"; {time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'mode':<16} {'utilization':>11} {'sync s':>8} {'overlap s':>9} {'s/step':>7} {'vs no sync':>10} {'peak MB/s':>9} {'MB sent':>8} {'val_loss':>9}")

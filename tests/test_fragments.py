@@ -92,3 +92,29 @@ def test_fragments_must_divide_h_and_overlap_must_land_within_a_fragments_period
     with pytest.raises(ValidationError, match=r"overlap_steps \(3\) must be below diloco.inner_steps / diloco.fragments \(3\)"):
         JobConfig.model_validate({"diloco": {"inner_steps": 6, "fragments": 2, "overlap_steps": 3}})
     assert JobConfig.model_validate({"diloco": {"inner_steps": 6, "fragments": 2, "overlap_steps": 2}}).diloco.fragments == 2
+
+
+def test_the_progress_line_names_the_fragment_of_an_outer_step():
+    from atoll.metrics import _summary
+
+    record = {"step": 12, "loss": 2.5, "outer_step": 3, "sync_s": 0.14, "utilization": 0.9, "bytes_sent": 2e6}
+    assert "fragment" not in _summary(record)
+    assert "outer_step=3 fragment=1 sync=0.14s" in _summary({**record, "fragment": 1})
+    assert "outer_step=3 fragment=all sync=0.14s" in _summary({**record, "fragment": None})
+
+
+def test_the_simulate_summary_says_over_how_many_fragments(tmp_path):
+    import json
+
+    from test_simulate import write_island
+
+    from atoll.simulate import summarize
+
+    write_island(tmp_path, "island-0", 12_000_000, [0.1, 0.5, 0.2], [0.9, 0.8, 0.85])
+    whole = summarize(tmp_path)
+    path = tmp_path / "island-0" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record, fragment in zip((r for r in records if "outer_step" in r), [0, 1, None]):
+        record["fragment"] = fragment
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert summarize(tmp_path) == whole.replace("3 outer steps,", "3 outer steps over 2 fragments,")

@@ -45,6 +45,15 @@ step and the copy into the inner weights). An outer step that overlaps training
 the inner weights having moved on) and `apply` merges the outer weights into the inner ones
 (`diloco.merge_weight`) instead of copying them over.
 
+With Streaming DiLoCo's fragments (`diloco.fragments`, `atoll.fragments`) an outer step averages
+one fragment: `select` picks it, and the pseudo-gradient, the ring's buckets, the agreement digest
+(of the fragment's averaged pseudo-gradient, with the whole outer state), the Nesterov update,
+the error-feedback residual and the copy or merge into the inner weights then cover its
+parameters only; the other fragments' inner weights go on training untouched. The momentum buffer
+starts as zeros (not torch's copy of the first gradient: the fragments start at different steps),
+which gives the same bits. Taking the run's state (a joiner, a resync) and the guard's reset
+cover every fragment.
+
 Local work per outer step, in passes over the shard (`benchmarks/outer_step.py` times each):
 the pseudo-gradient (one pass), the agreement digest (the pseudo-gradient only: the outer
 weights' and momentum's piece digests are kept from the last time they were hashed, see below)

@@ -256,6 +256,7 @@ def _summary(record: dict[str, Any]) -> str:
         parts.append(f"mfu={record['mfu']:.1%}")
     if "outer_step" in record:
         overlap = f" overlap={record['overlap_s']:.2f}s" if record.get("overlap_s") else ""  # only behind training
-        parts.append(f"outer_step={record['outer_step']} sync={record['sync_s']:.2f}s{overlap} "
+        fragment = "" if "fragment" not in record else f" fragment={'all' if record['fragment'] is None else record['fragment']}"
+        parts.append(f"outer_step={record['outer_step']}{fragment} sync={record['sync_s']:.2f}s{overlap} "
                      f"utilization={record['utilization']:.1%} sent={record['bytes_sent'] / 1e6:.1f}MB")
     return " ".join(parts)

@@ -386,7 +386,7 @@ SUMMARY_FILE = "summary.json"
 def island_summaries(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Per island: final loss and val_loss, bytes sent against data-parallel's, outer steps, median
     sync time (training blocked), median overlap time (the all-reduce behind training,
-    diloco.overlap_steps) and mean utilization (`trained_steps` 0: a joiner that entered at the last
+    diloco.overlap_steps), the fragments averaged (diloco.fragments) and mean utilization (`trained_steps` 0: a joiner that entered at the last
     outer step)."""
     out: dict[str, dict[str, Any]] = {}
     for island_dir in sorted(run_dir.glob("island-*")):
@@ -403,6 +403,7 @@ def island_summaries(run_dir: Path) -> dict[str, dict[str, Any]]:
         out[island_dir.name] = {
             "trained_steps": last["step"], "loss": last["loss"], "val_loss": val[-1] if val else None, "tokens": last.get("tokens"),
             "bytes_sent": last["bytes_sent"], "ddp_bytes": ddp_bytes, "outer_steps": len(outer),
+            "fragments": len({r["fragment"] for r in outer if r.get("fragment") is not None}) or 1,
             "median_sync_s": statistics.median(r["sync_s"] for r in outer) if outer else None,
             "median_overlap_s": statistics.median(r.get("overlap_s", 0.0) for r in outer) if outer else None,
             "mean_utilization": statistics.mean(r["utilization"] for r in outer) if outer else None,
@@ -428,7 +429,8 @@ def summary_line(name: str, s: dict[str, Any]) -> str:
     )
     if s["outer_steps"]:
         overlap = f", overlap {s['median_overlap_s']:.3f} s" if s.get("median_overlap_s") else ""
-        line += f"; {s['outer_steps']} outer steps, median sync {s['median_sync_s']:.3f} s{overlap}, utilization {s['mean_utilization']:.1%}"
+        fragments = f" over {s['fragments']} fragments" if s.get("fragments", 1) > 1 else ""
+        line += f"; {s['outer_steps']} outer steps{fragments}, median sync {s['median_sync_s']:.3f} s{overlap}, utilization {s['mean_utilization']:.1%}"
     return line
 
 

@@ -27,6 +27,12 @@ the same with the members (it trains tau steps from the state it took). Outer st
 land after train.steps (the last boundary, train.steps itself) block: there is nothing for them
 to train behind. Nothing else waits for a landing: the loop asks
 `in_flight` before it saves a checkpoint (`atoll.train`).
+
+With `diloco.fragments` = P > 1 an outer step is due every H/P inner steps and averages one
+fragment (`atoll.fragments`, `DiLoCo.select`), the last one of the run every fragment; everything
+above holds per outer step, and the protocol, validation, digests and retries are the same on
+the fragment's part of the buffers. The fragment of an outer step is a function of its inner step,
+so resumed and joining islands agree on it without a word.
 """
 
 from __future__ import annotations
