@@ -1,14 +1,17 @@
-"""Overlapped outer steps on the emulated WAN: blocking DiLoCo against overlap with tau inner steps.
+"""Overlapped outer steps on the emulated WAN: blocking DiLoCo against overlap with tau inner steps,
+Streaming DiLoCo's fragments and eager outer steps.
 
     python benchmarks/overlap.py                                  # 2 islands, 20mbit, 10 ms one way, H = 20 (needs root)
     python benchmarks/overlap.py --islands 3 --rate 20mbit --delay 10ms --steps 160
     python benchmarks/overlap.py --taus 1 5 10 --merge-weight 0.5 --pin
+    python benchmarks/overlap.py --steps 600 --inner-steps 100 --rate 2mbit --taus 1 25 50 --fragments 2   # fragments' peak
 
-Each row is one `atoll simulate` of the debug model with the same seed, data and number of inner
-steps: "no sync" (H = train.steps: the islands train alone until the one outer step at the end,
-which is left out of the timing), "blocking" (`diloco.overlap_steps` 0) and overlap with each
-`--taus` value (`diloco.merge_weight` from `--merge-weight`). Printed side by side, from the
-islands' metrics.jsonl:
+Each row is one `atoll simulate` of the model (`--model`, default debug) with the same seed, data
+and number of inner steps: "no sync" (H = train.steps: the islands train alone until the one outer
+step at the end, which is left out of the timing), "blocking" (`diloco.overlap_steps` 0), overlap
+with each `--taus` value (`diloco.merge_weight` from `--merge-weight`), each `--fragments` P
+(`diloco.fragments`) blocking and overlapped by H/(2P), and "eager" (`diloco.eager`). Printed
+side by side, from the islands' metrics.jsonl:
 
 - utilization: mean over islands and outer steps (the first left out: it includes the groups'
   warm-up) of compute / (compute + blocked), as the records log it;
@@ -18,7 +21,9 @@ islands' metrics.jsonl:
   phase left out, the last outer step too), mean over islands, and its ratio to the "no sync" row;
 - peak MB/s: the most bytes any island's link sent in a 1 s window, read off the tx counter of
   its emulated link (`ip -s link` in its namespace, sampled every 0.1 s): the link rate while a
-  whole-model all-reduce is on the wire, whatever the mode; only sending less at a time lowers it;
+  whole-model all-reduce is on the wire, whatever the mode; only sending less at a time (fragments)
+  lowers it, and only where an outer step's bytes take under 1 s and outer steps are more than 1 s
+  apart (the last example);
 - MB sent per island, and the validation loss at the end (every island evaluates the same
   weights: the last outer step blocks and replaces them).
 
@@ -184,6 +189,7 @@ def main() -> None:
             tau = max(1, args.inner_steps // (2 * count))
             rows.append(run(f"P={count}", args, ["--diloco.fragments", str(count)], workdir))
             rows.append(run(f"P={count} tau={tau}", args, ["--diloco.fragments", str(count), "--diloco.overlap_steps", str(tau)], workdir))
+        rows.append(run("eager", args, ["--diloco.eager", "true"], workdir))
     alone = rows[0]["s_per_step"]
     for count in sorted(set(args.fragments) - set(fragments)):
         print(f"P={count} left out: the {args.model} model has {blocks} blocks and H = {args.inner_steps}")

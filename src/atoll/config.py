@@ -388,6 +388,17 @@ class DilocoConfig(Section):
     steps. The last outer step of the run averages every fragment. 1 averages the whole model at
     once. Must divide inner_steps and be at most the model's number of blocks; overlap_steps must be
     below inner_steps / P (one fragment in flight at a time). See atoll/fragments.py."""
+    eager: bool = False
+    """Eager outer steps (Kale, Douillard, Donchev 2025, arXiv:2502.12996): an outer step's all-reduce
+    runs behind the whole next inner phase (it lands after inner_steps - 1 more steps, just before
+    the next boundary), and meanwhile the island starts that phase from an eager estimate of the
+    step: the outer Nesterov step on its own new pseudo-gradient / islands plus the others' share of
+    the last average, in place of the average still on the wire. The landing applies the true
+    average to the outer weights every island shares (the digests stay equal); the inner weights
+    keep training. The last phase of the run blocks, so every island ends on the same weights.
+    Needs inner_steps >= 2; overlap_steps (it overlaps the whole phase) and fragments do not apply.
+    Costs two more flat fp32 buffers on the host (8 bytes per parameter: the held contribution and
+    the others' share, which checkpoints save)."""
 
     @model_validator(mode="after")
     def _check_overlap(self) -> DilocoConfig:
@@ -395,6 +406,11 @@ class DilocoConfig(Section):
             raise ValueError(
                 f"diloco.fragments ({self.fragments}) must divide diloco.inner_steps ({self.inner_steps}): "
                 "the fragments' outer steps are inner_steps / fragments apart"
+            )
+        if self.eager and (self.overlap_steps or self.fragments > 1 or self.inner_steps < 2):
+            raise ValueError(
+                "diloco.eager overlaps each outer step with the whole next inner phase: it needs diloco.inner_steps >= 2 "
+                f"(got {self.inner_steps}), diloco.overlap_steps 0 (got {self.overlap_steps}) and diloco.fragments 1 (got {self.fragments})"
             )
         period = self.inner_steps // self.fragments
         if self.overlap_steps >= period:

@@ -127,6 +127,7 @@ class DiLoCo(Stateful):
 
     def __init__(
         self, model: nn.Module, lr: float, momentum: float, nesterov: bool, error_feedback: bool = False, fragments: int = 1,
+        eager: bool = False,
     ) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -158,6 +159,8 @@ class DiLoCo(Stateful):
         """What the current attempt's ring lost in this island's encodings, in units of the sum over islands."""
         self.dropped_scale = 1.0
         """The factor accepted contributions were scaled by in the current attempt (`mean_pseudo_gradient`)."""
+        self.others = torch.zeros(sum(self.sizes)) if eager else None
+        """Eager outer steps: the other islands' share of the last landed average (`eager_landed`)."""
         self.held: torch.Tensor | None = None
         """The pseudo-gradient an overlapped outer step contributes (`hold_contribution`), allocated at its first use."""
         self.holding = False
@@ -365,7 +368,9 @@ class DiLoCo(Stateful):
         if self.residual is not None:
             torch.mul(self.dropped[self.span], 1.0 / self.dropped_scale, out=self.residual[self.span])
         self._outer_sgd_step()
-        if merge_weight:
+        if merge_weight == 1.0:  # eager: the inner weights train on from their eager start
+            pass
+        elif merge_weight:
             self._merge_outer(merge_weight)
         else:
             self._scatter_outer()
@@ -400,6 +405,47 @@ class DiLoCo(Stateful):
                     buffer.mul_(momentum).add_(grad)
                 grad = grad.add(buffer, alpha=momentum) if nesterov else buffer
             self.outer[span].add_(grad, alpha=-lr)
+
+    @torch.no_grad()
+    def eager_start(self, islands: int) -> None:
+        """Eager outer steps: move the inner weights to where the outer step in flight would take the
+        outer weights if its average were the eager estimate, others + held / islands (this island's
+        new pseudo-gradient standing in for its own share, the others' share of the last average
+        for theirs; Kale et al. 2025). The same ops, in the same order, as `_outer_sgd_step` on
+        that estimate, span by span, with the momentum buffer read and not written: with one
+        island and no history it is the outer step itself, bit for bit. Local: the outer weights
+        and momentum, which every island shares, are not touched.
+        """
+        group = self.optimizer.param_groups[0]
+        lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        buffer = self.optimizer.state[self.outer].get("momentum_buffer")
+        shards, offset = self._shards(), 0
+        for i, size in enumerate(self.sizes):
+            flat = shards[i].detach().reshape(-1)
+            run = self._kept(i)[1] if self.decayed[i] else 1.0
+            for start in range(offset, offset + size, UPDATE_SPAN):
+                span = slice(start, min(start + UPDATE_SPAN, offset + size))
+                grad = self.others[span].add(self.held[span], alpha=1.0 / islands) if islands != 1 else self.others[span] + self.held[span]
+                if momentum != 0:
+                    moved = grad.clone() if buffer is None else buffer[span].mul(momentum).add_(grad)
+                    grad = grad.add(moved, alpha=momentum) if nesterov else moved
+                weights = self.outer[span].mul(run) if run != 1.0 else self.outer[span].clone()
+                weights.add_(grad, alpha=-lr)
+                flat[span.start - offset : span.stop - offset].copy_(weights, non_blocking=True)
+            offset += size
+        if any(s.is_cuda for s in shards):
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def eager_landed(self, own_factor: float, islands: int, applied: bool) -> None:
+        """Eager outer steps: after a landing, keep the others' share of its average (the averaged
+        pseudo-gradient less this island's own term, held x own_factor / islands, where
+        own_factor is what `atoll.validation` scaled it by: 0 when rejected or fresh); zeros when
+        the step was skipped (nothing was averaged)."""
+        if not applied:
+            self.others.zero_()
+            return
+        torch.sub(self.pseudo_grad, self.held, alpha=own_factor / islands, out=self.others)
 
     @torch.no_grad()
     def restore_inner(self, whole: bool = False) -> str:
@@ -467,6 +513,7 @@ class DiLoCo(Stateful):
             "momentum": buffer if buffer is not None else torch.zeros_like(self.outer),
             "has_momentum": int(buffer is not None),
             **({"error_feedback": self.residual} if self.residual is not None else {}),
+            **({"eager_others": self.others} if self.others is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -477,6 +524,8 @@ class DiLoCo(Stateful):
             self.outer.copy_(state_dict["outer"])
             if self.residual is not None:
                 self.residual.copy_(state_dict["error_feedback"])
+            if self.others is not None:
+                self.others.copy_(state_dict["eager_others"])
         self._kept_digests.clear()
         state = self.optimizer.state[self.outer]
         if int(state_dict["has_momentum"]):

@@ -37,6 +37,15 @@ moved on to: inner <- w * inner + (1 - w) * outer with w = `diloco.merge_weight`
 DiLoCo's mixing; 0 drops the tau steps as blocking DiLoCo would). An island whose contribution was
 rejected takes the outer weights whole (w = 0): its own weights are what was rejected.
 
+Eager (`diloco.eager`; Kale, Douillard, Donchev 2025, arXiv:2502.12996) is overlap with tau =
+H - 1 (the landing just before the next boundary, so that checkpoints fall where nothing is in
+flight) and no merge: after `begin`, the caller moves the inner weights to the eager estimate of
+the step (`DiLoCo.eager_start`), and the landing applies the true average to the outer weights
+only, keeping the others' share of it for the next estimate (`DiLoCo.eager_landed`). A rejected
+island takes the outer weights whole, as with overlap; a skipped step leaves the inner weights
+where they are (the next pseudo-gradient, against the unchanged outer weights, carries both
+phases).
+
 Everything else is the blocking step's: the background thread holds no local-rank collective and
 no coordinator call but the epoch's "dissolved?" check, so a dead peer fails its ring at once
 (RingError, reported at landing), a hung one is left at the heartbeat timeout (the ring is
@@ -209,12 +218,17 @@ class OuterStep:
         withdrawn; an overlapped one merges into the inner weights unless this island's contribution
         was rejected. Returns the island's digest of the new outer state."""
         keeps = flight.behind and self.member.island_id not in decision.rejected
+        eager = flight.behind and self.cfg.diloco.eager
         with self.held.changing():
             if decision.applies:
-                shard_digest = self.diloco.apply(self.cfg.diloco.merge_weight if keeps else 0.0)
+                shard_digest = self.diloco.apply((1.0 if eager else self.cfg.diloco.merge_weight) if keeps else 0.0)
+            elif eager:  # skipped: the inner weights train on from their eager start, the next pseudo-gradient carries both phases
+                shard_digest = self.diloco.state_digest()
             else:
                 shard_digest = self.diloco.restore_inner()
             self.held.outer_steps = flight.outer_step  # before entering: a joiner receives it
+        if eager:
+            self.diloco.eager_landed(decision.factor(self.member.island_id), self.member.epoch.world, decision.applies)
         self.diloco.release_contribution()
         self.skipped_in_a_row = 0
         return island_digest(shard_digest, self.island)
@@ -274,6 +288,8 @@ class OuterStep:
     def _skip(self, outer_step: int, attempts: int, epoch: Epoch, ring_s: float) -> Landed:
         """Out of attempts: every survivor skips the step alike (outer weights unchanged), then
         enters the next epoch; too many skipped steps in a row stop the run."""
+        if self.diloco.others is not None:
+            self.diloco.eager_landed(0.0, 1, applied=False)
         self.diloco.release_contribution()
         with self.held.changing():
             self.held.outer_steps = outer_step

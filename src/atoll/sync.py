@@ -33,6 +33,10 @@ fragment (`atoll.fragments`, `DiLoCo.select`), the last one of the run every fra
 above holds per outer step, and the protocol, validation, digests and retries are the same on
 the fragment's part of the buffers. The fragment of an outer step is a function of its inner step,
 so resumed and joining islands agree on it without a word.
+
+With `diloco.eager` the outer step begun at boundary b lands after inner step b + H - 1, and
+the island trains the phase from the step's eager estimate (`atoll.outer_step`); the last phase
+blocks, as with overlap.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class IslandSync:
         try:
             return DiLoCo(
                 model, cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.nesterov, cfg.comm.error_feedback, cfg.diloco.fragments,
+                cfg.diloco.eager,
             )
         except ValueError as err:  # more fragments than blocks
             raise UserError(f"{err} with model.name {cfg.model.name!r}") from None
@@ -214,7 +219,7 @@ class IslandSync:
         """Where an outer step begun after inner step `step` lands: tau steps later if it begins at
         a boundary and lands before train.steps, else None (it blocks). A joiner admitted when a
         retry is redone at a landing step blocks too, so it commits with the members."""
-        tau = self.cfg.diloco.overlap_steps
+        tau = self.cfg.diloco.inner_steps - 1 if self.cfg.diloco.eager else self.cfg.diloco.overlap_steps
         if tau and step % self.period == 0 and step + tau < self.cfg.train.steps:
             return step + tau
         return None
@@ -255,6 +260,8 @@ class IslandSync:
                 self.probe = None
             flight = self.protocol.begin(self.outer_steps + 1, self.fresh, behind=lands_at is not None)
             landed = self.protocol.land(flight) if lands_at is None else None
+            if landed is None and self.cfg.diloco.eager:
+                self.diloco.eager_start(self.member.epoch.world)
         self.fresh = False
         if landed is None:
             self.flight, self.lands_at = flight, lands_at
@@ -268,6 +275,8 @@ class IslandSync:
             landing = time.perf_counter()
             landed = self.protocol.land(flight)
         self.clock.overlapped(flight.overlap_s(landing))
+        if self.cfg.diloco.eager and landed.decision is not None and self.member.island_id in landed.decision.rejected:
+            self.fresh = True  # reset to the outer weights: it has no phase of its own to contribute to the next step
         return self._record(landed)
 
     def _record(self, landed: Landed) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""Eager outer steps (`diloco.eager`): the eager estimate and the others' share without processes,
+the config's bounds, and real `atoll simulate` runs (hard timeouts, no process left behind): the
+islands' digests agree at every outer step, and a whole run stopped with an eager all-reduce in
+flight resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from conftest import losses_by_step, read_metrics, run_atoll
+from pydantic import ValidationError
+from test_elastic import leftover_processes
+
+from atoll.config import JobConfig
+from atoll.diloco import DiLoCo
+from atoll.model import Llama, get_size
+
+RUN_TIMEOUT_S = 150
+
+
+def island(seed: int = 0) -> tuple[Llama, DiLoCo]:
+    torch.manual_seed(seed)
+    model = Llama(get_size("debug"))
+    return model, DiLoCo(model, lr=0.7, momentum=0.8, nesterov=True, eager=True)
+
+
+def train(model: Llama, seed: int) -> None:
+    """Stand-in for an inner phase: move every weight a little."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator), alpha=1e-2)
+
+
+def inner(model: Llama) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_with_one_island_the_eager_start_is_the_outer_step_itself_bit_for_bit():
+    model, diloco = island()
+    diloco.anneal(0.6)
+    for phase in range(3):  # the first step (no momentum yet), then with momentum and decay
+        train(model, phase)
+        diloco.set_weight_kept(own=0.99, run=0.99)
+        diloco.hold_contribution()
+        diloco.eager_start(islands=1)
+        eager = inner(model)
+        diloco.pseudo_gradient()  # the held contribution; one island's average is itself
+        diloco.apply(1.0)  # eager: the landing leaves the inner weights alone
+        assert torch.equal(eager, diloco.outer), phase
+        assert torch.equal(inner(model), eager)
+        diloco.eager_landed(own_factor=1.0, islands=1, applied=True)
+        assert not diloco.others.any()  # nobody else contributed
+        diloco.release_contribution()
+
+
+def test_the_others_share_is_the_average_less_this_islands_own_term():
+    model, diloco = island()
+    train(model, 1)
+    own = diloco.hold_contribution().clone()
+    theirs = torch.randn(own.shape, generator=torch.Generator().manual_seed(7))
+    diloco.pseudo_grad.copy_((own + theirs) / 2)  # what the ring of two islands averages
+    diloco.eager_landed(own_factor=1.0, islands=2, applied=True)
+    assert torch.allclose(diloco.others, theirs / 2, atol=1e-6)
+    diloco.eager_landed(own_factor=0.0, islands=2, applied=True)  # rejected: the average is all theirs
+    assert torch.equal(diloco.others, diloco.pseudo_grad)
+    diloco.eager_landed(own_factor=1.0, islands=2, applied=False)  # skipped: nothing landed
+    assert not diloco.others.any()
+
+
+def test_the_eager_estimate_is_the_others_share_plus_this_islands_new_pseudo_gradient_over_the_islands():
+    torch.manual_seed(0)
+    model = Llama(get_size("debug"))
+    diloco = DiLoCo(model, lr=1.0, momentum=0.0, nesterov=False, eager=True)  # the plain average: start = outer - estimate
+    others = torch.randn(diloco.outer.shape, generator=torch.Generator().manual_seed(3))
+    diloco.others.copy_(others)
+    train(model, 2)
+    held = diloco.hold_contribution().clone()
+    diloco.eager_start(islands=3)
+    assert torch.allclose(inner(model), diloco.outer - (others + held / 3), atol=1e-6)
+
+
+def test_eager_needs_two_inner_steps_no_overlap_steps_and_one_fragment():
+    for bad in ({"inner_steps": 1}, {"inner_steps": 4, "overlap_steps": 2}, {"inner_steps": 4, "fragments": 2}):
+        with pytest.raises(ValidationError, match="diloco.eager overlaps each outer step with the whole next inner phase"):
+            JobConfig.model_validate({"diloco": {"eager": True, **bad}})
+    assert JobConfig.model_validate({"diloco": {"eager": True, "inner_steps": 4}}).diloco.eager
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+def simulate_args(run_dir, cache_dir: str, *extra: str) -> list[str]:
+    return [
+        "simulate", "configs/debug.toml", "--islands", "2", "--run-dir", str(run_dir),
+        "--train.steps", "12", "--diloco.inner_steps", "4", "--diloco.eager", "true", "--schedule.warmup_steps", "2",
+        "--eval.every", "0", "--metrics.log_every", "1", "--checkpoint.every", "4", "--checkpoint.keep", "5",
+        "--checkpoint.at_end", "false", "--data.cache_dir", cache_dir,
+        "--mesh.heartbeat_interval_s", "0.5", "--mesh.heartbeat_timeout_s", "3", *extra,
+    ]
+
+
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S + 30)
+def test_eager_islands_agree_at_every_outer_step_and_a_whole_run_stopped_mid_phase_resumes_exactly(tmp_path, cache_dir):
+    # outer steps begun at 4 and 8 land at 7 and 11 (H - 1 later), the one at 12 (the last) blocks.
+    # Saves due at 4 and 8 fall while an all-reduce is in flight: they are taken at 7 and 11.
+    # Both islands stop at inner step 9, outer step 2 in flight: the resumed run starts from step 7
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    try:
+        result = run_atoll(simulate_args(whole, cache_dir), RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert sorted(p.name for p in (whole / "island-0" / "checkpoints").glob("step-*")) == ["step-00000007", "step-00000011", "step-00000012"]
+        stops = ["--fault", "island-0=term@inner:9", "--fault", "island-1=term@inner:9"]
+        run_atoll(simulate_args(stopped, cache_dir, *stops), RUN_TIMEOUT_S)
+        assert max(losses_by_step(stopped)["island-0"]) < 10  # it did stop
+        result = run_atoll(simulate_args(stopped, cache_dir, "--resume"), RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "resumed at step 7" in result.stdout
+    finally:
+        left = leftover_processes(whole) + leftover_processes(stopped)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert left == []
+    steps = {}
+    for name in ("island-0", "island-1"):
+        records = [r for r in read_metrics(whole / name) if "outer_step" in r]
+        assert [(r["outer_step"], r["step"]) for r in records] == [(1, 7), (2, 11), (3, 12)]
+        assert records[0]["overlap_s"] > 0 and records[1]["overlap_s"] > 0 and records[2]["overlap_s"] == 0
+        steps[name] = [r["outer_digest"] for r in records]
+    assert steps["island-0"] == steps["island-1"] and len(set(steps["island-0"])) == 3
+    expected, got = losses_by_step(whole), losses_by_step(stopped)
+    for name in ("island-0", "island-1"):
+        assert sorted(got[name]) == list(range(1, 13))
+        assert got[name] == expected[name], name  # bit-identical losses and outer digests
