@@ -79,6 +79,25 @@ def test_a_landing_step_merges_the_islands_newer_weights_and_merge_weight_0_repl
     assert torch.allclose(inner_5, 0.5 * newer + 0.5 * outer_5.view_as(newer), atol=1e-6)
 
 
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_a_delta_landing_keeps_the_progress_since_the_boundary_on_top_of_the_new_outer_weights(error_feedback):
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    diloco = DiLoCo(model, lr=0.7, momentum=0.9, nesterov=True, error_feedback=error_feedback)
+    if error_feedback:
+        diloco.residual.copy_(torch.randn(diloco.residual.shape))  # the codec's backlog rides in the held contribution
+    with torch.no_grad():
+        model.weight.add_(torch.randn(8, 16))  # the inner phase
+    diloco.set_weight_kept(own=0.98, run=0.98)  # the weight is decayed: its pseudo-gradient leaves the decay out
+    diloco.hold_contribution()
+    with torch.no_grad():
+        model.weight.add_(0.25)  # tau more inner steps while the all-reduce ran
+    diloco.pseudo_gradient()  # one island: the average is its own contribution
+    diloco.apply(delta=True)
+    assert torch.allclose(model.weight, diloco.outer[: 8 * 16].view(8, 16) + 0.25, atol=1e-5)
+    assert torch.allclose(model.bias, diloco.outer[128:] + 0.0, atol=1e-5)  # a bias that did not move on keeps no progress
+
+
 def test_every_attempt_averages_the_held_contribution_though_the_inner_weights_moved_on():
     model, diloco = diloco_on(torch.zeros(4, 4))
     with torch.no_grad():

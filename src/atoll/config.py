@@ -380,6 +380,13 @@ class DilocoConfig(Section):
     outer weights as blocking DiLoCo does (dropping the tau steps trained meanwhile); Streaming
     DiLoCo mixes with 0.5. An island whose contribution was rejected, and every island of a skipped
     step, takes the outer weights whole."""
+    overlap_merge: Literal["mix", "delta"] = "mix"
+    """With overlap_steps > 0, how a landing outer step meets the inner weights that moved on: "mix"
+    merges them with merge_weight (Streaming DiLoCo's); "delta" keeps the island's progress since
+    the boundary on top of the new outer weights, inner <- outer + (inner - inner at the boundary),
+    so that every island leaves the landing as close to the others as after a blocking step plus
+    its own tau steps (the delay-corrected merge of local SGD with overlap). merge_weight is then
+    not read."""
     fragments: int = Field(default=1, ge=1)
     """P: average the model in P fragments of consecutive transformer blocks (Streaming DiLoCo,
     Douillard et al. 2025, arXiv:2501.18512), each every inner_steps, staggered by inner_steps / P:

@@ -356,25 +356,60 @@ class DiLoCo(Stateful):
         return combine([*self._state_pieces(), ("pseudo_grad", averaged, piece_digests(averaged))])
 
     @torch.no_grad()
-    def apply(self, merge_weight: float = 0.0) -> str:
+    def apply(self, merge_weight: float = 0.0, delta: bool = False) -> str:
         """The outer Nesterov step on the averaged pseudo-gradient, then outer -> inner weights:
         copied over them, or with `merge_weight` w merged into them, inner <- w * inner + (1 - w) * outer
-        (an overlapped outer step landing on inner weights that moved on; `diloco.merge_weight`).
+        (an overlapped outer step landing on inner weights that moved on; `diloco.merge_weight`),
+        or with `delta` the progress since the boundary kept on top of them, inner <- outer +
+        (inner - inner at the boundary) (`diloco.overlap_merge` "delta"; the boundary's inner weights
+        come from the held contribution, see `_subtract_boundary`).
 
         Returns `state_digest()` of the new outer weights and momentum (this rank's shard), whose
         pieces are kept for the next agreement digest. With error feedback, the residual becomes
         what this step's ring lost (see the module doc).
         """
+        if delta:
+            self._subtract_boundary()  # before the residual and the outer weights change: it reads them
         if self.residual is not None:
             torch.mul(self.dropped[self.span], 1.0 / self.dropped_scale, out=self.residual[self.span])
         self._outer_sgd_step()
-        if merge_weight == 1.0:  # eager: the inner weights train on from their eager start
+        if delta:
+            self._add_outer()
+        elif merge_weight == 1.0:  # eager: the inner weights train on from their eager start
             pass
         elif merge_weight:
             self._merge_outer(merge_weight)
         else:
             self._scatter_outer()
         return self.state_digest()
+
+    @torch.no_grad()
+    def _subtract_boundary(self) -> None:
+        """inner <- inner - (the inner weights at the boundary) over the selected parameters, span by
+        span: the held contribution was own * outer - inner (+ the residual), so the boundary's inner
+        weights are own * outer + residual - held (to rounding: local, and the same on a retry)."""
+        shards, offset = self._shards(), 0
+        for i, size in enumerate(self.sizes):
+            if i in self.params_on:
+                flat = shards[i].detach().reshape(-1)
+                own = self._kept(i)[0] if self.decayed[i] else 1.0
+                for start in range(offset, offset + size, UPDATE_SPAN):
+                    span = slice(start, min(start + UPDATE_SPAN, offset + size))
+                    boundary = self.outer[span].mul(own) if own != 1.0 else self.outer[span].clone()
+                    if self.residual is not None:
+                        boundary.add_(self.residual[span])
+                    boundary.sub_(self.held[span])
+                    flat[span.start - offset : span.stop - offset].sub_(boundary.to(flat.device, flat.dtype))
+            offset += size
+
+    @torch.no_grad()
+    def _add_outer(self) -> None:
+        """inner <- inner + outer over the selected parameters, shard by shard."""
+        shards = self._shards()
+        for i, chunk in self._on(self.outer):
+            shards[i].add_(chunk.view_as(shards[i]).to(shards[i].device, shards[i].dtype, non_blocking=True))
+        if any(s.is_cuda for s in shards):
+            torch.cuda.synchronize()
 
     @torch.no_grad()
     def _outer_sgd_step(self) -> None:

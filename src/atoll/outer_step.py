@@ -221,7 +221,7 @@ class OuterStep:
         eager = flight.behind and self.cfg.diloco.eager
         with self.held.changing():
             if decision.applies:
-                shard_digest = self.diloco.apply((1.0 if eager else self.cfg.diloco.merge_weight) if keeps else 0.0)
+                shard_digest = self._apply(keeps, eager)
             elif eager:  # skipped: the inner weights train on from their eager start, the next pseudo-gradient carries both phases
                 shard_digest = self.diloco.state_digest()
             else:
@@ -232,6 +232,18 @@ class OuterStep:
         self.diloco.release_contribution()
         self.skipped_in_a_row = 0
         return island_digest(shard_digest, self.island)
+
+    def _apply(self, keeps: bool, eager: bool) -> str:
+        """The committed step's update of the outer weights, and of the inner ones: replaced (blocking,
+        or this island's own contribution was rejected), left to train on (eager), or merged
+        (overlap: `diloco.overlap_merge`)."""
+        if not keeps:
+            return self.diloco.apply(0.0)
+        if eager:
+            return self.diloco.apply(1.0)
+        if self.cfg.diloco.overlap_merge == "delta":
+            return self.diloco.apply(delta=True)
+        return self.diloco.apply(self.cfg.diloco.merge_weight)
 
     def _pass_barrier(self, outer_step: int) -> bool:
         """Boundary barrier "outer-s", entering the next epoch each time the current one dissolves
