@@ -83,6 +83,23 @@ def test_the_eager_estimate_is_the_others_share_plus_this_islands_new_pseudo_gra
     assert torch.allclose(inner(model), diloco.outer - (others + held / 3), atol=1e-6)
 
 
+def test_the_next_pseudo_gradient_is_the_phases_own_progress_from_its_eager_start():
+    # measured from the outer weights instead, the estimate's error re-enters every average and the
+    # outer step amplifies it (the debug model diverged that way)
+    model, diloco = island()
+    diloco.others.copy_(torch.randn(diloco.outer.shape, generator=torch.Generator().manual_seed(5)))
+    train(model, 1)
+    diloco.hold_contribution()
+    diloco.eager_start(islands=2)
+    start = inner(model)
+    assert not torch.equal(start, diloco.outer)  # the estimate moved it off the (unchanged) outer weights
+    diloco.release_contribution()
+    train(model, 2)  # the next phase
+    assert torch.allclose(diloco.pseudo_gradient(), start - inner(model), atol=1e-6)
+    diloco.restore_inner(whole=True)  # taking the outer weights makes them the next phase's start
+    assert not diloco.pseudo_gradient().any()
+
+
 def test_eager_needs_two_inner_steps_no_overlap_steps_and_one_fragment():
     for bad in ({"inner_steps": 1}, {"inner_steps": 4, "overlap_steps": 2}, {"inner_steps": 4, "fragments": 2}):
         with pytest.raises(ValidationError, match="diloco.eager overlaps each outer step with the whole next inner phase"):

@@ -402,10 +402,11 @@ class DilocoConfig(Section):
     step: the outer Nesterov step on its own new pseudo-gradient / islands plus the others' share of
     the last average, in place of the average still on the wire. The landing applies the true
     average to the outer weights every island shares (the digests stay equal); the inner weights
-    keep training. The last phase of the run blocks, so every island ends on the same weights.
+    keep training, and the next pseudo-gradient is measured from the eager start (the phase's own
+    progress). The last phase of the run blocks, so every island ends on the same weights.
     Needs inner_steps >= 2; overlap_steps (it overlaps the whole phase) and fragments do not apply.
-    Costs two more flat fp32 buffers on the host (8 bytes per parameter: the held contribution and
-    the others' share, which checkpoints save)."""
+    Costs three more flat fp32 buffers on the host (12 bytes per parameter: the held contribution,
+    the others' share and the phase's start; checkpoints save the last two)."""
 
     @model_validator(mode="after")
     def _check_overlap(self) -> DilocoConfig:

@@ -161,6 +161,9 @@ class DiLoCo(Stateful):
         """The factor accepted contributions were scaled by in the current attempt (`mean_pseudo_gradient`)."""
         self.others = torch.zeros(sum(self.sizes)) if eager else None
         """Eager outer steps: the other islands' share of the last landed average (`eager_landed`)."""
+        self.start = self.outer.clone() if eager else None
+        """Eager outer steps: where this island's inner phase started (its eager start, or the outer
+        weights it last took), what its pseudo-gradient is measured from (see `eager_start`)."""
         self.held: torch.Tensor | None = None
         """The pseudo-gradient an overlapped outer step contributes (`hold_contribution`), allocated at its first use."""
         self.holding = False
@@ -234,7 +237,7 @@ class DiLoCo(Stateful):
         on_device = [s.device.type != "cpu" or s.dtype != torch.float32 for s in shards]
         if any(on_device):
             self._read_inner(self.pseudo_grad)
-        outers = self.outer.split(self.sizes)
+        outers = (self.outer if self.start is None else self.start).split(self.sizes)
         for i, out in self._on(self.pseudo_grad):
             torch.sub(outers[i], out if on_device[i] else shards[i].detach().reshape(-1), out=out)
             own = self._kept(i)[0]
@@ -256,8 +259,11 @@ class DiLoCo(Stateful):
     def _scatter_outer(self, whole: bool = False) -> None:
         """Overwrite the selected inner weights (`whole`: all of them) with the outer weights."""
         shards, chunks = self._shards(), self.outer.split(self.sizes)
+        starts = self.start.split(self.sizes) if self.start is not None else None
         for i in range(len(shards)) if whole else self.params_on:
             shards[i].copy_(chunks[i].view_as(shards[i]), non_blocking=True)
+            if starts is not None:  # eager: the next phase starts from the outer weights
+                starts[i].copy_(chunks[i])
         if any(s.is_cuda for s in shards):
             torch.cuda.synchronize()
 
@@ -446,10 +452,17 @@ class DiLoCo(Stateful):
         """Eager outer steps: move the inner weights to where the outer step in flight would take the
         outer weights if its average were the eager estimate, others + held / islands (this island's
         new pseudo-gradient standing in for its own share, the others' share of the last average
-        for theirs; Kale et al. 2025). The same ops, in the same order, as `_outer_sgd_step` on
-        that estimate, span by span, with the momentum buffer read and not written: with one
-        island and no history it is the outer step itself, bit for bit. Local: the outer weights
-        and momentum, which every island shares, are not touched.
+        for theirs; Kale et al. 2025), and remember that point as the phase's `start`. The same
+        ops, in the same order, as `_outer_sgd_step` on that estimate, span by span, with the
+        momentum buffer read and not written: with one island and no history it is the outer
+        step itself, bit for bit. Local: the outer weights and momentum, which every island
+        shares, are not touched.
+
+        The next pseudo-gradient is measured from `start`, not from the outer weights: it is the
+        phase's own progress, so the estimate's error never enters an average (measured from the
+        outer weights it does, and the outer step amplifies it step after step: the debug model
+        diverged to a loss of 70 that way). The outer weights stay the delayed average of those
+        progresses, the same on every island.
         """
         group = self.optimizer.param_groups[0]
         lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
@@ -466,6 +479,7 @@ class DiLoCo(Stateful):
                     grad = grad.add(moved, alpha=momentum) if nesterov else moved
                 weights = self.outer[span].mul(run) if run != 1.0 else self.outer[span].clone()
                 weights.add_(grad, alpha=-lr)
+                self.start[span].copy_(weights)
                 flat[span.start - offset : span.stop - offset].copy_(weights, non_blocking=True)
             offset += size
         if any(s.is_cuda for s in shards):
@@ -548,7 +562,7 @@ class DiLoCo(Stateful):
             "momentum": buffer if buffer is not None else torch.zeros_like(self.outer),
             "has_momentum": int(buffer is not None),
             **({"error_feedback": self.residual} if self.residual is not None else {}),
-            **({"eager_others": self.others} if self.others is not None else {}),
+            **({"eager_others": self.others, "eager_start": self.start} if self.others is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -561,6 +575,7 @@ class DiLoCo(Stateful):
                 self.residual.copy_(state_dict["error_feedback"])
             if self.others is not None:
                 self.others.copy_(state_dict["eager_others"])
+                self.start.copy_(state_dict["eager_start"])
         self._kept_digests.clear()
         state = self.optimizer.state[self.outer]
         if int(state_dict["has_momentum"]):

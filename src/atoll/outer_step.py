@@ -42,9 +42,7 @@ H - 1 (the landing just before the next boundary, so that checkpoints fall where
 flight) and no merge: after `begin`, the caller moves the inner weights to the eager estimate of
 the step (`DiLoCo.eager_start`), and the landing applies the true average to the outer weights
 only, keeping the others' share of it for the next estimate (`DiLoCo.eager_landed`). A rejected
-island takes the outer weights whole, as with overlap; a skipped step leaves the inner weights
-where they are (the next pseudo-gradient, against the unchanged outer weights, carries both
-phases).
+island, and every island of a skipped step, takes the outer weights whole, as with overlap.
 
 Everything else is the blocking step's: the background thread holds no local-rank collective and
 no coordinator call but the epoch's "dissolved?" check, so a dead peer fails its ring at once
@@ -222,8 +220,6 @@ class OuterStep:
         with self.held.changing():
             if decision.applies:
                 shard_digest = self._apply(keeps, eager)
-            elif eager:  # skipped: the inner weights train on from their eager start, the next pseudo-gradient carries both phases
-                shard_digest = self.diloco.state_digest()
             else:
                 shard_digest = self.diloco.restore_inner()
             self.held.outer_steps = flight.outer_step  # before entering: a joiner receives it
