@@ -399,14 +399,14 @@ class DilocoConfig(Section):
     """Eager outer steps (Kale, Douillard, Donchev 2025, arXiv:2502.12996): an outer step's all-reduce
     runs behind the whole next inner phase (it lands after inner_steps - 1 more steps, just before
     the next boundary), and meanwhile the island starts that phase from an eager estimate of the
-    step: the outer Nesterov step on its own new pseudo-gradient / islands plus the others' share of
-    the last average, in place of the average still on the wire. The landing applies the true
+    step: the outer Nesterov step on its own share of the average (its new pseudo-gradient /
+    islands), the others' shares arriving with the landing. The landing applies the true
     average to the outer weights every island shares (the digests stay equal); the inner weights
     keep training, and the next pseudo-gradient is measured from the eager start (the phase's own
     progress). The last phase of the run blocks, so every island ends on the same weights.
     Needs inner_steps >= 2; overlap_steps (it overlaps the whole phase) and fragments do not apply.
-    Costs three more flat fp32 buffers on the host (12 bytes per parameter: the held contribution,
-    the others' share and the phase's start; checkpoints save the last two)."""
+    Costs two more flat fp32 buffers on the host (8 bytes per parameter: the held contribution and
+    the phase's start, which checkpoints save)."""
 
     @model_validator(mode="after")
     def _check_overlap(self) -> DilocoConfig:

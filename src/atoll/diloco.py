@@ -159,8 +159,6 @@ class DiLoCo(Stateful):
         """What the current attempt's ring lost in this island's encodings, in units of the sum over islands."""
         self.dropped_scale = 1.0
         """The factor accepted contributions were scaled by in the current attempt (`mean_pseudo_gradient`)."""
-        self.others = torch.zeros(sum(self.sizes)) if eager else None
-        """Eager outer steps: the other islands' share of the last landed average (`eager_landed`)."""
         self.start = self.outer.clone() if eager else None
         """Eager outer steps: where this island's inner phase started (its eager start, or the outer
         weights it last took), what its pseudo-gradient is measured from (see `eager_start`)."""
@@ -449,20 +447,23 @@ class DiLoCo(Stateful):
 
     @torch.no_grad()
     def eager_start(self, islands: int) -> None:
-        """Eager outer steps: move the inner weights to where the outer step in flight would take the
-        outer weights if its average were the eager estimate, others + held / islands (this island's
-        new pseudo-gradient standing in for its own share, the others' share of the last average
-        for theirs; Kale et al. 2025), and remember that point as the phase's `start`. The same
-        ops, in the same order, as `_outer_sgd_step` on that estimate, span by span, with the
-        momentum buffer read and not written: with one island and no history it is the outer
-        step itself, bit for bit. Local: the outer weights and momentum, which every island
-        shares, are not touched.
+        """Eager outer steps (Kale, Douillard, Donchev 2025): move the inner weights to the outer step
+        in flight as far as this island knows it, its own share of the average (held / islands)
+        with the momentum, and remember that point as the phase's `start`. The same ops, in the
+        same order, as `_outer_sgd_step` on that share, span by span, with the momentum buffer
+        read and not written: with one island it is the outer step itself, bit for bit. Local:
+        the outer weights and momentum, which every island shares, are not touched.
+
+        This is Kale et al.'s eager update written against the shared outer weights: their
+        island applies its current pseudo-gradient and the others' previous ones, which sums to
+        the outer weights through the last landed step plus its own current share. Taking the
+        others' previous share as a stand-in for their current one as well was measured worse
+        (benchmarks/convergence.py seed 0: +20.7% against +7.3% behind data-parallel).
 
         The next pseudo-gradient is measured from `start`, not from the outer weights: it is the
         phase's own progress, so the estimate's error never enters an average (measured from the
         outer weights it does, and the outer step amplifies it step after step: the debug model
-        diverged to a loss of 70 that way). The outer weights stay the delayed average of those
-        progresses, the same on every island.
+        diverged to a loss of 70 that way).
         """
         group = self.optimizer.param_groups[0]
         lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
@@ -473,7 +474,7 @@ class DiLoCo(Stateful):
             run = self._kept(i)[1] if self.decayed[i] else 1.0
             for start in range(offset, offset + size, UPDATE_SPAN):
                 span = slice(start, min(start + UPDATE_SPAN, offset + size))
-                grad = self.others[span].add(self.held[span], alpha=1.0 / islands) if islands != 1 else self.others[span] + self.held[span]
+                grad = self.held[span].mul(1.0 / islands) if islands != 1 else self.held[span].clone()
                 if momentum != 0:
                     moved = grad.clone() if buffer is None else buffer[span].mul(momentum).add_(grad)
                     grad = grad.add(moved, alpha=momentum) if nesterov else moved
@@ -484,17 +485,6 @@ class DiLoCo(Stateful):
             offset += size
         if any(s.is_cuda for s in shards):
             torch.cuda.synchronize()
-
-    @torch.no_grad()
-    def eager_landed(self, own_factor: float, islands: int, applied: bool) -> None:
-        """Eager outer steps: after a landing, keep the others' share of its average (the averaged
-        pseudo-gradient less this island's own term, held x own_factor / islands, where
-        own_factor is what `atoll.validation` scaled it by: 0 when rejected or fresh); zeros when
-        the step was skipped (nothing was averaged)."""
-        if not applied:
-            self.others.zero_()
-            return
-        torch.sub(self.pseudo_grad, self.held, alpha=own_factor / islands, out=self.others)
 
     @torch.no_grad()
     def restore_inner(self, whole: bool = False) -> str:
@@ -562,7 +552,7 @@ class DiLoCo(Stateful):
             "momentum": buffer if buffer is not None else torch.zeros_like(self.outer),
             "has_momentum": int(buffer is not None),
             **({"error_feedback": self.residual} if self.residual is not None else {}),
-            **({"eager_others": self.others, "eager_start": self.start} if self.others is not None else {}),
+            **({"eager_start": self.start} if self.start is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -573,8 +563,7 @@ class DiLoCo(Stateful):
             self.outer.copy_(state_dict["outer"])
             if self.residual is not None:
                 self.residual.copy_(state_dict["error_feedback"])
-            if self.others is not None:
-                self.others.copy_(state_dict["eager_others"])
+            if self.start is not None:
                 self.start.copy_(state_dict["eager_start"])
         self._kept_digests.clear()
         state = self.optimizer.state[self.outer]

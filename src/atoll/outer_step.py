@@ -41,8 +41,8 @@ Eager (`diloco.eager`; Kale, Douillard, Donchev 2025, arXiv:2502.12996) is overl
 H - 1 (the landing just before the next boundary, so that checkpoints fall where nothing is in
 flight) and no merge: after `begin`, the caller moves the inner weights to the eager estimate of
 the step (`DiLoCo.eager_start`), and the landing applies the true average to the outer weights
-only, keeping the others' share of it for the next estimate (`DiLoCo.eager_landed`). A rejected
-island, and every island of a skipped step, takes the outer weights whole, as with overlap.
+only. A rejected island, and every island of a skipped step, takes the outer weights whole, as
+with overlap.
 
 Everything else is the blocking step's: the background thread holds no local-rank collective and
 no coordinator call but the epoch's "dissolved?" check, so a dead peer fails its ring at once
@@ -223,8 +223,6 @@ class OuterStep:
             else:
                 shard_digest = self.diloco.restore_inner()
             self.held.outer_steps = flight.outer_step  # before entering: a joiner receives it
-        if eager:
-            self.diloco.eager_landed(decision.factor(self.member.island_id), self.member.epoch.world, decision.applies)
         self.diloco.release_contribution()
         self.skipped_in_a_row = 0
         return island_digest(shard_digest, self.island)
@@ -296,8 +294,6 @@ class OuterStep:
     def _skip(self, outer_step: int, attempts: int, epoch: Epoch, ring_s: float) -> Landed:
         """Out of attempts: every survivor skips the step alike (outer weights unchanged), then
         enters the next epoch; too many skipped steps in a row stop the run."""
-        if self.diloco.others is not None:
-            self.diloco.eager_landed(0.0, 1, applied=False)
         self.diloco.release_contribution()
         with self.held.changing():
             self.held.outer_steps = outer_step
