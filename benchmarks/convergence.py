@@ -21,10 +21,11 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
   int4-ef       int4 DiLoCo with error feedback
   topk-ef       DiLoCo with topk pseudo-gradients and error feedback
   int8-overlap  int8 DiLoCo whose all-reduce runs behind H/5 inner steps (`diloco.overlap_steps`,
-                merged with the default `diloco.merge_weight`)
+                landed with the default `diloco.overlap_merge`, "delta")
   int8-p2       int8 DiLoCo in 2 fragments (`diloco.fragments`: half the model every H/2 steps)
   int8-p2-overlap  the same, each fragment's all-reduce behind H/5 inner steps
-  int8-overlap-delta, int8-p2-overlap-delta  the overlapped rows with `diloco.overlap_merge` "delta"
+  int8-overlap-mix, int8-p2-overlap-mix  the overlapped rows with `diloco.overlap_merge` "mix"
+                (Streaming DiLoCo's, `diloco.merge_weight` 0.5)
   int8-eager    int8 DiLoCo with eager outer steps (`diloco.eager`: each all-reduce behind the whole next phase)
 All rows of one seed see the same samples in the same order (islands read disjoint slices of one
 seeded stream) and the same inner optimizer and schedule, so the only difference is how the
@@ -95,14 +96,14 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         "topk-ef": (f"DiLoCo topk + EF, H={h}", [*diloco(h), "--comm.codec", "topk", "--comm.error_feedback", "true"]),
         "int8-overlap": (f"DiLoCo int8, H={h}, overlap tau={h // 5}", [*diloco(h), "--comm.codec", "int8",
                                                                        "--diloco.overlap_steps", str(h // 5)]),
+        "int8-overlap-mix": (f"DiLoCo int8, H={h}, overlap tau={h // 5}, mix merge",
+                             [*diloco(h), "--comm.codec", "int8", "--diloco.overlap_steps", str(h // 5), "--diloco.overlap_merge", "mix"]),
         "int8-p2": (f"DiLoCo int8, H={h}, 2 fragments", [*diloco(h), "--comm.codec", "int8", "--diloco.fragments", "2"]),
         "int8-p2-overlap": (f"DiLoCo int8, H={h}, 2 fragments, overlap tau={h // 5}",
                             [*diloco(h), "--comm.codec", "int8", "--diloco.fragments", "2", "--diloco.overlap_steps", str(h // 5)]),
-        "int8-overlap-delta": (f"DiLoCo int8, H={h}, overlap tau={h // 5}, delta merge",
-                               [*diloco(h), "--comm.codec", "int8", "--diloco.overlap_steps", str(h // 5), "--diloco.overlap_merge", "delta"]),
-        "int8-p2-overlap-delta": (f"DiLoCo int8, H={h}, 2 fragments, overlap tau={h // 5}, delta merge",
-                                  [*diloco(h), "--comm.codec", "int8", "--diloco.fragments", "2", "--diloco.overlap_steps", str(h // 5),
-                                   "--diloco.overlap_merge", "delta"]),
+        "int8-p2-overlap-mix": (f"DiLoCo int8, H={h}, 2 fragments, overlap tau={h // 5}, mix merge",
+                                [*diloco(h), "--comm.codec", "int8", "--diloco.fragments", "2", "--diloco.overlap_steps", str(h // 5),
+                                 "--diloco.overlap_merge", "mix"]),
         "int8-eager": (f"DiLoCo int8, H={h}, eager", [*diloco(h), "--comm.codec", "int8", "--diloco.eager", "true"]),
     }
 
@@ -129,7 +130,7 @@ def main() -> None:
                         help="runs at once (each is deterministic, so the figures do not change; the wall times do)")
     parser.add_argument("--rows", default="ddp,fp32,int8,int8-2h",
                         help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-m09, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef, "
-                             "topk-ef, int8-overlap, int8-p2, int8-p2-overlap, int8-overlap-delta, int8-p2-overlap-delta, int8-eager "
+                             "topk-ef, int8-overlap, int8-overlap-mix, int8-p2, int8-p2-overlap, int8-p2-overlap-mix, int8-eager "
                              "(ddp is always run)")
     args = parser.parse_args()
 

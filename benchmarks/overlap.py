@@ -9,7 +9,7 @@ Streaming DiLoCo's fragments and eager outer steps.
 Each row is one `atoll simulate` of the model (`--model`, default debug) with the same seed, data
 and number of inner steps: "no sync" (H = train.steps: the islands train alone until the one outer
 step at the end, which is left out of the timing), "blocking" (`diloco.overlap_steps` 0), overlap
-with each `--taus` value (`diloco.merge_weight` from `--merge-weight`), each `--fragments` P
+with each `--taus` value (`diloco.overlap_merge` from `--merge`), each `--fragments` P
 (`diloco.fragments`) blocking and overlapped by H/(2P), and "eager" (`diloco.eager`). Printed
 side by side, from the islands' metrics.jsonl:
 
@@ -114,7 +114,7 @@ def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) ->
         str(REPO / "configs" / "debug.toml"), "--model.name", args.model, "--train.steps", str(args.steps), "--diloco.inner_steps", str(args.inner_steps),
         "--eval.every", str(args.steps), "--checkpoint.at_end", "false", "--metrics.log_every", "1",
         "--data.cache_dir", str(workdir / "cache"), "--wan-rate", args.rate, "--wan-delay", args.delay,
-        "--diloco.merge_weight", str(args.merge_weight), *extra,
+        "--diloco.overlap_merge", args.merge, "--diloco.merge_weight", str(args.merge_weight), *extra,
     ]
     stop = threading.Event()
     pinner = threading.Thread(target=pin_islands, args=(run_dir, args.islands, stop), daemon=True)
@@ -174,7 +174,8 @@ def main() -> None:
                         help="diloco.fragments values, each run blocking and overlapped by H/(2P) (default 2 4; "
                              "those above the model's blocks or not dividing H are left out, and said)")
     parser.add_argument("--model", default="debug", help="model size (default debug: 2 blocks, so at most 2 fragments)")
-    parser.add_argument("--merge-weight", type=float, default=0.5)
+    parser.add_argument("--merge", choices=["delta", "mix"], default="delta", help="diloco.overlap_merge (default delta)")
+    parser.add_argument("--merge-weight", type=float, default=0.5, help="diloco.merge_weight, for --merge mix")
     parser.add_argument("--pin", action="store_true", help="island i on CPU i mod (cores - 1), simulate on the last")
     args = parser.parse_args()
     taus = args.taus or sorted({1, args.inner_steps // 4, args.inner_steps // 2})
@@ -194,7 +195,7 @@ def main() -> None:
     for count in sorted(set(args.fragments) - set(fragments)):
         print(f"P={count} left out: the {args.model} model has {blocks} blocks and H = {args.inner_steps}")
     print(f"{args.islands} islands, {args.model} model, {args.steps} inner steps, H = {args.inner_steps}, emulated WAN {args.rate}, "
-          f"{args.delay} one way, merge_weight {args.merge_weight}" + (", pinned" if args.pin else "")
+          f"{args.delay} one way, overlap_merge {args.merge}" + (f", merge_weight {args.merge_weight}" if args.merge == "mix" else "") + (", pinned" if args.pin else "")
           + f"; {time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'mode':<16} {'utilization':>11} {'sync s':>8} {'overlap s':>9} {'s/step':>7} {'vs no sync':>10} {'peak MB/s':>9} {'MB sent':>8} {'val_loss':>9}")
     for r in rows:

@@ -23,7 +23,8 @@ own 1/ranks shard over its own ring, all of them sharing the island's link):
 - the protocol: the boundary barrier and the landing's outcome, one round trip each to the
   coordinator, and the validation statistics' exchange ((N-1) one-way delays).
 Blocking: all of it stops training. Overlapped by tau: the statistics and the ring run behind tau
-inner steps, and only what does not fit stays blocked. utilization = compute / (compute + blocked).
+inner steps, and only what does not fit stays blocked (eager, `diloco.eager`, is tau = H - 1).
+utilization = compute / (compute + blocked).
 
 Measured here (printed with the machine's load): the codecs' encode and decode (into a buffer)
 rates and the outer step's local work, on `--mib` MiB, with this machine's intra-op threads.
@@ -233,7 +234,8 @@ def main() -> None:
                 s = Setting(args.params, islands, args.ranks, args.streams, args.inner_steps, step_s, rate * 1e9 / 8, rtt / 1e3,
                             args.link_share, window)
                 print(f"{islands:>7}{rate:>7g}{rtt:>7g}  " + "".join(f"{utilization(s, c, costs[c], t):>10.1%}" for c, t in modes))
-    print("\n(b: blocking; tN: diloco.overlap_steps = N. The all-reduce seconds behind each figure are allreduce_s.)")
+    print("\n(b: blocking; tN: diloco.overlap_steps = N; tH-1 is also diloco.eager's timing, whose all-reduce lands H - 1 "
+          "steps later. The all-reduce seconds behind each figure are allreduce_s.)")
     check(costs, args.link_share, window)
 
 
