@@ -5,6 +5,7 @@ flight resumes exactly."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -12,7 +13,12 @@ import pytest
 import torch
 from conftest import losses_by_step, read_metrics, run_atoll
 from pydantic import ValidationError
-from test_elastic import leftover_processes
+from test_elastic import (
+    assert_live_islands_agree,
+    leftover_processes,
+    membership,
+    simulate,
+)
 
 from atoll.config import JobConfig
 from atoll.diloco import DiLoCo
@@ -136,3 +142,27 @@ def test_eager_islands_agree_at_every_outer_step_and_a_whole_run_stopped_mid_pha
     for name in ("island-0", "island-1"):
         assert sorted(got[name]) == list(range(1, 13))
         assert got[name] == expected[name], name  # bit-identical losses and outer digests
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_eager_rejects_a_nan_island_alike_and_survives_a_kill_during_its_all_reduce(tmp_path, cache_dir):
+    # 3 islands, H = 4: outer steps begun at 4, 8 and 12 land at 7, 11 and 15; 16 (the last) blocks.
+    # island-1's weights turn NaN after inner step 6: its contribution to outer step 2 is rejected by
+    # every island, and at that landing it takes the outer weights whole and contributes nothing to
+    # outer step 3 (it has no phase of its own; the guard's reset is put out of reach). island-2 dies
+    # as outer step 3's all-reduce starts behind training: the survivors' rings fail, and the landing
+    # redoes the step among them, blocking, with the contributions they held
+    outer = simulate(tmp_path / "run", cache_dir, 3, 16, faults=["island-1=nan@inner:6", "island-2=kill@allreduce:3"],
+                     extra=["--diloco.eager", "true", "--eval.every", "16", "--train.max_skipped_inner", "10"])
+
+    steps = assert_live_islands_agree(outer)  # digest, epoch, world size and landing step per outer step
+    assert [steps[s]["step"] for s in (1, 2, 3, 4)] == [7, 11, 15, 16]
+    assert [steps[s]["world_size"] for s in (1, 2, 3, 4)] == [3, 3, 2, 2]
+    assert steps[3]["attempts"] == 2 and not steps[3]["skipped"]
+    for name in ("island-0", "island-1"):
+        assert [r["rejected"] for r in outer[name]] == [[], ["island-1"], [], []]
+        assert all(r["overlap_s"] > 0 for r in outer[name][:2])
+    assert [r["skipped_inner"] for r in outer["island-1"]] == [1, 5, 5, 5]  # steps 7-11, none after the landing at 11
+    final = [outer[name][-1] for name in ("island-0", "island-1")]
+    assert all(math.isfinite(r["val_loss"]) and r["val_loss"] == final[0]["val_loss"] for r in final)
+    assert membership(tmp_path / "run")[1]["left"] == {"island-2": "its control connection closed (process gone)"}
