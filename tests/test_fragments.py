@@ -118,3 +118,22 @@ def test_the_simulate_summary_says_over_how_many_fragments(tmp_path):
         record["fragment"] = fragment
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert summarize(tmp_path) == whole.replace("3 outer steps,", "3 outer steps over 2 fragments,")
+
+
+@pytest.mark.timeout(180)
+def test_survivors_agree_after_a_kill_during_a_fragments_overlapped_all_reduce(tmp_path):
+    from test_elastic import assert_live_islands_agree, membership, simulate
+
+    # 3 islands, H = 4 in 2 fragments, tau = 1: a fragment's outer step begins every 2 steps and lands
+    # 1 later; 16 (the last) averages both. island-1 dies as outer step 3's all-reduce (fragment 0,
+    # begun at 6) starts behind training: the survivors' rings fail, they report it when it lands at 7
+    # and redo the fragment's step among the two, blocking, with the contributions they held
+    outer = simulate(tmp_path / "run", str(tmp_path / "cache"), 3, 16, faults=["island-1=kill@allreduce:3"],
+                     extra=["--diloco.fragments", "2", "--diloco.overlap_steps", "1"])
+
+    steps = assert_live_islands_agree(outer)
+    assert [steps[s]["step"] for s in range(1, 9)] == [3, 5, 7, 9, 11, 13, 15, 16]
+    assert [steps[s]["fragment"] for s in range(1, 9)] == [0, 1, 0, 1, 0, 1, 0, None]
+    assert [steps[s]["world_size"] for s in range(1, 9)] == [3, 3, 2, 2, 2, 2, 2, 2]
+    assert steps[3]["attempts"] == 2 and steps[3]["epoch"] == 1 and not steps[3]["skipped"]
+    assert membership(tmp_path / "run")[1]["left"] == {"island-1": "its control connection closed (process gone)"}
