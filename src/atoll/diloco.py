@@ -79,6 +79,8 @@ Nothing is applied before the caller knows every island averaged the same values
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -220,9 +222,23 @@ class DiLoCo(Stateful):
             self.kept_own[f], self.kept_run[f] = own, run
 
     def _kept(self, index: int) -> tuple[float, float]:
-        """(own, run) weight kept for parameter `index` (`set_weight_kept`)."""
+        """(own, run) weight kept for parameter `index` (`set_weight_kept`); (1, 1) for one the inner
+        AdamW does not decay."""
+        if not self.decayed[index]:
+            return 1.0, 1.0
         f = self.fragment_of[index]
         return self.kept_own[f], self.kept_run[f]
+
+    def _spans(self) -> Iterator[tuple[int, slice, torch.Tensor]]:
+        """(parameter index, a span of the flat buffers, the inner weights' values there: a view of
+        the shard) over the selected parameters, UPDATE_SPAN values at a time: elementwise work
+        between the buffers and the inner weights without a full-size temporary."""
+        shards, offsets = self._shards(), [0, *accumulate(self.sizes)]
+        for i in self.params_on:
+            flat, begin, end = shards[i].detach().reshape(-1), offsets[i], offsets[i + 1]
+            for start in range(begin, end, UPDATE_SPAN):
+                stop = min(start + UPDATE_SPAN, end)
+                yield i, slice(start, stop), flat[start - begin : stop - begin]
 
     def _shards(self) -> list[torch.Tensor]:
         return [local_shard(p) for p in self.params]
@@ -239,7 +255,7 @@ class DiLoCo(Stateful):
         for i, out in self._on(self.pseudo_grad):
             torch.sub(outers[i], out if on_device[i] else shards[i].detach().reshape(-1), out=out)
             own = self._kept(i)[0]
-            if self.decayed[i] and own != 1.0:  # own * outer - inner: the decay stays out of the average
+            if own != 1.0:  # own * outer - inner: the decay stays out of the average
                 out.add_(outers[i], alpha=own - 1.0)
         if self.residual is not None:
             self.pseudo_grad[self.span].add_(self.residual[self.span])
@@ -392,19 +408,11 @@ class DiLoCo(Stateful):
         """inner <- inner - (the inner weights at the boundary) over the selected parameters, span by
         span: the held contribution was own * outer - inner (+ the residual), so the boundary's inner
         weights are own * outer + residual - held (to rounding: local, and the same on a retry)."""
-        shards, offset = self._shards(), 0
-        for i, size in enumerate(self.sizes):
-            if i in self.params_on:
-                flat = shards[i].detach().reshape(-1)
-                own = self._kept(i)[0] if self.decayed[i] else 1.0
-                for start in range(offset, offset + size, UPDATE_SPAN):
-                    span = slice(start, min(start + UPDATE_SPAN, offset + size))
-                    boundary = self.outer[span].mul(own) if own != 1.0 else self.outer[span].clone()
-                    if self.residual is not None:
-                        boundary.add_(self.residual[span])
-                    boundary.sub_(self.held[span])
-                    flat[span.start - offset : span.stop - offset].sub_(boundary.to(flat.device, flat.dtype))
-            offset += size
+        for i, span, inner in self._spans():
+            boundary = self.outer[span].mul(self._kept(i)[0])
+            if self.residual is not None:
+                boundary.add_(self.residual[span])
+            inner.sub_(boundary.sub_(self.held[span]).to(inner.device, inner.dtype))
 
     @torch.no_grad()
     def _add_outer(self) -> None:
@@ -432,7 +440,7 @@ class DiLoCo(Stateful):
             state["momentum_buffer"] = self.pseudo_grad.clone()
         for i, chunk in self._on(self.outer):  # the inner phase's weight decay, applied once (`set_weight_kept`)
             run = self._kept(i)[1]
-            if self.decayed[i] and run != 1.0:
+            if run != 1.0:
                 chunk.mul_(run)
         # spans small enough that the update's four passes over a span run in cache
         for start in range(self.span.start, self.span.stop, UPDATE_SPAN):
@@ -468,22 +476,15 @@ class DiLoCo(Stateful):
         group = self.optimizer.param_groups[0]
         lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
         buffer = self.optimizer.state[self.outer].get("momentum_buffer")
-        shards, offset = self._shards(), 0
-        for i, size in enumerate(self.sizes):
-            flat = shards[i].detach().reshape(-1)
-            run = self._kept(i)[1] if self.decayed[i] else 1.0
-            for start in range(offset, offset + size, UPDATE_SPAN):
-                span = slice(start, min(start + UPDATE_SPAN, offset + size))
-                grad = self.held[span].mul(1.0 / islands) if islands != 1 else self.held[span].clone()
-                if momentum != 0:
-                    moved = grad.clone() if buffer is None else buffer[span].mul(momentum).add_(grad)
-                    grad = grad.add(moved, alpha=momentum) if nesterov else moved
-                weights = self.outer[span].mul(run) if run != 1.0 else self.outer[span].clone()
-                weights.add_(grad, alpha=-lr)
-                self.start[span].copy_(weights)
-                flat[span.start - offset : span.stop - offset].copy_(weights, non_blocking=True)
-            offset += size
-        if any(s.is_cuda for s in shards):
+        for i, span, inner in self._spans():
+            grad = self.held[span].mul(1.0 / islands)  # x 1.0 changes no bit: one island's share is the step's
+            if momentum != 0:
+                moved = grad.clone() if buffer is None else buffer[span].mul(momentum).add_(grad)
+                grad = grad.add(moved, alpha=momentum) if nesterov else moved
+            weights = self.outer[span].mul(self._kept(i)[1]).add_(grad, alpha=-lr)
+            self.start[span].copy_(weights)
+            inner.copy_(weights, non_blocking=True)
+        if any(s.is_cuda for s in self._shards()):
             torch.cuda.synchronize()
 
     @torch.no_grad()

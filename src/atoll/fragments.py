@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import accumulate, pairwise
 
 _BLOCK = re.compile(r"^layers\.(\d+)\.")
 
@@ -43,26 +44,11 @@ def split_fragments(names: list[str], sizes: list[int], count: int) -> list[Frag
     numbers = sorted({b for b in blocks if b is not None})
     if count > max(1, len(numbers)):
         raise ValueError(f"diloco.fragments ({count}) is more than the model's {len(numbers)} transformer blocks: use at most {len(numbers)}")
-    if count == 1:
-        return [Fragment(range(len(names)), slice(0, sum(sizes)))]
     per, extra = divmod(len(numbers), count)
-    first_block = {}  # block number -> the fragment it starts
-    start = 0
-    for f in range(count):
-        first_block[numbers[start]] = f
-        start += per + (f < extra)
-    owner, current = [], 0
-    for block in blocks:
-        if block is not None and block in first_block:
-            current = first_block[block]
-        owner.append(current)  # a non-block parameter stays with the fragment before it (the first, before any block)
-    fragments, offset = [], 0
-    for f in range(count):
-        indices = [i for i, o in enumerate(owner) if o == f]
-        begin = offset
-        offset += sum(sizes[i] for i in indices)
-        fragments.append(Fragment(range(indices[0], indices[-1] + 1), slice(begin, offset)))
-    return fragments
+    firsts = [sum(per + (k < extra) for k in range(f)) for f in range(1, count)]  # each later fragment's first block
+    bounds = [0, *(blocks.index(numbers[b]) for b in firsts), len(names)]  # parameter indices where fragments begin
+    offsets = [0, *accumulate(sizes)]
+    return [Fragment(range(a, b), slice(offsets[a], offsets[b])) for a, b in pairwise(bounds)]
 
 
 def period(inner_steps: int, count: int) -> int:
