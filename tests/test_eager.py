@@ -6,8 +6,6 @@ flight resumes exactly."""
 from __future__ import annotations
 
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from conftest import losses_by_step, read_metrics, run_atoll
 from pydantic import ValidationError
 from test_elastic import (
     assert_live_islands_agree,
-    leftover_processes,
+    kill_leftovers,
     membership,
     simulate,
 )
@@ -127,10 +125,7 @@ def test_eager_islands_agree_at_every_outer_step_and_a_whole_run_stopped_mid_pha
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "resumed at step 7" in result.stdout
     finally:
-        left = leftover_processes(whole) + leftover_processes(stopped)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        assert left == []
+        assert kill_leftovers(whole, stopped) == []
     steps = {}
     for name in ("island-0", "island-1"):
         records = [r for r in read_metrics(whole / name) if "outer_step" in r]

@@ -231,11 +231,16 @@ def simulate(
             output.append(result.stdout)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     finally:
-        left = leftover_processes(run_dir)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        assert left == []
+        assert kill_leftovers(run_dir) == []
     return {d.name: [r for r in read_metrics(d) if "outer_step" in r] for d in sorted(run_dir.glob("island-*"))}
+
+
+def kill_leftovers(*run_dirs: Path) -> list[int]:
+    """Kill -9 every process left over from these runs; their pids, for the test to assert none."""
+    left = [pid for run_dir in run_dirs for pid in leftover_processes(run_dir)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def leftover_processes(run_dir: Path) -> list[int]:

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port, read_metrics
-from test_elastic import assert_live_islands_agree, leftover_processes, membership
+from test_elastic import (
+    assert_live_islands_agree,
+    kill_leftovers,
+    leftover_processes,
+    membership,
+)
 
 from atoll.mesh.coordinator import Coordinator
 from atoll.mesh.membership import Rules
@@ -75,9 +80,7 @@ def finish(procs: list[subprocess.Popen], run_dir: Path) -> list[int]:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        left = leftover_processes(run_dir)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
+        left = kill_leftovers(run_dir)
     assert left == []
     return [proc.returncode for proc in procs]
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from test_elastic import (
     JOIN_OUTER_STEPS,
     assert_live_islands_agree,
-    leftover_processes,
+    kill_leftovers,
     membership,
     simulate,
 )
@@ -313,10 +313,7 @@ def test_a_whole_run_stopped_with_an_all_reduce_in_flight_resumes_exactly(tmp_pa
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "resumed at step 5" in result.stdout
     finally:
-        left = leftover_processes(whole) + leftover_processes(stopped)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        assert left == []
+        assert kill_leftovers(whole, stopped) == []
     expected, got = losses_by_step(whole), losses_by_step(stopped)
     for name in ("island-0", "island-1"):
         assert sorted(got[name]) == list(range(1, 13))
