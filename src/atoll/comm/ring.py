@@ -57,7 +57,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -262,6 +262,19 @@ class _Ring:
                 )
         return received.buffer
 
+    def verified_or_flushed(self, step: int, chunk: int, received: _Receive) -> torch.Tensor:
+        """`verified`, but before a refusal propagates, the sends already posted are let out (each
+        bounded by the deadline; a dead or hung neighbour ends the wait, not the refusal): the
+        neighbour then judges this member's bytes by its own check instead of seeing a socket
+        that closed under them as this process exits."""
+        try:
+            return self.verified(step, chunk, received)
+        except RingError:
+            for c in range(self.num_chunks):
+                with suppress(RingError):
+                    self.wait_sends(c, self.steps)
+            raise
+
     def post_send(self, step: int, chunk: int, payload: torch.Tensor, forwarded_mac: torch.Tensor | None = None) -> None:
         """Send `payload`, then (with a key) its tag: `forwarded_mac` as received, or computed now."""
         with self.failing_as(f"posting the send of step {step} chunk {chunk} to rank {self.right}"):
@@ -318,7 +331,7 @@ class _Ring:
                         if work is not None:
                             self.wait(work, f"receive of step {step} chunk {c} from rank {self.left}")
                     self.received += received.nbytes
-                    payload = self.combine(step, values, self.verified(step, c, received), segment, c)
+                    payload = self.combine(step, values, self.verified_or_flushed(step, c, received), segment, c)
                     if step + 1 < self.steps:
                         # an all-gather hop forwards the owner's bytes with the owner's tag
                         self.post_send(step + 1, c, payload, received.mac_buffer if step > self.world - 2 else None)
