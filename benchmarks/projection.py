@@ -22,8 +22,9 @@ own 1/ranks shard over its own ring, all of them sharing the island's link):
 - the outer step's local work (pseudo-gradient, agreement digest, apply) at its measured s/GB;
 - the protocol: the boundary barrier and the landing's outcome, one round trip each to the
   coordinator, and the validation statistics' exchange ((N-1) one-way delays).
-Blocking: all of it stops training. Overlapped by tau: the statistics and the ring run behind tau
-inner steps, and only what does not fit stays blocked (eager, `diloco.eager`, is tau = H - 1).
+Blocking: all of it stops training. Overlapped by tau: the barrier, the statistics, the ring and
+the outcome run behind tau inner steps, and only the local work and what does not fit stays
+blocked (eager, `diloco.eager`, is tau = H - 1).
 utilization = compute / (compute + blocked).
 
 Measured here (printed with the machine's load): the codecs' encode and decode (into a buffer)
@@ -111,12 +112,11 @@ def allreduce_s(s: Setting, codec: str, c: Costs) -> float:
 
 
 def blocked_s(s: Setting, codec: str, c: Costs, tau: int) -> float:
-    """Seconds one outer step stops training: barrier and outcome round trips, local work, and
-    whatever of the statistics' exchange and the ring does not fit behind tau inner steps."""
-    protocol = 2 * s.rtt
+    """Seconds one outer step stops training: the local work, and whatever of the barrier and
+    outcome round trips, the statistics' exchange and the ring does not fit behind tau inner steps."""
     local = c.local_s_per_gb * 4 * s.params / s.ranks / GB
-    behind = (s.islands - 1) * s.rtt / 2 + allreduce_s(s, codec, c)
-    return protocol + local + max(0.0, behind - tau * s.step_s)
+    protocol = 2 * s.rtt + (s.islands - 1) * s.rtt / 2 + allreduce_s(s, codec, c)
+    return local + max(0.0, protocol - tau * s.step_s)
 
 
 def utilization(s: Setting, codec: str, c: Costs, tau: int = 0) -> float:

@@ -201,6 +201,21 @@ def test_overlapped_islands_agree_at_every_outer_step_and_reject_a_nan_island_al
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_islands_meet_behind_training_so_a_stall_inside_a_phase_blocks_no_landing_of_the_others(tmp_path, cache_dir):
+    # island-1 stalls 4 s after inner step 5, with outer step 1 (begun at 4) in flight: its barrier,
+    # ring and result go on behind the stall, so island-0 lands step 1 at 6 on a decided outcome.
+    # The stall is more than tau steps, so island-0 waits for island-1 once, at step 2's landing
+    # (10), where island-1's boundary barrier (8) only then passes. (Agreed on the training thread,
+    # island-0 waited at step 1's landing for island-1's result, posted after the stall.)
+    outer = simulate(tmp_path / "run", cache_dir, 2, 12, faults=["island-1=sleep@inner:5:4"], extra=OVERLAP)
+
+    assert_live_islands_agree(outer)
+    first, second = (r["sync_s"] for r in outer["island-0"][:2])
+    assert first < 2.0 < second, (first, second)
+    assert all(r["attempts"] == 1 for r in outer["island-0"])
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
 def test_survivors_agree_after_a_kill_during_an_overlapped_all_reduce(tmp_path, cache_dir):
     # island-1 dies as outer step 2's all-reduce starts behind training: the survivors' background
     # rings fail, they report it when the step lands, enter the next epoch and average again
@@ -232,10 +247,12 @@ def test_a_peer_hung_during_an_overlapped_all_reduce_is_left_at_the_heartbeat_ti
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S + 30)
-def test_an_island_that_left_rejoins_under_its_id_and_lands_its_first_overlapped_step_with_the_others(tmp_path, cache_dir):
+def test_an_island_that_left_rejoins_under_its_id_and_enters_at_a_landing_where_the_step_is_redone_with_it(tmp_path, cache_dir):
     # island-1 leaves after inner step 7 (outer step 1 landed at 6) and is restarted under its id: it
-    # fetches the state, is admitted at a boundary barrier (never with an all-reduce in flight),
-    # and its first outer step, with no contribution, lands tau steps later at the members' step.
+    # fetches the state and is admitted at a boundary barrier, which the members pass behind
+    # training: they enter the new epoch at the landing (never with an all-reduce in flight) and
+    # redo the step there, blocking, with the joiner's empty contribution; the joiner's outer step
+    # uses the boundary's weight decay, anneal and fragment, so every digest agrees at once.
     # island-0 stalls 8 s after inner step 40, so that the restart (seconds) finds the run going
     outer = simulate(tmp_path / "run", cache_dir, 3, 4 * JOIN_OUTER_STEPS, faults=["island-1=term@inner:7", "island-0=sleep@inner:40:8"],
                      starts=["island-1@1"], extra=OVERLAP)
@@ -246,7 +263,8 @@ def test_an_island_that_left_rejoins_under_its_id_and_lands_its_first_overlapped
     assert lives == [1, *range(back, end)] and back > 2
     assert [steps[s]["world_size"] for s in range(1, end)] == [3] + [2] * (back - 2) + [3] * (end - back)
     first = outer["island-1"][1]
-    assert first["step"] % 4 == 2 and first["contribution_norms"]["island-1"] == 0.0 and first["overlap_s"] > 0
+    assert first["step"] % 4 == 2 and first["contribution_norms"]["island-1"] == 0.0 and first["overlap_s"] == 0
+    assert steps[back]["attempts"] == 1  # a barrier passed again is no failed attempt
     events = membership(tmp_path / "run")
     assert events[1]["left"]["island-1"].startswith("left (SystemExit") and events[2]["joined"] == ["island-1"]
 

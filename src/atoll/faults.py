@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +93,13 @@ class FaultInjector:
         self.outer: torch.Tensor | None = None
         self.ring_broken = False
 
-    def at(self, point: str, n: int) -> None:
-        """Called by the training loop at each inner step and each all-reduce start, and by the state server per chunk."""
+    def at(self, point: str, n: int, actions: Collection[str] | None = None) -> None:
+        """Called by the training loop at each inner step and each all-reduce start, and by the state
+        server per chunk; `actions`: fire only these here (the rest stay due: an overlapped outer
+        step fires the weight faults before its pseudo-gradient, the others behind training once
+        its boundary barrier has passed)."""
         for fault in list(self.faults):
-            if fault.point == point and fault.at == n:
+            if fault.point == point and fault.at == n and (actions is None or fault.action in actions):
                 self.faults.remove(fault)
                 # the wall time lets benchmarks/recovery.py measure from the fault itself
                 log_line(f"atoll: injecting {fault.to_text()} at {time.time():.3f}")

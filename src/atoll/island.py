@@ -8,7 +8,7 @@ The island's group is torch's default process group: gloo on CPU, NCCL on CUDA. 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -44,11 +44,18 @@ class Island:
     control: dist.ProcessGroup | None = None
     """gloo over the local ranks with CONTROL_GROUP_TIMEOUT: how the leader shares what it learnt
     from the coordinator (None on a 1-rank island)."""
+    behind: dist.ProcessGroup | None = None
+    """A second such group, for the outer step's work behind training (`diloco.overlap_steps`):
+    its own, so that it never interleaves with the training thread's collectives on `control`."""
 
     @property
     def is_leader(self) -> bool:
         """Local rank 0 writes logs, metrics and the run directory's files."""
         return self.rank == 0
+
+    def behind_training(self) -> Island:
+        """The island as a thread working behind training sees it: `behind` as its control group."""
+        return replace(self, control=self.behind)
 
     @property
     def mixed_precision(self) -> bool:
@@ -73,8 +80,11 @@ def start_island(device_pref: str) -> Island:
             dist.init_process_group(backend, timeout=LOCAL_GROUP_TIMEOUT, device_id=device if use_cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=LOCAL_GROUP_TIMEOUT)
-    control = dist.new_group(backend="gloo", timeout=CONTROL_GROUP_TIMEOUT) if world > 1 else None
-    return Island(rank=rank, world=world, device=device, control=control)
+    if world == 1:
+        return Island(rank=rank, world=world, device=device)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_GROUP_TIMEOUT)
+    behind = dist.new_group(backend="gloo", timeout=CONTROL_GROUP_TIMEOUT)
+    return Island(rank=rank, world=world, device=device, control=control, behind=behind)
 
 
 def stop_island() -> None:

@@ -28,11 +28,14 @@ local ranks what it saw, so the whole island moves as one):
 
 Overlap (`diloco.overlap_steps` = tau > 0; Streaming DiLoCo, Douillard et al. 2025,
 arXiv:2501.18512, whose recipe this follows for the whole model at once): `begin(behind=True)`
-passes the barrier, computes and keeps the pseudo-gradient (`DiLoCo.hold_contribution`) and its
-statistics on the training thread (they involve the island's local ranks), then runs the
-cross-island half (statistics all-gather, decision, ring: `atoll.validation.average_validated`)
-in a background thread while the island trains tau more inner steps; `land` waits for it and
-goes on as above. The outer step's result is then merged into the inner weights the island has
+computes and keeps the pseudo-gradient (`DiLoCo.hold_contribution`) and its statistics on the
+training thread (they involve the island's local ranks), then runs phases 1 to 3 of the first
+attempt (the barrier, the cross-island half of the average: statistics all-gather, decision,
+ring, `atoll.validation.average_validated`; and the agreement) in a background thread while the
+island trains tau more inner steps, so that no island waits for a slower one on the training
+thread: `land` finds the outcome decided and applies it. A barrier that fails there (a dead or
+hung peer, a joiner to admit) leaves the rest to `land`, which enters the next epoch and averages
+blocking, as `begin` would have; a failed ring was posted as failed, and `land` goes on as above. The outer step's result is then merged into the inner weights the island has
 moved on to: inner <- w * inner + (1 - w) * outer with w = `diloco.merge_weight` (Streaming
 DiLoCo's mixing; 0 drops the tau steps as blocking DiLoCo would). An island whose contribution was
 rejected takes the outer weights whole (w = 0): its own weights are what was rejected.
@@ -44,14 +47,16 @@ the step (`DiLoCo.eager_start`), and the landing applies the true average to the
 only. A rejected island, and every island of a skipped step, takes the outer weights whole, as
 with overlap.
 
-Everything else is the blocking step's: the background thread holds no local-rank collective and
-no coordinator call but the epoch's "dissolved?" check, so a dead peer fails its ring at once
-(RingError, reported at landing), a hung one is left at the heartbeat timeout (the ring is
-abandoned, `atoll.comm.allreduce`), and the thread always ends by the ring deadline
-(mesh.collective_timeout_s). A failed attempt is redone at landing, blocking, among the
-survivors, with the held contribution: retries never see the inner weights trained after the
+Everything else is the blocking step's: the background thread's local-rank collectives use the
+island's own `behind` group (never the training thread's), its coordinator calls are the
+barrier, the result and the epoch's "dissolved?" check (the training thread makes none while it
+runs), so a dead peer fails its ring at once (RingError, reported with the result), a hung one
+is left at the heartbeat timeout (the ring is abandoned, `atoll.comm.allreduce`), and the ring
+ends by its deadline (mesh.collective_timeout_s); the barrier and the result wait as they do
+blocking, until the coordinator decides. A failed attempt is redone at landing, blocking, among
+the survivors, with the held contribution: retries never see the inner weights trained after the
 boundary. Epochs are entered (joins admitted, state broadcast) only on the training thread, at a
-barrier or after the landing, never with an all-reduce in flight. The digests, the validation
+barrier or at the landing, never with an all-reduce in flight. The digests, the validation
 decision and the commit are those of the blocking step on the same contributions.
 """
 
@@ -60,7 +65,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -69,10 +74,10 @@ from atoll.config import JobConfig
 from atoll.digest import digest_to_tensor, tensor_digest
 from atoll.epoch_entry import EpochEntry
 from atoll.errors import ExpectedFailure
-from atoll.faults import FaultInjector
+from atoll.faults import WEIGHT_ACTIONS, FaultInjector
 from atoll.held_state import HeldState
 from atoll.island import Island, all_ranks_ok
-from atoll.mesh.member import COMMIT, RESYNC, MeshMember
+from atoll.mesh.member import COMMIT, RESYNC, MeshMember, Outcome
 from atoll.mesh.membership import Epoch
 from atoll.validation import Decision, average_accepted, average_validated, island_stats
 
@@ -90,12 +95,12 @@ def blamed_peer(error: str, epoch: Epoch) -> str | None:
 
 def island_digest(shard_digest: str, island: Island) -> str:
     """Digest of the whole island's outer weights: over every local rank's shard digest (an
-    all-gather over the island's default group when it has more than one rank)."""
+    all-gather over the island's control group when it has more than one rank)."""
     if island.world == 1:
         return shard_digest
-    mine = digest_to_tensor(shard_digest).to(island.device)
+    mine = digest_to_tensor(shard_digest)
     everyone = [torch.empty_like(mine) for _ in range(island.world)]
-    torch.distributed.all_gather(everyone, mine)
+    torch.distributed.all_gather(everyone, mine, group=island.control)
     return tensor_digest((str(rank), t) for rank, t in enumerate(everyone))
 
 
@@ -115,7 +120,9 @@ class Flight:
     outer_step: int
     fresh: bool
     averaged: Averaged | None = None
-    """The first attempt's average (None while it runs behind training)."""
+    """The first attempt's average (None while it runs behind training, or if its barrier failed there)."""
+    outcome: Outcome | None = None
+    """The first attempt's outcome, when it was agreed behind training."""
     behind: bool = False
     thread: threading.Thread | None = None
     failure: BaseException | None = None
@@ -163,31 +170,33 @@ class OuterStep:
         self.skipped_in_a_row = 0
 
     def begin(self, outer_step: int, fresh: bool, behind: bool = False) -> Flight:
-        """Phase 1 and 2 of the first attempt: pass the boundary barrier (entering new epochs
-        while it fails), then average; with `behind`, in a background thread (see the module doc).
-        `fresh`: this island joined at this boundary and contributes nothing."""
-        self._pass_barrier(outer_step)
+        """Phases 1 and 2 of the first attempt: pass the boundary barrier (entering new epochs
+        while it fails), then average; with `behind`, phases 1 to 3 run in a background thread
+        (see the module doc). `fresh`: this island joined at this boundary and contributes nothing."""
         if behind:
             return self._average_behind(outer_step, fresh)
+        self._pass_barrier(outer_step)
         return Flight(outer_step, fresh, self._average(outer_step, fresh))
 
     def land(self, flight: Flight) -> Landed:
-        """Phases 3 and 4: wait for a background average to end (bounded by the ring deadline and
-        the heartbeat timeout), agree on the average, apply it, and redo failed attempts among
-        the survivors."""
+        """Phases 3 and 4: wait for a background attempt to end (bounded by the ring deadline and
+        the heartbeat timeout), agree on the average unless it was agreed behind training, apply
+        it, and redo failed attempts among the survivors. A boundary barrier that failed behind
+        training (a join, a dead or hung peer) is passed here, blocking, as `begin` would have."""
         if flight.thread is not None:
             flight.thread.join()
             if flight.failure is not None:
                 raise flight.failure
-        outer_step, averaged = flight.outer_step, flight.averaged
+        outer_step, averaged, outcome = flight.outer_step, flight.averaged, flight.outcome
+        if averaged is None:  # the epoch was dissolved at the barrier behind training
+            self.entry.enter(self.member.next_epoch())
+            self._pass_barrier(outer_step)
+            averaged = self._average(outer_step, flight.fresh)
         attempts, round_, ring_s = 0, 0, 0.0
         while True:
             ring_s += averaged.ring_s
-            ok = all_ranks_ok(not averaged.error, self.island)
-            check = island_digest(self.diloco.agreement_digest(), self.island) if ok else ""
-            outcome = self.member.outcome(
-                outer_step, round_, ok, check, averaged.error, blamed_peer(averaged.error, self.member.epoch),
-            )
+            if outcome is None:
+                outcome = self._agree(outer_step, round_, averaged, self.member, self.island)
             attempts += 1
             epoch = self.member.epoch
             if outcome.kind == COMMIT:
@@ -209,7 +218,14 @@ class OuterStep:
                 round_ = 0
             if self._pass_barrier(outer_step):
                 round_ = 0
-            averaged = self._average(outer_step, flight.fresh)
+            averaged, outcome = self._average(outer_step, flight.fresh), None
+
+    def _agree(self, outer_step: int, round_: int, averaged: Averaged, member: MeshMember, island: Island) -> Outcome:
+        """Phase 3 for one attempt: post ok with the digest, or the failure, and wait for the
+        coordinator's outcome (`member` and `island` as the calling thread sees them)."""
+        ok = all_ranks_ok(not averaged.error, island)
+        check = island_digest(self.diloco.agreement_digest(), island) if ok else ""
+        return member.outcome(outer_step, round_, ok, check, averaged.error, blamed_peer(averaged.error, member.epoch))
 
     def _commit(self, flight: Flight, decision: Decision) -> str:
         """Apply the committed step (or, skipped, reset to the outer weights) with the state server
@@ -263,31 +279,43 @@ class OuterStep:
         return Averaged(decision, error, time.perf_counter() - start)
 
     def _average_behind(self, outer_step: int, fresh: bool) -> Flight:
-        """The first attempt's average in a background thread: the pseudo-gradient (kept for
-        retries) and its statistics here, the cross-island rest behind training."""
+        """The first attempt in a background thread: the pseudo-gradient (kept for retries) and its
+        statistics here; the boundary barrier, the cross-island average and the agreement behind
+        training, on the island's `behind` group. A failed barrier leaves `averaged` None for
+        `land` to enter the next epoch; a failed ring is agreed (posted) as failed, as `land` does."""
         if self.island.is_leader:
-            self.faults.at("allreduce", outer_step)
+            self.faults.at("allreduce", outer_step, WEIGHT_ACTIONS)
         flight = Flight(outer_step, fresh, behind=True)
         try:
             mine = island_stats(self.diloco.hold_contribution(), self.diloco.buckets, self.island, fresh, self.diloco.residual)
         except RuntimeError as err:  # a local rank's collective failed: reported at landing
             flight.averaged, flight.finished = Averaged(None, str(err).splitlines()[0], 0.0), time.perf_counter()
             return flight
-        mean, members = self.entry.mean, self.member.epoch.members
+        mean, member = self.entry.mean, replace(self.member, island=self.island.behind_training())
 
-        def average() -> None:
+        def attempt() -> None:
+            if not member.barrier(f"outer-{outer_step}"):
+                return
+            if member.island.is_leader:
+                self.faults.at("allreduce", outer_step)
             start, decision, error = time.perf_counter(), None, ""
             try:
                 if self.faults.ring_broken:
                     raise RuntimeError("this island's ring cannot reach its peers (injected fault: break)")
-                decision = average_validated(self.diloco, mean, self.cfg.diloco, members, mine)
+                decision = average_validated(self.diloco, mean, self.cfg.diloco, member.epoch.members, mine)
             except RuntimeError as err:  # RingError, or gloo's own error on a broken group
                 error = str(err).splitlines()[0]
-            except BaseException as err:  # noqa: BLE001 - a bug, not a peer: the training thread raises it at landing
-                flight.failure = err
-            flight.averaged, flight.finished = Averaged(decision, error, time.perf_counter() - start), time.perf_counter()
+            flight.averaged = Averaged(decision, error, time.perf_counter() - start)
+            flight.outcome = self._agree(outer_step, 0, flight.averaged, member, member.island)
 
-        flight.thread = threading.Thread(target=average, name=f"atoll-outer-step-{outer_step}", daemon=True)
+        def run() -> None:
+            try:
+                attempt()
+            except BaseException as err:  # noqa: BLE001 - a bug or a lost coordinator: the training thread raises it at landing
+                flight.failure = err
+            flight.finished = time.perf_counter()
+
+        flight.thread = threading.Thread(target=run, name=f"atoll-outer-step-{outer_step}", daemon=True)
         flight.thread.start()
         return flight
 

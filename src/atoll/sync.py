@@ -169,12 +169,20 @@ class IslandSync:
     def join_outer_step(self, anneal_weight: float = 1.0) -> dict[str, Any]:
         """A joiner's first outer step: the one being averaged where it entered, with no
         contribution; overlapped like the members' when it entered at a boundary (its record is
-        then the landing's, {} here)."""
+        then the landing's, {} here), blocking when it entered at a landing (the members redo the
+        step there, blocking, with it)."""
         self.owes_outer_step = False
         self.clock.restart()  # it trained nothing for this step
         step = self.held.progress.step
-        fragment = self.fragment_at(step, step >= self.cfg.train.steps)
+        boundary = self.began_at(step)
+        fragment = self.fragment_at(boundary, boundary >= self.cfg.train.steps)
         return self._measure_after(self._outer_record(anneal_weight, self._landing_step(step), fragment))
+
+    def began_at(self, step: int) -> int:
+        """The inner step after which the outer step being averaged at inner step `step` began:
+        `step` at a boundary (and at the run's last step), else the boundary before it (an
+        overlapped step lands tau < H/P steps after its boundary)."""
+        return step if step >= self.cfg.train.steps else step - step % self.period
 
     # --- the training loop's side ----------------------------------------------------------------
 

@@ -167,9 +167,10 @@ def _train_in(
     metrics = open_metrics(parts, cfg, run_dir, ident, island, checkpointer)
     log = metrics.log
     outer_digest = resumed.outer_digest if resumed is not None else None
-    if sync.owes_outer_step:  # a joiner admitted at a boundary: the outer step being averaged there
-        set_outer_weight_decay(sync, cfg, state.step, trained_phase=False)
-        record = sync.join_outer_step(outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
+    if sync.owes_outer_step:  # a joiner admitted at a barrier: the outer step being averaged there
+        boundary = sync.began_at(state.step)
+        set_outer_weight_decay(sync, cfg, boundary, trained_phase=False)
+        record = sync.join_outer_step(outer_anneal_weight(boundary - 1, cfg.train.steps, cfg.schedule))
         outer_digest = record.get("outer_digest", outer_digest)
         for note in sync.drain_notes():
             log.info(f"atoll: {note}")
