@@ -14,7 +14,8 @@ environment variable ATOLL_FAULTS, e.g. "kill@inner:7,stop@allreduce:3,scale@inn
 
 at one of three points: `inner:N`, right after inner step N; `allreduce:S`, when outer step S's
 all-reduce starts (after the boundary barrier, with every peer already inside its ring; a weights
-fault there still comes before the pseudo-gradient); or `serve:C`, when the island's state server
+fault there still comes before the pseudo-gradient; with overlap, the others fire in the thread
+running the step behind training, so `sleep` there delays that thread, not training); or `serve:C`, when the island's state server
 is about to send its C-th chunk to a joiner (a source dying mid-transfer, after C-1 chunks). Only the island's local rank 0 fires, once
 per fault. Deterministic by construction, as torchft's injector is: the same scenario makes the
 same failures at the same steps.
