@@ -14,7 +14,9 @@ with each `--taus` value (`diloco.overlap_merge` from `--merge`), each `--fragme
 side by side, from the islands' metrics.jsonl:
 
 - utilization: mean over islands and outer steps (the first left out: it includes the groups'
-  warm-up) of compute / (compute + blocked), as the records log it;
+  warm-up) of compute / (compute + blocked), as the records log it; "steady": the same with the
+  run's last outer step left out too (it averages the whole model, blocking, in every mode, so
+  that every island ends on the same weights: one step in a few here, one in hundreds in a run);
 - sync s and overlap s: median per outer step of the time training was blocked and of the time the
   all-reduce ran behind training;
 - s/step: wall time per inner step (the island's first to last record, the first outer step's
@@ -140,6 +142,8 @@ def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) ->
             raise SystemExit(f"{name}: simulate failed ({returncode}):\n{log.read()[-6000:]}")
     islands = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in sorted(run_dir.glob("island-*"))]
     outer = [r for records in islands for r in records if r.get("outer_step", 0) > 1]
+    final = max(r["outer_step"] for r in outer) if outer else 0
+    steady = [r for r in outer if r["outer_step"] < final]
     per_step = []
     for records in islands:
         timed = [r for r in records if "loss" in r and args.inner_steps < r["step"] < args.steps]
@@ -151,6 +155,7 @@ def run(name: str, args: argparse.Namespace, extra: list[str], workdir: Path) ->
     return {
         "name": name,
         "utilization": statistics.mean(r["utilization"] for r in outer) if outer else None,
+        "steady": statistics.mean(r["utilization"] for r in steady) if steady else None,
         "sync_s": statistics.median(r["sync_s"] for r in outer) if outer else None,
         "overlap_s": statistics.median(r.get("overlap_s", 0.0) for r in outer) if outer else None,
         "s_per_step": statistics.mean(per_step),
@@ -200,9 +205,9 @@ def main() -> None:
     print(f"{args.islands} islands, {args.model} model, {args.steps} inner steps, H = {args.inner_steps}, emulated WAN {args.rate}, "
           f"{args.delay} one way, overlap_merge {args.merge}" + (f", merge_weight {args.merge_weight}" if args.merge == "mix" else "") + (", pinned" if args.pin else "")
           + f"; {time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'mode':<16} {'utilization':>11} {'sync s':>8} {'overlap s':>9} {'s/step':>7} {'vs no sync':>10} {'peak MB/s':>9} {'MB sent':>8} {'val_loss':>9}")
+    print(f"{'mode':<16} {'utilization':>11} {'steady':>7} {'sync s':>8} {'overlap s':>9} {'s/step':>7} {'vs no sync':>10} {'peak MB/s':>9} {'MB sent':>8} {'val_loss':>9}")
     for r in rows:
-        print(f"{r['name']:<16} {number(r['utilization'], '11.1%')} {number(r['sync_s'], '8.3f')} {number(r['overlap_s'], '9.3f')} "
+        print(f"{r['name']:<16} {number(r['utilization'], '11.1%')} {number(r['steady'], '7.1%')} {number(r['sync_s'], '8.3f')} {number(r['overlap_s'], '9.3f')} "
               f"{r['s_per_step']:7.3f} {r['s_per_step'] / alone:10.3f} {r['peak_mb_s']:9.2f} {r['mb_sent']:8.1f} {r['val_loss']:9.4f}")
 
 

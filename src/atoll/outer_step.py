@@ -35,10 +35,12 @@ ring, `atoll.validation.average_validated`; and the agreement) in a background t
 island trains tau more inner steps, so that no island waits for a slower one on the training
 thread: `land` finds the outcome decided and applies it. A barrier that fails there (a dead or
 hung peer, a joiner to admit) leaves the rest to `land`, which enters the next epoch and averages
-blocking, as `begin` would have; a failed ring was posted as failed, and `land` goes on as above. The outer step's result is then merged into the inner weights the island has
-moved on to: inner <- w * inner + (1 - w) * outer with w = `diloco.merge_weight` (Streaming
-DiLoCo's mixing; 0 drops the tau steps as blocking DiLoCo would). An island whose contribution was
-rejected takes the outer weights whole (w = 0): its own weights are what was rejected.
+blocking, as `begin` would have; a failed ring was posted as failed, and `land` goes on as above.
+The outer step's result is then merged into the inner weights the island has moved on to
+(`diloco.overlap_merge`: its progress since the boundary on top of the new outer weights, or
+Streaming DiLoCo's mixing, inner <- w * inner + (1 - w) * outer with w = `diloco.merge_weight`).
+An island whose contribution was rejected takes the outer weights whole: its own weights are what
+was rejected.
 
 Eager (`diloco.eager`; Kale, Douillard, Donchev 2025, arXiv:2502.12996) is overlap with tau =
 H - 1 (the landing just before the next boundary, so that checkpoints fall where nothing is in
