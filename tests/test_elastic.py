@@ -107,11 +107,27 @@ def test_after_a_failure_report_an_island_alive_but_silent_is_kept():
 def test_after_a_failure_report_only_the_gone_are_dropped():
     v = views("a", "b", "c")
     v["a"].failed_at = 100.0
-    v["c"].lost_at = 100.05  # its control connection closed: dead, unless it reconnects within its grace
-    assert decide_at(v, now=100.0 + GRACE_S + 0.01).epoch is None  # its fate is not known yet
-    decision = decide_at(v, now=100.05 + reconnect_grace_s(v["c"]) + 0.01)
-    assert decision.epoch.members == ("a", "b")
+    v["c"].lost_at = 100.05  # its control connection closed as a collective failed: dead
+    assert decide_at(v, now=100.2).epoch is None  # b may still report
+    decision = decide_at(v, now=100.0 + GRACE_S + 0.01)  # before c's reconnect grace ends
+    assert decision.epoch.members == ("a", "b")  # b, silent in its ring, stays
     assert decision.left == {"c": "its control connection closed (process gone)"} and not decision.repeated_failure
+
+
+def test_a_closed_connection_that_a_peers_failed_collective_blames_or_names_nobody_is_gone_at_once():
+    v = views("a", "b", "c")
+    v["c"].lost_at = 100.0  # closed: dead, or alive and reconnecting
+    v["a"].failed_at, v["a"].blamed = 100.01, "c"  # a's ring failed on c
+    assert decide_at(v, now=100.02).epoch is None  # b may still report
+    decision = decide_at(v, now=100.01 + GRACE_S + 0.01)  # long before c's reconnect grace ends
+    assert decision.epoch.members == ("a", "b") and decision.left == {"c": "its control connection closed (process gone)"}
+    v["b"].failed_at, v["b"].blamed = 100.02, "c"
+    assert decide_at(v, now=100.03).left == {"c": "its control connection closed (process gone)"}  # everyone accounted for
+    v["a"].blamed = v["b"].blamed = None  # gloo's error on a plain collective names no member
+    assert decide_at(v, now=100.03).left == {"c": "its control connection closed (process gone)"}
+    v["a"].blamed = v["b"].blamed = "a"  # every report points elsewhere: c's fate waits for its grace
+    assert decide_at(v, now=100.01 + GRACE_S + 0.01).epoch is None
+    assert reconnect_grace_s(v["c"]) > GRACE_S + 0.02
 
 
 def test_a_failure_is_decided_at_once_when_every_member_is_accounted_for():

@@ -22,7 +22,8 @@ Failure semantics:
   before its JSON is parsed; members keep their own connections and are answered throughout.
 - An island whose control connection closes without a deathrattle (kill -9, OOM, a crash) is
   dropped when that incarnation has not beaten again on a new connection within its reconnect
-  grace (two beats and a second); one that hangs (SIGSTOP) at the heartbeat timeout. An island's
+  grace (two beats and a second), or at once when a peer's failed collective blames it
+  (`membership.blamed_and_closed`); one that hangs (SIGSTOP) at the heartbeat timeout. An island's
   client closes its connection itself when its own request times out (the coordinator was
   stopped, or starved): it reconnects at once and is kept.
 - A coordinator that was stopped (SIGSTOP, a suspended VM) judges nobody on the silence it caused:

@@ -235,6 +235,20 @@ def departures(members: tuple[str, ...], views: dict[str, IslandView], now: floa
     return gone
 
 
+def blamed_and_closed(members: tuple[str, ...], views: dict[str, IslandView], now: float) -> dict[str, str]:
+    """Members whose control connection closed (within its grace: no beat on a new one yet) while
+    a peer reports a failed collective that blames it or names nobody (gloo's error on a plain
+    collective names an address, not a member): two signs of a dead process that a live one does
+    not give together (one whose own request timed out reconnects, and its collectives go on), so
+    it is gone at once instead of at the end of its grace. A report that blames another member
+    points elsewhere."""
+    blamed = {views[m].blamed for m in members if views[m].failed_at is not None and m not in reconnecting(members, views, now)}
+    return {
+        m: "its control connection closed (process gone)"
+        for m in reconnecting(members, views, now) if m in blamed or None in blamed
+    }
+
+
 def pending_joiners(current: Epoch, views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> tuple[str, ...]:
     """Registered islands outside the epoch that are alive (and connected), sorted by id."""
     outside = tuple(sorted(i for i in views if i not in current.members))
@@ -278,8 +292,9 @@ def decide(
        commits, or, if their digests differ, resyncs from the majority's holder.
     2. Some member reported a failed collective: once `report_grace_s` has passed since the first
        report, or every member is accounted for, the next epoch is the members minus those that
-       are gone (deathrattle, closed connection not reopened within its grace, stale heartbeat);
-       while a member's connection is closed but its grace runs, the decision waits. An island
+       are gone (deathrattle, closed connection not reopened within its grace or blamed by a
+       peer's report, stale heartbeat); while a member's connection is closed but its grace runs
+       and no report blames it, the decision waits. An island
        that is alive but silent (busy in its ring, or slow) is never dropped for it. When the next epoch would have
        the same members for the `evict_after`-th time in a row (`failures_in_a_row` counts the
        earlier ones), the culprit (see `culprit`) is evicted instead: a pair that cannot connect
@@ -306,9 +321,10 @@ def decide(
     if reported:
         posted = {m for m in members if views[m].result is not None and views[m].result.key > decided}
         heard = set(reported) | posted
+        gone.update(blamed_and_closed(members, views, now))
         if now - min(reported.values()) < rules.report_grace_s and not heard | set(gone) >= set(members):
             return Decision()
-        if reconnecting(members, views, now):
+        if set(reconnecting(members, views, now)) - set(gone):
             return Decision()
         if not gone:
             if failures_in_a_row + 1 >= rules.evict_after and len(members) > 1:
