@@ -224,7 +224,10 @@ class OuterStep:
 
     def _agree(self, outer_step: int, round_: int, averaged: Averaged, member: MeshMember, island: Island) -> Outcome:
         """Phase 3 for one attempt: post ok with the digest, or the failure, and wait for the
-        coordinator's outcome (`member` and `island` as the calling thread sees them)."""
+        coordinator's outcome (`member` and `island` as the calling thread sees them: the
+        background thread's use the island's `behind` group). The wait lasts until the coordinator
+        decides: a dead or hung member ends it as an abort once it is dropped; blips and restarts
+        of the coordinator are retried by its client, a lost coordinator is an ExpectedFailure."""
         ok = all_ranks_ok(not averaged.error, island)
         check = island_digest(self.diloco.agreement_digest(), island) if ok else ""
         return member.outcome(outer_step, round_, ok, check, averaged.error, blamed_peer(averaged.error, member.epoch))
