@@ -191,14 +191,13 @@ class OuterStep:
                 raise flight.failure
         outer_step, averaged, outcome = flight.outer_step, flight.averaged, flight.outcome
         if averaged is None:  # the epoch was dissolved at the barrier behind training
-            self.entry.enter(self.member.next_epoch())
             self._pass_barrier(outer_step)
             averaged = self._average(outer_step, flight.fresh)
         attempts, round_, ring_s = 0, 0, 0.0
         while True:
             ring_s += averaged.ring_s
             if outcome is None:
-                outcome = self._agree(outer_step, round_, averaged, self.member, self.island)
+                outcome = self._agree(outer_step, round_, averaged, self.member)
             attempts += 1
             epoch = self.member.epoch
             if outcome.kind == COMMIT:
@@ -222,14 +221,14 @@ class OuterStep:
                 round_ = 0
             averaged, outcome = self._average(outer_step, flight.fresh), None
 
-    def _agree(self, outer_step: int, round_: int, averaged: Averaged, member: MeshMember, island: Island) -> Outcome:
+    def _agree(self, outer_step: int, round_: int, averaged: Averaged, member: MeshMember) -> Outcome:
         """Phase 3 for one attempt: post ok with the digest, or the failure, and wait for the
-        coordinator's outcome (`member` and `island` as the calling thread sees them: the
-        background thread's use the island's `behind` group). The wait lasts until the coordinator
+        coordinator's outcome (`member` as the calling thread sees it: the background thread's
+        island uses its `behind` group). The wait lasts until the coordinator
         decides: a dead or hung member ends it as an abort once it is dropped; blips and restarts
         of the coordinator are retried by its client, a lost coordinator is an ExpectedFailure."""
-        ok = all_ranks_ok(not averaged.error, island)
-        check = island_digest(self.diloco.agreement_digest(), island) if ok else ""
+        ok = all_ranks_ok(not averaged.error, member.island)
+        check = island_digest(self.diloco.agreement_digest(), member.island) if ok else ""
         return member.outcome(outer_step, round_, ok, check, averaged.error, blamed_peer(averaged.error, member.epoch))
 
     def _commit(self, flight: Flight, decision: Decision) -> str:
@@ -311,7 +310,7 @@ class OuterStep:
             except RuntimeError as err:  # RingError, or gloo's own error on a broken group
                 error = str(err).splitlines()[0]
             flight.averaged = Averaged(decision, error, time.perf_counter() - start)
-            flight.outcome = self._agree(outer_step, 0, flight.averaged, member, member.island)
+            flight.outcome = self._agree(outer_step, 0, flight.averaged, member)
 
         def run() -> None:
             try:

@@ -242,11 +242,9 @@ def blamed_and_closed(members: tuple[str, ...], views: dict[str, IslandView], no
     not give together (one whose own request timed out reconnects, and its collectives go on), so
     it is gone at once instead of at the end of its grace. A report that blames another member
     points elsewhere."""
-    blamed = {views[m].blamed for m in members if views[m].failed_at is not None and m not in reconnecting(members, views, now)}
-    return {
-        m: "its control connection closed (process gone)"
-        for m in reconnecting(members, views, now) if m in blamed or None in blamed
-    }
+    unsure = reconnecting(members, views, now)
+    blamed = {views[m].blamed for m in members if views[m].failed_at is not None and m not in unsure}
+    return {m: "its control connection closed (process gone)" for m in unsure if m in blamed or None in blamed}
 
 
 def pending_joiners(current: Epoch, views: dict[str, IslandView], now: float, heartbeat_timeout_s: float) -> tuple[str, ...]:
