@@ -48,6 +48,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from atoll.config import OptimConfig
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +61,7 @@ def run(run_dir: Path, args: argparse.Namespace, seed: int, extra: list[str]) ->
         "--train.steps", str(args.steps), "--train.global_batch", str(args.batch), "--train.seq_len", str(args.seq_len),
         "--optim.lr", str(args.lr), "--schedule.warmup_steps", str(args.steps // 10),
         "--eval.every", str(args.steps), "--eval.batches", str(args.eval_batches), "--metrics.log_every", "50",
-        "--checkpoint.at_end", "false", "--optim.betas", f"[0.9, {args.beta2}]", *extra,
+        "--checkpoint.at_end", "false", "--optim.betas", f"[{OptimConfig().betas[0]}, {args.beta2}]", *extra,
     ]
     start = time.perf_counter()
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
