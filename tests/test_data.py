@@ -282,3 +282,13 @@ def test_eval_batches_are_deterministic_and_capped():
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
     assert runs[0][0][0][:, 0].tolist() == [2 * SEQ, 3 * SEQ]
     assert len(list(iter_eval_batches(tokens, SEQ, GLOBAL_BATCH, 0, 1, max_batches=1))) == 1
+
+
+def test_eval_batches_zero_reads_the_whole_split():
+    tokens = make_tokens(windows=10)
+    whole = list(iter_eval_batches(tokens, SEQ, GLOBAL_BATCH, 0, 1, max_batches=0))
+    capped = list(iter_eval_batches(tokens, SEQ, GLOBAL_BATCH, 0, 1, max_batches=1000))
+    assert len(whole) == len(capped) == 10 // GLOBAL_BATCH
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, capped))
+    with pytest.raises(ValueError, match="0 \\(all\\) or more"):
+        iter_eval_batches(tokens, SEQ, GLOBAL_BATCH, 0, 1, max_batches=-1)

@@ -115,3 +115,19 @@ def test_evaluation_never_builds_full_logits_and_equals_the_full_logits_loss(tin
     finally:
         stop_island()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_eval_batches_zero_evaluates_every_batch_of_the_split(tiny_mixture):
+    model, data, cfg = tiny_mixture
+    whole = load_config(None, {"model.name": "debug", "train.seq_len": 32, "train.global_batch": 4, "train.micro_batch": 2,
+                               "eval.batches": 0, "train.device": "cpu"})
+    seq_len, batch = cfg.train.seq_len, cfg.train.global_batch
+    per_source = (4000 - 1) // seq_len // batch  # 31 batches of 4 windows in each 4000-token set
+    with torch.no_grad():
+        want = {name: float(torch.stack([model(inp, tgt)[1] for inp, tgt in
+                                         iter_eval_batches(tokens, seq_len, batch, 0, 1, per_source)]).mean())
+                for name, tokens in data.val.items()}
+    result = evaluate_model(model, data, whole, seq_len, torch.device("cpu"))
+    assert result.batches == per_source * len(WEIGHTS)
+    assert result.by_source == pytest.approx(want, rel=1e-5)
+    assert result.by_source != pytest.approx(evaluate_model(model, data, cfg, seq_len, torch.device("cpu")).by_source, rel=1e-5)

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="atoll eval RUN_DIR|HF_DIR [CONFIG] [--section.key VALUE ...]",
         description="Print the validation loss and perplexity of a run's model (its latest checkpoint; the outer "
                     "weights of a DiLoCo run) or of a Hugging Face Llama directory, on the batches training evaluates: "
-                    "the first eval.batches unshuffled global batches (train.global_batch x train.seq_len) of the "
+                    "the first eval.batches unshuffled global batches (train.global_batch x train.seq_len; 0: all) of the "
                     "validation split of data.source, or of each of data.sources (a mixture: one loss per source, "
                     "then their mean under the mixture's weights). A run uses its own config.toml, so the losses compare "
                     "with val_loss (and val_loss_by_source) in its metrics.jsonl; CONFIG and --section.key overrides "

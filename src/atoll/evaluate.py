@@ -3,7 +3,7 @@
 The data is what training loads for the same config (`atoll.data.load_training_data`): the
 validation split of `data.source`, or of every source of a `data.sources` mixture. The batches
 are those of `atoll.val_loss.evaluate` (the first `eval.batches` unshuffled global batches of each
-validation set, `train.global_batch` x `train.seq_len` tokens), and a mixture's loss is the mean
+validation set, or all of them for 0, `train.global_batch` x `train.seq_len` tokens), and a mixture's loss is the mean
 of its per-source losses under the mixture's weights, so a run evaluated with its own config.toml
 reproduces the `val_loss` (and `val_loss_by_source`) it logged. Here one process evaluates the
 whole global batch, in micro-batches of `train.micro_batch` sequences; the mean over equal-sized

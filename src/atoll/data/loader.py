@@ -206,17 +206,19 @@ def iter_eval_batches(
     """This rank's slice of the first ``max_batches`` unshuffled global batches of ``tokens``.
 
     ``batch`` is the global batch size. Yields ``min(max_batches, windows // batch)`` batches,
-    the same on every call, so validation losses are comparable across steps.
+    or all ``windows // batch`` of them when ``max_batches`` is 0, the same on every call, so
+    validation losses are comparable across steps.
 
     Raises:
-        ValueError: ``max_batches < 1``, or as :class:`PackedLoader` (notably when ``tokens``
+        ValueError: ``max_batches < 0``, or as :class:`PackedLoader` (notably when ``tokens``
             hold fewer than ``batch`` windows).
     """
     # Not a generator itself, so that bad arguments raise here rather than at first iteration.
-    if max_batches < 1:
-        raise ValueError(f"max_batches must be at least 1, got {max_batches}")
+    if max_batches < 0:
+        raise ValueError(f"max_batches must be 0 (all) or more, got {max_batches}")
     loader = PackedLoader(tokens, seq_len, batch, rank, world, seed=0, shuffle=False)
-    return (loader.next_batch() for _ in range(min(max_batches, loader.windows // batch)))
+    available = loader.windows // batch
+    return (loader.next_batch() for _ in range(min(max_batches, available) if max_batches else available))
 
 
 class MixtureLoader:
