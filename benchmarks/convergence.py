@@ -5,6 +5,7 @@ over several seeds.
     python benchmarks/convergence.py --seeds 5 --rows ddp,int8
     python benchmarks/convergence.py --model demo --steps 300 --seq-len 128
     python benchmarks/convergence.py --beta2 0.95               # every row at AdamW's large-model beta2
+    python benchmarks/convergence.py --diloco-beta1 0.95 --diloco-decay-shape linear   # DiLoCo's islands at other settings
 
 Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and data order):
   ddp           data-parallel (`--mesh.mode ddp`): fp32 gradients averaged across islands every step
@@ -29,8 +30,9 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
                 (Streaming DiLoCo's, `diloco.merge_weight` 0.5)
   int8-eager    int8 DiLoCo with eager outer steps (`diloco.eager`: each all-reduce behind the whole next phase)
 All rows of one seed see the same samples in the same order (islands read disjoint slices of one
-seeded stream) and the same inner optimizer and schedule, so the only difference is how the
-islands synchronise. Each run prints as it finishes; the table then gives, per row, the mean and
+seeded stream) and the same inner optimizer and schedule (`--diloco-beta1` and `--diloco-decay-shape`
+give the DiLoCo rows their own, to measure them), so the only difference is how the islands
+synchronise. Each run prints as it finishes; the table then gives, per row, the mean and
 sample standard deviation of the final validation loss over seeds, the mean and worst per-seed gap
 to data-parallel (each seed against data-parallel on that seed), and the bytes each island put on
 the wire. A difference between rows smaller than their spreads is noise, not a result. The final
@@ -78,6 +80,8 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
     """Row key -> (label, extra simulate arguments)."""
     def diloco(h: int) -> list[str]:
         return ["--mesh.mode", "diloco", "--diloco.inner_steps", str(h)] + (
+            ["--optim.betas", f"[{args.diloco_beta1}, {args.beta2}]"] if args.diloco_beta1 is not None else []) + (
+            ["--schedule.decay_shape", args.diloco_decay_shape] if args.diloco_decay_shape is not None else []) + (
             ["--diloco.outer_lr", str(args.outer_lr)] if args.outer_lr is not None else []) + (
             ["--diloco.outer_momentum", str(args.outer_momentum)] if args.outer_momentum is not None else [])
 
@@ -130,7 +134,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak learning rate (every row)")
     parser.add_argument("--beta2", type=float, default=0.999,
-                        help="inner AdamW beta2 for every row (0.95, the config default, gives the figures before it became 0.999 here)")
+                        help="inner AdamW beta2 for every row (0.95, the config default, with --eval-batches 16 gives the figures before it became 0.999 here)")
+    parser.add_argument("--diloco-beta1", type=float, default=None,
+                        help="inner AdamW beta1 of the DiLoCo rows only (default: data-parallel's, the config's 0.9)")
+    parser.add_argument("--diloco-decay-shape", default=None, choices=["linear", "sqrt", "cosine"],
+                        help="WSD decay shape of the DiLoCo rows only (default: data-parallel's, the demo config's sqrt)")
     parser.add_argument("--eval-batches", type=int, default=0,
                         help="validation batches for the final loss (0, the default: the whole validation split, 1.2M tokens; "
                              "16, the figures before: the split's first 8192 tokens, whose gaps between rows differ from the "
@@ -150,8 +158,11 @@ def main() -> None:
         sys.exit(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(settings)}")
     tokens = args.steps * args.batch * args.seq_len * args.islands
     evaluated = "the whole validation split" if args.eval_batches == 0 else f"{args.eval_batches} validation batches"
+    own = [f"beta1 {args.diloco_beta1}"] if args.diloco_beta1 is not None else []
+    own += [f"{args.diloco_decay_shape} decay"] if args.diloco_decay_shape is not None else []
     print(f"{args.model} model, {args.islands} islands, {args.steps} steps x {args.batch}x{args.seq_len} tokens "
-          f"per island = {tokens / 1e6:.2f}M tokens per run; seeds 0..{args.seeds - 1}; final loss on {evaluated}", flush=True)
+          f"per island = {tokens / 1e6:.2f}M tokens per run; seeds 0..{args.seeds - 1}; final loss on {evaluated}; "
+          f"AdamW beta2 {args.beta2}" + (f"; DiLoCo rows at {', '.join(own)}" if own else ""), flush=True)
     runs = [(seed, key) for seed in range(args.seeds) for key in keys]
     done: dict[tuple[int, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
