@@ -57,6 +57,11 @@ from atoll.config import OptimConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+def betas(beta1: float, beta2: float) -> str:
+    """An --optim.betas value."""
+    return f"[{beta1}, {beta2}]"
+
+
 def run(run_dir: Path, args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
     """One `atoll simulate` run; returns island-0's final val loss and bytes sent."""
     cmd = [
@@ -65,7 +70,7 @@ def run(run_dir: Path, args: argparse.Namespace, seed: int, extra: list[str]) ->
         "--train.steps", str(args.steps), "--train.global_batch", str(args.batch), "--train.seq_len", str(args.seq_len),
         "--optim.lr", str(args.lr), "--schedule.warmup_steps", str(args.steps // 10),
         "--eval.every", str(args.steps), "--eval.batches", str(args.eval_batches), "--metrics.log_every", "50",
-        "--checkpoint.at_end", "false", "--optim.betas", f"[{OptimConfig().betas[0]}, {args.beta2}]", *extra,
+        "--checkpoint.at_end", "false", "--optim.betas", betas(OptimConfig().betas[0], args.beta2), *extra,
     ]
     start = time.perf_counter()
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
@@ -76,14 +81,23 @@ def run(run_dir: Path, args: argparse.Namespace, seed: int, extra: list[str]) ->
     return {"val_loss": last["val_loss"], "bytes": last["bytes_sent"], "wall_s": time.perf_counter() - start}
 
 
+def diloco_overrides(args: argparse.Namespace) -> list[str]:
+    """The simulate arguments every DiLoCo row adds for the settings given on the command line."""
+    own = {
+        "--optim.betas": betas(args.diloco_beta1, args.beta2) if args.diloco_beta1 is not None else None,
+        "--schedule.decay_shape": args.diloco_decay_shape,
+        "--diloco.outer_lr": args.outer_lr,
+        "--diloco.outer_momentum": args.outer_momentum,
+    }
+    return [arg for key, value in own.items() if value is not None for arg in (key, str(value))]
+
+
 def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
     """Row key -> (label, extra simulate arguments)."""
+    own_args = diloco_overrides(args)
+
     def diloco(h: int) -> list[str]:
-        return ["--mesh.mode", "diloco", "--diloco.inner_steps", str(h)] + (
-            ["--optim.betas", f"[{args.diloco_beta1}, {args.beta2}]"] if args.diloco_beta1 is not None else []) + (
-            ["--schedule.decay_shape", args.diloco_decay_shape] if args.diloco_decay_shape is not None else []) + (
-            ["--diloco.outer_lr", str(args.outer_lr)] if args.outer_lr is not None else []) + (
-            ["--diloco.outer_momentum", str(args.outer_momentum)] if args.outer_momentum is not None else [])
+        return ["--mesh.mode", "diloco", "--diloco.inner_steps", str(h), *own_args]
 
     h = args.inner_steps
     return {
@@ -158,11 +172,10 @@ def main() -> None:
         sys.exit(f"--rows: unknown row(s) {', '.join(unknown)}; choose from {', '.join(settings)}")
     tokens = args.steps * args.batch * args.seq_len * args.islands
     evaluated = "the whole validation split" if args.eval_batches == 0 else f"{args.eval_batches} validation batches"
-    own = [f"beta1 {args.diloco_beta1}"] if args.diloco_beta1 is not None else []
-    own += [f"{args.diloco_decay_shape} decay"] if args.diloco_decay_shape is not None else []
+    own = " ".join(diloco_overrides(args))
     print(f"{args.model} model, {args.islands} islands, {args.steps} steps x {args.batch}x{args.seq_len} tokens "
           f"per island = {tokens / 1e6:.2f}M tokens per run; seeds 0..{args.seeds - 1}; final loss on {evaluated}; "
-          f"AdamW beta2 {args.beta2}" + (f"; DiLoCo rows at {', '.join(own)}" if own else ""), flush=True)
+          f"AdamW beta2 {args.beta2}" + (f"; DiLoCo rows add {own}" if own else ""), flush=True)
     runs = [(seed, key) for seed in range(args.seeds) for key in keys]
     done: dict[tuple[int, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -76,6 +76,11 @@ def test_eval_with_another_tokenizer_is_one_line_and_tokenizes_nothing(mixture_r
     assert sorted(p.stat().st_mtime_ns for p in (mixture_run.parent / "cache").rglob("*") if p.is_file()) == prepared
 
 
+MIXTURE_EVAL = {"model.name": "debug", "train.seq_len": 32, "train.global_batch": 4, "train.micro_batch": 2,
+                "eval.batches": 3, "train.device": "cpu"}
+"""tiny_mixture's config overrides."""
+
+
 @pytest.fixture
 def tiny_mixture():
     """The debug model at random init and two validation sets of random tokens, weighted 0.7 / 0.3."""
@@ -84,9 +89,7 @@ def tiny_mixture():
     gen = np.random.default_rng(0)
     val = {name: gen.integers(0, model.args.vocab_size, 4000).astype(np.int64) for name in WEIGHTS}
     data = TrainingData(ByteTokenizer(), list(WEIGHTS), list(WEIGHTS.values()), [], val, mixture=True)
-    cfg = load_config(None, {"model.name": "debug", "train.seq_len": 32, "train.global_batch": 4, "train.micro_batch": 2,
-                             "eval.batches": 3, "train.device": "cpu"})
-    return model.eval(), data, cfg
+    return model.eval(), data, load_config(None, MIXTURE_EVAL)
 
 
 def test_evaluation_never_builds_full_logits_and_equals_the_full_logits_loss(tiny_mixture, monkeypatch):
@@ -119,8 +122,7 @@ def test_evaluation_never_builds_full_logits_and_equals_the_full_logits_loss(tin
 
 def test_eval_batches_zero_evaluates_every_batch_of_the_split(tiny_mixture):
     model, data, cfg = tiny_mixture
-    whole = load_config(None, {"model.name": "debug", "train.seq_len": 32, "train.global_batch": 4, "train.micro_batch": 2,
-                               "eval.batches": 0, "train.device": "cpu"})
+    whole = load_config(None, {**MIXTURE_EVAL, "eval.batches": 0})
     seq_len, batch = cfg.train.seq_len, cfg.train.global_batch
     per_source = (4000 - 1) // seq_len // batch  # 31 batches of 4 windows in each 4000-token set
     with torch.no_grad():

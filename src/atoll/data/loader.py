@@ -218,7 +218,7 @@ def iter_eval_batches(
         raise ValueError(f"max_batches must be 0 (all) or more, got {max_batches}")
     loader = PackedLoader(tokens, seq_len, batch, rank, world, seed=0, shuffle=False)
     available = loader.windows // batch
-    return (loader.next_batch() for _ in range(min(max_batches, available) if max_batches else available))
+    return (loader.next_batch() for _ in range(min(max_batches or available, available)))
 
 
 class MixtureLoader:
