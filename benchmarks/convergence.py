@@ -5,7 +5,8 @@ over several seeds.
     python benchmarks/convergence.py --seeds 5 --rows ddp,int8
     python benchmarks/convergence.py --model demo --steps 300 --seq-len 128
     python benchmarks/convergence.py --beta2 0.95               # every row at AdamW's large-model beta2
-    python benchmarks/convergence.py --diloco-beta1 0.95 --diloco-decay-shape linear   # DiLoCo's islands at other settings
+    python benchmarks/convergence.py --diloco-decay-shape sqrt  # DiLoCo's decay as data-parallel's (the table before)
+    python benchmarks/convergence.py --diloco-beta1 0.95        # DiLoCo's islands at other settings
 
 Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and data order):
   ddp           data-parallel (`--mesh.mode ddp`): fp32 gradients averaged across islands every step
@@ -30,13 +31,17 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
                 (Streaming DiLoCo's, `diloco.merge_weight` 0.5)
   int8-eager    int8 DiLoCo with eager outer steps (`diloco.eager`: each all-reduce behind the whole next phase)
 All rows of one seed see the same samples in the same order (islands read disjoint slices of one
-seeded stream) and the same inner optimizer and schedule (`--diloco-beta1` and `--diloco-decay-shape`
-give the DiLoCo rows their own, to measure them), so the only difference is how the islands
-synchronise. Each run prints as it finishes; the table then gives, per row, the mean and
-sample standard deviation of the final validation loss over seeds, the mean and worst per-seed gap
-to data-parallel (each seed against data-parallel on that seed), and the bytes each island put on
-the wire. A difference between rows smaller than their spreads is noise, not a result. The final
-loss is taken over the whole validation split (`--eval-batches 0`): the first 16 batches, a couple of
+seeded stream) and the same inner optimizer and schedule but for the shape of the LR decay, where
+each method takes its better one: data-parallel sqrt, DiLoCo linear (the demo config's;
+`--decay-shape`, `--diloco-decay-shape`). DiLoCo's outer step anneals with the inner LR (`diloco.anneal_with_schedule`),
+which already shortens its effective decay; a linear one made every DiLoCo row better on every seed
+(9 runs of 9, by 0.04-0.62%) and data-parallel 0.13% worse. `--diloco-beta1` gives the DiLoCo rows
+their own beta1, to measure it. Beyond that the rows differ only in how the islands synchronise.
+Each run prints as it finishes; the table then gives, per row, the mean and sample standard
+deviation of the final validation loss over seeds, the mean and worst per-seed gap to
+data-parallel (each seed against data-parallel on that seed), and the bytes each island put on the
+wire. A difference between rows smaller than their spreads is noise, not a result. The final loss
+is taken over the whole validation split (`--eval-batches 0`): the first 16 batches, a couple of
 files, moved one seed's gap by 1.2% against the whole split's.
 """
 
@@ -68,7 +73,7 @@ def run(run_dir: Path, args: argparse.Namespace, seed: int, extra: list[str]) ->
         sys.executable, "-m", "atoll.cli", "simulate", "--islands", str(args.islands), "--run-dir", str(run_dir),
         str(REPO / "configs" / "demo.toml"), "--model.name", args.model, "--train.seed", str(seed),
         "--train.steps", str(args.steps), "--train.global_batch", str(args.batch), "--train.seq_len", str(args.seq_len),
-        "--optim.lr", str(args.lr), "--schedule.warmup_steps", str(args.steps // 10),
+        "--optim.lr", str(args.lr), "--schedule.warmup_steps", str(args.steps // 10), "--schedule.decay_shape", args.decay_shape,
         "--eval.every", str(args.steps), "--eval.batches", str(args.eval_batches), "--metrics.log_every", "50",
         "--checkpoint.at_end", "false", "--optim.betas", betas(OptimConfig().betas[0], args.beta2), *extra,
     ]
@@ -151,8 +156,12 @@ def main() -> None:
                         help="inner AdamW beta2 for every row (0.95, the config default, with --eval-batches 16 gives the figures before it became 0.999 here)")
     parser.add_argument("--diloco-beta1", type=float, default=None,
                         help="inner AdamW beta1 of the DiLoCo rows only (default: data-parallel's, the config's 0.9)")
-    parser.add_argument("--diloco-decay-shape", default=None, choices=["linear", "sqrt", "cosine"],
-                        help="WSD decay shape of the DiLoCo rows only (default: data-parallel's, the demo config's sqrt)")
+    parser.add_argument("--decay-shape", default="sqrt", choices=["linear", "sqrt", "cosine"],
+                        help="WSD decay shape of every row, unless --diloco-decay-shape gives the DiLoCo rows theirs "
+                             "(sqrt: data-parallel's better one)")
+    parser.add_argument("--diloco-decay-shape", default="linear", choices=["linear", "sqrt", "cosine"],
+                        help="WSD decay shape of the DiLoCo rows (linear: theirs; sqrt gives the table before, every row "
+                             "at the same schedule)")
     parser.add_argument("--eval-batches", type=int, default=0,
                         help="validation batches for the final loss (0, the default: the whole validation split, 1.2M tokens; "
                              "16, the figures before: the split's first 8192 tokens, whose gaps between rows differ from the "

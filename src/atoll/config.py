@@ -62,8 +62,8 @@ class OptimConfig(Section):
     lr: float = Field(default=3e-4, gt=0)
     """Peak AdamW learning rate, reached at the end of warmup."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW (beta1, beta2). 0.95 is the large-model choice and suits short runs (the 200-step demo:
-    val_loss 2.05 against 2.15 at 0.999). benchmarks/convergence.py runs every row at 0.999; on its
+    """AdamW (beta1, beta2). 0.95 is the large-model choice and suits short runs (the 200-step demo,
+    then with a sqrt decay: val_loss 2.05 against 2.15 at 0.999). benchmarks/convergence.py runs every row at 0.999; on its
     whole validation split 0.95 and 0.999 leave DiLoCo's gap to data-parallel where it was (3 seeds:
     +1.55% +- 2.80 against +1.53% +- 0.83), as does the islands' beta1 0.95 (README: How close
     DiLoCo comes to data-parallel)."""
@@ -83,7 +83,11 @@ class ScheduleConfig(Section):
     decay_fraction: float = Field(default=0.2, ge=0, le=1)
     """wsd only: the LR stays at optim.lr and decays only during this last fraction of train.steps."""
     decay_shape: Literal["linear", "sqrt", "cosine"] = "linear"
-    """wsd only: shape of the final decay (sqrt is 1 - sqrt(progress), as in MiniCPM)."""
+    """wsd only: shape of the final decay (sqrt is 1 - sqrt(progress), as in MiniCPM). For DiLoCo
+    prefer linear: its outer step anneals with this LR (diloco.anneal_with_schedule), which already
+    shortens its effective decay. On benchmarks/convergence.py linear beat sqrt on every DiLoCo run
+    measured (fp32, int8 and int4 + error feedback, H 50 and 100, 3 seeds each: 12 runs of 12, by
+    0.04-0.62%), where data-parallel was 0.13% better with sqrt."""
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     """LR at the end of decay, as a fraction of optim.lr (wsd and cosine)."""
 
