@@ -33,10 +33,8 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
 All rows of one seed see the same samples in the same order (islands read disjoint slices of one
 seeded stream) and the same inner optimizer and schedule but for the shape of the LR decay, where
 each method takes its better one: data-parallel sqrt, DiLoCo linear (the demo config's;
-`--decay-shape`, `--diloco-decay-shape`). DiLoCo's outer step anneals with the inner LR (`diloco.anneal_with_schedule`),
-which already shortens its effective decay; a linear one made every DiLoCo run measured better
-(fp32, int8 and int4 + error feedback, H 50 and 100, seeds 0-2: 12 runs of 12, by 0.04-0.62%) and
-data-parallel 0.13% worse. `--diloco-beta1` gives the DiLoCo rows their own beta1, to measure it.
+`--decay-shape`, `--diloco-decay-shape`; why and by how much: `schedule.decay_shape`'s docstring).
+`--diloco-beta1` gives the DiLoCo rows their own beta1, to measure it.
 Beyond that the rows differ only in how the islands synchronise.
 Each run prints as it finishes; the table then gives, per row, the mean and sample standard
 deviation of the final validation loss over seeds, the mean and worst per-seed gap to

@@ -63,10 +63,11 @@ class OptimConfig(Section):
     """Peak AdamW learning rate, reached at the end of warmup."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (beta1, beta2). 0.95 is the large-model choice and suits short runs (the 200-step demo,
-    then with a sqrt decay: val_loss 2.05 against 2.15 at 0.999). benchmarks/convergence.py runs every row at 0.999; on its
-    whole validation split 0.95 and 0.999 leave DiLoCo's gap to data-parallel where it was (3 seeds,
-    every row with the sqrt decay: +1.55% +- 2.80 against +1.53% +- 0.83), as does the islands' beta1 0.95 (README: How close
-    DiLoCo comes to data-parallel)."""
+    then with a sqrt decay: val_loss 2.05 against 2.15 at 0.999). benchmarks/convergence.py runs
+    every row at 0.999; on its whole validation split 0.95 and 0.999 leave DiLoCo's gap to
+    data-parallel where it was (3 seeds, every row with the sqrt decay: +1.55% +- 2.80 against
+    +1.53% +- 0.83), as does the islands' beta1 0.95 (README: How close DiLoCo comes to
+    data-parallel)."""
     eps: float = Field(default=1e-8, gt=0)
     """AdamW epsilon."""
     weight_decay: float = Field(default=0.1, ge=0)
