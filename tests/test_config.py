@@ -154,6 +154,7 @@ def test_intellect_config_keeps_its_published_hyperparameters():
     assert (cfg.train.global_batch, cfg.train.micro_batch, cfg.train.seq_len) == (128, 1, 8192)
     assert cfg.train.z_loss_weight == 2e-4
     assert (cfg.schedule.kind, cfg.schedule.decay_shape) == ("wsd", "sqrt")
+    assert (cfg.diloco.outer_lr, cfg.diloco.outer_momentum, cfg.diloco.plain_average_fraction) == (0.7, 0.9, 0.0)
 
 
 # --- errors name the key -----------------------------------------------------------------------

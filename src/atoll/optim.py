@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from atoll.config import OptimConfig, ScheduleConfig
+from atoll.config import DilocoConfig, OptimConfig, ScheduleConfig
 
 
 def decays_weight(param: torch.Tensor) -> bool:
@@ -64,6 +64,18 @@ def outer_anneal_weight(step: int, total_steps: int, cfg: ScheduleConfig) -> flo
     multiplier, so the outer step anneals exactly when and as fast as the inner LR does.
     """
     return 1.0 if step < cfg.warmup_steps else lr_factor(step, total_steps, cfg)
+
+
+def outer_step_weight(step: int, total_steps: int, schedule: ScheduleConfig, diloco: DilocoConfig) -> float:
+    """The share of DiLoCo's outer lr and momentum the outer step after inner step `step` (0-based)
+    takes (`atoll.diloco.DiLoCo.anneal`): 0, a plain average of the islands' weights, through the
+    first diloco.plain_average_fraction of train.steps; then 1, or `outer_anneal_weight` with
+    diloco.anneal_with_schedule. A pure function of the step and train.steps: every island, a
+    joiner or a resumed one included, takes the same outer step.
+    """
+    if step < round(diloco.plain_average_fraction * total_steps):
+        return 0.0
+    return outer_anneal_weight(step, total_steps, schedule) if diloco.anneal_with_schedule else 1.0
 
 
 def describe_new_horizon(step: int, old_total: int, new_total: int, cfg: ScheduleConfig, peak_lr: float) -> str | None:

@@ -204,8 +204,7 @@ class IslandSync:
     def after_step(self, step: int, is_last: bool, anneal_weight: float = 1.0) -> dict[str, Any]:
         """diloco: the outer step, when due (every H steps and at the end); returns its metrics.
 
-        `anneal_weight` (optim.outer_anneal_weight) scales the outer step when
-        diloco.anneal_with_schedule is on.
+        `anneal_weight` (optim.outer_step_weight) scales the outer step's lr and momentum.
         """
         self.faults.at("inner", step)
         if self.flight is not None and step == self.lands_at:
@@ -258,8 +257,7 @@ class IslandSync:
     def _outer_record(self, anneal_weight: float, lands_at: int | None = None, fragment: int | None = None) -> dict[str, Any]:
         """Run the next outer step, of `fragment` (None: the whole model), blocking; or, with
         `lands_at`, begin it and land it after that inner step (its record is then `_land`'s)."""
-        if self.cfg.diloco.anneal_with_schedule:
-            self.diloco.anneal(anneal_weight)
+        self.diloco.anneal(anneal_weight)
         self.diloco.select(fragment)
         self.fragment = fragment
         with self.clock.blocked():

@@ -39,7 +39,7 @@ from atoll.logs import info as log_line
 from atoll.mesh.member import preflight
 from atoll.metrics import MetricsLog, check_sinks
 from atoll.model import count_params
-from atoll.optim import lr_factor, outer_anneal_weight, set_lr, weight_kept
+from atoll.optim import lr_factor, outer_step_weight, set_lr, weight_kept
 from atoll.resume import claim_run_dir
 from atoll.startup import (
     Deathrattle,
@@ -170,7 +170,7 @@ def _train_in(
     if sync.owes_outer_step:  # a joiner admitted at a barrier: the outer step being averaged there
         boundary = sync.began_at(state.step)
         set_outer_weight_decay(sync, cfg, boundary, trained_phase=False)
-        record = sync.join_outer_step(outer_anneal_weight(boundary - 1, cfg.train.steps, cfg.schedule))
+        record = sync.join_outer_step(outer_step_weight(boundary - 1, cfg.train.steps, cfg.schedule, cfg.diloco))
         outer_digest = record.get("outer_digest", outer_digest)
         for note in sync.drain_notes():
             log.info(f"atoll: {note}")
@@ -252,7 +252,7 @@ def _loop(
             staged(everything=True)  # the outer step changes the outer weights and momentum
         if sync.outer_step_due(state.step, is_last):
             set_outer_weight_decay(sync, cfg, state.step, trained_phase=True)
-        record = sync.after_step(state.step, is_last, outer_anneal_weight(state.step - 1, cfg.train.steps, cfg.schedule))
+        record = sync.after_step(state.step, is_last, outer_step_weight(state.step - 1, cfg.train.steps, cfg.schedule, cfg.diloco))
         outer_digest = record.get("outer_digest", outer_digest)
         for note in [*sync.drain_notes(), *parts.loader.drain_notes()]:
             log.info(f"atoll: {note}")
