@@ -7,6 +7,7 @@ over several seeds.
     python benchmarks/convergence.py --beta2 0.95               # every row at AdamW's large-model beta2
     python benchmarks/convergence.py --diloco-decay-shape sqrt  # DiLoCo's decay as data-parallel's (the table before)
     python benchmarks/convergence.py --diloco-beta1 0.95        # DiLoCo's islands at other settings
+    python benchmarks/convergence.py --plain-average-fraction 0  # Nesterov outer steps from the start (before)
 
 Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and data order):
   ddp           data-parallel (`--mesh.mode ddp`): fp32 gradients averaged across islands every step
@@ -14,6 +15,8 @@ Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and dat
   int8          the same DiLoCo with int8 pseudo-gradients (atoll's ring)
   int8-2h       int8 DiLoCo syncing half as often (H doubled)
   int8-m09      int8 DiLoCo with DiLoCo's outer momentum 0.9 (atoll's default before it became 0.8)
+  int8-early    int8 DiLoCo taking the Nesterov step from the first outer step (no plain-average
+                start: `diloco.plain_average_fraction` 0, atoll's default before it became 0.2)
   no-anneal     DiLoCo fp32 whose outer step does not anneal with the inner LR schedule
   int8-lr       int8 DiLoCo at sqrt(islands) x the inner lr (its islands each see 1/islands of the
                 data-parallel batch; on the defaults this is DiLoCo's better lr, not data-parallel's)
@@ -92,6 +95,7 @@ def diloco_overrides(args: argparse.Namespace) -> list[str]:
         "--schedule.decay_shape": args.diloco_decay_shape,
         "--diloco.outer_lr": args.outer_lr,
         "--diloco.outer_momentum": args.outer_momentum,
+        "--diloco.plain_average_fraction": args.plain_average_fraction,
     }
     return [arg for key, value in own.items() if value is not None for arg in (key, str(value))]
 
@@ -111,6 +115,8 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         "int8-m09": (f"DiLoCo int8, H={h}, momentum 0.9", [*diloco(h), "--comm.codec", "int8",
                                                         "--diloco.outer_momentum", "0.9"]),
         "int8-2h": (f"DiLoCo int8, H={2 * h}", [*diloco(2 * h), "--comm.codec", "int8"]),
+        "int8-early": (f"DiLoCo int8, H={h}, Nesterov from the start", [*diloco(h), "--comm.codec", "int8",
+                                                                         "--diloco.plain_average_fraction", "0"]),
         "no-anneal": (f"DiLoCo fp32, H={h}, no anneal", [*diloco(h), "--comm.codec", "fp32",
                                                          "--diloco.anneal_with_schedule", "false"]),
         "int8-lr": (f"DiLoCo int8, H={h}, inner lr x{args.islands ** 0.5:.2f}",
@@ -148,6 +154,8 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
     parser.add_argument("--outer-lr", type=float, default=None, help="DiLoCo outer learning rate (default: the config's)")
     parser.add_argument("--outer-momentum", type=float, default=None, help="DiLoCo outer momentum (default: the config's)")
+    parser.add_argument("--plain-average-fraction", type=float, default=None,
+                        help="share of the run whose outer steps are plain averages (default: the config's, 0.2)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per island per step")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak learning rate (every row)")
@@ -169,7 +177,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (each is deterministic, so the figures do not change; the wall times do)")
     parser.add_argument("--rows", default="ddp,fp32,int8,int8-2h",
-                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-m09, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef, "
+                        help="comma-separated rows: ddp, fp32, int8, int8-2h, int8-early, int8-m09, int8-lr, no-anneal, int8-coupled, int8-ef, int4, int4-ef, "
                              "topk-ef, int8-overlap, int8-overlap-mix, int8-p2, int8-p2-overlap, int8-p2-overlap-mix, int8-eager "
                              "(ddp is always run)")
     args = parser.parse_args()
@@ -192,19 +200,19 @@ def main() -> None:
         for future in as_completed(futures):
             seed, key = futures[future]
             done[seed, key] = result = future.result()
-            print(f"  seed {seed}  {settings[key][0]:<34} val_loss {result['val_loss']:.4f}  "
+            print(f"  seed {seed}  {settings[key][0]:<44} val_loss {result['val_loss']:.4f}  "
                   f"({result['wall_s']:.0f} s)", flush=True)
     results = {key: [done[seed, key] for seed in range(args.seeds)] for key in keys}
 
     ddp_bytes = statistics.mean(r["bytes"] for r in results["ddp"])
-    print(f"\n{'run':<36}{'val_loss mean':>14}{'± sd':>8}{'gap mean':>10}{'± sd':>8}{'worst':>8}"
+    print(f"\n{'run':<46}{'val_loss mean':>14}{'± sd':>8}{'gap mean':>10}{'± sd':>8}{'worst':>8}"
           f"{'MB sent/island':>16}{'fewer vs ddp':>14}")
     for key in keys:
         label = settings[key][0]
         losses = [r["val_loss"] for r in results[key]]
         gaps = [r["val_loss"] / d["val_loss"] - 1 for r, d in zip(results[key], results["ddp"])]
         sent = statistics.mean(r["bytes"] for r in results[key])
-        print(f"{label:<36}{statistics.mean(losses):>14.4f}{spread(losses):>8.4f}{statistics.mean(gaps):>+10.2%}"
+        print(f"{label:<46}{statistics.mean(losses):>14.4f}{spread(losses):>8.4f}{statistics.mean(gaps):>+10.2%}"
               f"{spread(gaps):>8.2%}{max(gaps):>+8.2%}{sent / 1e6:>16.2f}{ddp_bytes / max(sent, 1):>13.1f}x")
 
 
