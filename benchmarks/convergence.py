@@ -80,7 +80,7 @@ def run(run_dir: Path, args: argparse.Namespace, seed: int, extra: list[str]) ->
         "--checkpoint.at_end", "false", "--optim.betas", betas(OptimConfig().betas[0], args.beta2), *extra,
     ]
     start = time.perf_counter()
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, check=False)
     if result.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "island-0" / "metrics.jsonl").read_text().splitlines()]
