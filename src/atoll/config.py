@@ -374,8 +374,9 @@ class DilocoConfig(Section):
     seeds 0-4 on two machines) 0.2 lowered the gap to data-parallel on 8 of 10 runs, by 0.7% on
     average, and the worst seed from +2.24% to +1.13%, at no cost in bytes. At H=100 (half as
     many outer steps) it was 0.6% worse on average (5 of 6 runs): set 0 there, which starts the
-    Nesterov step at the first outer step (DiLoCo's recipe). The switch is a function of the step
-    and train.steps, so every island, joiner and resumed run agrees on it."""
+    Nesterov step at the first outer step (DiLoCo's recipe); at H=25 it was level within the
+    seeds' spread. The switch is a function of the step and train.steps, so every island, joiner
+    and resumed run agrees on it."""
     decouple_weight_decay: bool = True
     """Keep the inner AdamW's weight decay out of the outer step: each pseudo-gradient leaves out
     what the decay took from the weights during the inner phase, and the outer step applies that
