@@ -193,6 +193,7 @@ def main() -> None:
           f"per island = {tokens / 1e6:.2f}M tokens per run; seeds 0..{args.seeds - 1}; final loss on {evaluated}; "
           f"AdamW beta2 {args.beta2}" + (f"; DiLoCo rows add {own}" if own else ""), flush=True)
     runs = [(seed, key) for seed in range(args.seeds) for key in keys]
+    width = max(len(settings[key][0]) for key in keys)
     done: dict[tuple[int, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run, Path(tmp) / f"{key}-{seed}", args, seed, settings[key][1]): (seed, key)
@@ -200,19 +201,19 @@ def main() -> None:
         for future in as_completed(futures):
             seed, key = futures[future]
             done[seed, key] = result = future.result()
-            print(f"  seed {seed}  {settings[key][0]:<44} val_loss {result['val_loss']:.4f}  "
+            print(f"  seed {seed}  {settings[key][0]:<{width}} val_loss {result['val_loss']:.4f}  "
                   f"({result['wall_s']:.0f} s)", flush=True)
     results = {key: [done[seed, key] for seed in range(args.seeds)] for key in keys}
 
     ddp_bytes = statistics.mean(r["bytes"] for r in results["ddp"])
-    print(f"\n{'run':<46}{'val_loss mean':>14}{'± sd':>8}{'gap mean':>10}{'± sd':>8}{'worst':>8}"
+    print(f"\n{'run':<{width + 2}}{'val_loss mean':>14}{'± sd':>8}{'gap mean':>10}{'± sd':>8}{'worst':>8}"
           f"{'MB sent/island':>16}{'fewer vs ddp':>14}")
     for key in keys:
         label = settings[key][0]
         losses = [r["val_loss"] for r in results[key]]
         gaps = [r["val_loss"] / d["val_loss"] - 1 for r, d in zip(results[key], results["ddp"])]
         sent = statistics.mean(r["bytes"] for r in results[key])
-        print(f"{label:<46}{statistics.mean(losses):>14.4f}{spread(losses):>8.4f}{statistics.mean(gaps):>+10.2%}"
+        print(f"{label:<{width + 2}}{statistics.mean(losses):>14.4f}{spread(losses):>8.4f}{statistics.mean(gaps):>+10.2%}"
               f"{spread(gaps):>8.2%}{max(gaps):>+8.2%}{sent / 1e6:>16.2f}{ddp_bytes / max(sent, 1):>13.1f}x")
 
 
