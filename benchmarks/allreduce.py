@@ -5,6 +5,7 @@
     python benchmarks/allreduce.py --islands 2 --rate 1gbit --delay 5ms --mib 16 --repeats 1
     python benchmarks/allreduce.py --mac --islands 2 3 --mib 64 --repeats 7   # the ring's MAC: cost on WAN and loopback
     python benchmarks/allreduce.py --buckets 42 --islands 3                     # many buckets: one ring after another vs pipelined
+    python benchmarks/allreduce.py --islands 3 --sysctl net.ipv4.tcp_congestion_control=reno  # the WAN's TCP settings
 
 For each island count the script builds an emulated WAN (`atoll.wan`: one network namespace per
 island, tbf-shaped links, a userspace delay line), a TCPStore in the coordinator's namespace, and one
@@ -16,8 +17,9 @@ writing what each island's encodings lost (`dropped`, what error feedback costs 
 sparse all-gather (`comm/allgather.py`) of topk payloads (`comm.codec = "topk"` at its default
 density and bits), with and without `dropped`. topk's relative error is large by design (it sends
 1/64 of the values; error feedback sends the rest in later outer steps). All rows of a table
-come from one run, and repeats are interleaved (every method once per round, the order reversed
-every other round) so that noise from other work on the machine hits every method alike.
+come from one run, and repeats are interleaved (every method once per round, later rounds in a
+seeded shuffle of the first's order) so that noise from other work on the machine hits every
+method alike.
 
 `--buckets N` measures instead the payload cut into N equal buckets, as DiLoCo averages its
 per-layer buckets, in `--codec`: one `ring_all_reduce_mean_` after another (each ring drains
@@ -39,10 +41,29 @@ the ring without MAC) on the same islands, and the relative L2 error of the resu
 first row's. The delay line's CPU use over the whole run is printed below.
 Timings on a shared machine vary by several percent; compare rows of the same run.
 
-Latency floor: a ring's last chunk crosses 2(islands - 1) hops one after another, each at least
-the one-way delay, so one ring takes at least bytes / rate + 2(islands - 1) x delay. For int4 at
-3 islands on the defaults that is 12.7 MB / 100 Mbit/s = 1.02 s plus 4 x 20 ms: at most 92.7% of
-the link, which the int4 ring reached (92.2%, 6.80x gloo fp32, load average 5 on 2 cores).
+Timing: after a barrier every island starts each run at one moment of the machine's monotonic
+clock, published by rank 0 (`common_start`), and is timed from it; a row's time is its slowest
+island's. (Timed from each island's own exit from the barrier, the barrier's release skew was
+added; on this machine the int4 ring read 1.065-1.067 s either way.) `--sysctl KEY=VALUE` sets a
+kernel setting in every namespace of the WAN; the TCP congestion control and slow start after
+idle in force are printed (the host's: BBR here). When rounds ran in a fixed order (reversed every
+other round), BBR made one row slow round after round: the int4 ring read 1.28-1.30 s in two of
+three rounds in two runs, the int4 + EF row beside it 1.06-1.08 s, and under Reno
+(`--sysctl net.ipv4.tcp_congestion_control=reno`) every round read 1.06-1.07 s. BBR's ProbeRTT
+(it drains a connection for 200 ms when its minimum RTT is 10 s old) fits that, which is why later
+rounds are shuffled. `--methods` runs some rows only (names as printed, comma-separated).
+
+Floor: a pipelined ring keeps every link busy as long as one step's segment takes longer on the
+wire than a chunk plus the one-way delay (int4, 3 islands, 64 MiB: 250 ms against 62 ms), so a
+ring takes at least bytes / rate plus one one-way delay (its last chunk's last hop): for int4 at
+3 islands on the defaults 12.7 MB / 100 Mbit/s = 1.016 s + 20 ms, 98% of the link. Measured (this
+session's machine, load 0.3, `--repeats 5`, BBR): int4 1.062 s, 95.4% of the link, 7.14x gloo
+fp32 (range 1.06-1.29 s); int8 1.91 s, 97.2%, 3.97x. Under Reno (3 rounds, reversed order): int4
+1.058 s, 95.7%, 6.93x. The remaining 20-30 ms are not explained: chunks of 1, 2, 4 or 8 MB and
+`net.ipv4.tcp_slow_start_after_idle=0` did not change them. The rounds where the int4 ring runs
+right after gloo's fp32 all-reduce are slower (1.17-1.23 s under Reno, with or without slow start
+after idle): with `--methods "gloo fp32,atoll ring int4,atoll ring int8"` its median was
+1.057-1.089 s (93.0-95.9%).
 
 The topk all-gather moves 1.0 MB per island at 3 islands (the int4 ring 12.7 MB). With the
 encode of `TopkCodec` before its numpy selection it took 1.86-1.87 s over two runs (4.0-4.1x gloo
@@ -56,6 +77,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import statistics
 import subprocess
@@ -66,6 +88,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside the functions that use it
+    from torch.distributed import Store
 
 REPO = Path(__file__).resolve().parents[1]
 GLOO = "gloo fp32"
@@ -86,6 +112,9 @@ GROUP_TIMEOUT = timedelta(minutes=10)
 RING_DEADLINE_S = 120.0
 WORKER_TIMEOUT_S = 1200
 RESULT_KEY = "result/{rank}"
+TCP_SETTINGS = ("net.ipv4.tcp_congestion_control", "net.ipv4.tcp_slow_start_after_idle")
+START_LEAD_S = 0.3
+"""How far ahead rank 0 sets the common start of a run: several store round trips over the WAN."""
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -108,12 +137,12 @@ def worker(args: argparse.Namespace) -> None:
     sequence = 0
     results = []
     for repeat in range(args.repeats):
-        for method in methods if repeat % 2 == 0 else reversed(methods):  # a method's place in the round alternates
+        for method in round_order(methods, repeat):
             tensor = payload.clone()
             dropped = torch.empty_like(tensor) if method.endswith(EF) else None
             group.barrier().wait()
             sent_before = int(tx_bytes.read_text())
-            start = time.perf_counter()
+            start = common_start(store, args.rank, len(results))
             if method == GLOO:
                 opts = dist.AllreduceOptions()
                 opts.reduceOp = dist.ReduceOp.SUM
@@ -136,7 +165,7 @@ def worker(args: argparse.Namespace) -> None:
                 ring_all_reduce_mean_(tensor, group, get_codec(codec), RING_DEADLINE_S, int(args.chunk_mb * 1e6), sequence,
                                       key if method.endswith(MAC) else None, dropped)
                 sequence += 1
-            seconds = time.perf_counter() - start
+            seconds = time.monotonic() - start
             group.barrier().wait()  # our last sends may still be queued until every peer has them
             wire = (int(tx_bytes.read_text()) - sent_before) // args.sharing_link
             if reference is None:  # round 0 runs methods[0] first: every error is against its result
@@ -144,6 +173,35 @@ def worker(args: argparse.Namespace) -> None:
             error = ((tensor - reference).norm() / reference.norm()).item()
             results.append({"method": method, "repeat": repeat, "seconds": seconds, "wire_bytes": wire, "error": error})
     store.set(RESULT_KEY.format(rank=args.rank), json.dumps(results))
+
+
+def round_order(methods: list[str], repeat: int) -> list[str]:
+    """The methods in the order round `repeat` runs them, the same on every island: round 0 in the
+    given order (its first method's result is every error's reference), later rounds shuffled
+    (seeded by the round), so that anything periodic (another job's bursts, BBR's ProbeRTT) does
+    not land on the same method round after round, as it did with a fixed or reversed order."""
+    if repeat == 0:
+        return list(methods)
+    return random.Random(repeat).sample(methods, len(methods))
+
+
+def common_start(store: Store, rank: int, run: int) -> float:
+    """The moment (time.monotonic) at which every island starts its `run`-th all-reduce, slept until.
+
+    Rank 0 picks it START_LEAD_S ahead and publishes it in the store; the others wait for it
+    (bounded by the store's timeout). The islands are processes of one machine in network
+    namespaces, which share its monotonic clock, so they start within a scheduler tick of each
+    other. Timing each island from its own exit from a barrier instead added the barrier's
+    release skew (up to a one-way delay: 20 ms on the defaults, 2% of an int4 ring) to the
+    slowest island's time. An island that reads the moment late (it cannot, at this lead) would
+    start late and still be timed from it.
+    """
+    key = f"start/{run}"
+    if rank == 0:
+        store.set(key, repr(time.monotonic() + START_LEAD_S))
+    start = float(store.get(key))
+    time.sleep(max(0.0, start - time.monotonic()))
+    return start
 
 
 @dataclass(frozen=True)
@@ -162,16 +220,38 @@ class Network:
     """How many islands' traffic that device counts (the loopback is one device for all)."""
     rate_bps: int | None
     delay_line_pid: int | None
+    tcp: str | None = None
+    """The islands' TCP settings that shape a ring's time (TCP_SETTINGS), as set or inherited."""
 
 
 @contextmanager
-def emulated_wan(islands: int, rate_bps: int, delay_s: float, name: str) -> Iterator[Network]:
-    """A fresh emulated WAN (`atoll.wan`) for `islands` islands, torn down on exit."""
+def emulated_wan(islands: int, rate_bps: int, delay_s: float, name: str, sysctls: list[str]) -> Iterator[Network]:
+    """A fresh emulated WAN (`atoll.wan`) for `islands` islands, torn down on exit, with `sysctls`
+    (KEY=VALUE) set in each of its namespaces (new namespaces otherwise take the kernel's defaults)."""
     from atoll.wan.network import EmulatedWan
 
     with EmulatedWan(islands, rate_bps, delay_s) as wan:
+        spaces = [*wan.island_namespaces, wan.coordinator_namespace]
+        for namespace in spaces:
+            for setting in sysctls:
+                set_sysctl(namespace, setting)
+        tcp = ", ".join(f"{key.rsplit('.', 1)[1]} {read_sysctl(spaces[0], key)}" for key in TCP_SETTINGS)
         yield Network(name, wan.coordinator_namespace, wan.coordinator_host, wan.island_namespaces, wan.island_env(), "wan0", 1,
-                      rate_bps, wan.delay_line.pid)
+                      rate_bps, wan.delay_line.pid, tcp)
+
+
+def set_sysctl(namespace: str, setting: str) -> None:
+    """`sysctl -w setting` inside `namespace`; exits 2, saying why, where the kernel refuses it."""
+    done = subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", setting], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"allreduce benchmark: --sysctl {setting}: {done.stderr.strip() or done.stdout.strip()} (a namespace may use only "
+              "the congestion controls in net.ipv4.tcp_allowed_congestion_control)", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_sysctl(namespace: str, key: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-n", key], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 @contextmanager
@@ -289,11 +369,13 @@ def main() -> None:
                         help="measure the ring's MAC instead: --codec with and without it, on the WAN and on loopback")
     parser.add_argument("--codec", default="int8", choices=CODECS, help="the ring's codec with --mac or --buckets (default int8, as comm.codec)")
     parser.add_argument("--buckets", type=int, default=0, help="cut the payload into this many buckets: one ring after another vs pipelined")
+    parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
+                        help="set this in every namespace of the emulated WAN (repeatable), e.g. net.ipv4.tcp_congestion_control=reno")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
-    parser.add_argument("--methods", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", help="run these rows only: method names as printed, comma-separated (default: every row)")
     parser.add_argument("--key", help=argparse.SUPPRESS)
     parser.add_argument("--device", help=argparse.SUPPRESS)
     parser.add_argument("--sharing-link", type=int, help=argparse.SUPPRESS)
@@ -318,10 +400,18 @@ def main() -> None:
 
     wan_name = f"{args.rate} WAN"
     methods = (RING + args.codec, RING + args.codec + MAC) if args.mac else METHODS
+    if args.methods:
+        methods = tuple(name.strip() for name in args.methods.split(","))
+        unknown = [name for name in methods if name not in METHODS]
+        if unknown or args.mac or args.buckets:
+            print(f"allreduce benchmark: --methods {args.methods!r}: " + (
+                "it does not combine with --mac or --buckets" if not unknown else
+                f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}"), file=sys.stderr)
+            sys.exit(2)
     if args.buckets:
         methods = tuple(f"{RING}{args.codec} x {args.buckets}{how}" for how in (ONE_BY_ONE, PIPELINED))
     key = secrets.token_bytes(32)  # stands in for an epoch key: same length, same HMAC work
-    networks = [lambda n: emulated_wan(n, rate_bps, delay_s, wan_name)] + ([loopback] if args.mac else [])
+    networks = [lambda n: emulated_wan(n, rate_bps, delay_s, wan_name, args.sysctl)] + ([loopback] if args.mac else [])
     print(f"{args.mib} MiB fp32 all-reduce ({args.mib * 2**20 // 4:,} values) over {wan_name}: {args.delay} one-way "
           f"({2 * delay_s * 1e3:.0f} ms round trip){' and over loopback' if args.mac else ''}; median of {args.repeats} "
           f"interleaved rounds; ring chunks of {args.chunk_mb} MB")
@@ -330,6 +420,8 @@ def main() -> None:
     for network_of in networks:
         for islands in args.islands:
             with network_of(islands) as network:
+                if network.tcp is not None:
+                    print(f"{network.name}, {islands} islands: TCP {network.tcp}")
                 per_rank, share = run_islands(network, args, methods, key)
             if share is not None:
                 cpu[islands] = share
