@@ -8,6 +8,7 @@ over several seeds.
     python benchmarks/convergence.py --diloco-decay-shape sqrt  # DiLoCo's decay as data-parallel's (the table before)
     python benchmarks/convergence.py --diloco-beta1 0.95        # DiLoCo's islands at other settings
     python benchmarks/convergence.py --plain-average-fraction 0  # Nesterov outer steps from the start (before)
+    python benchmarks/convergence.py --rows topk-ef --inner-steps 30 --topk-density 0.03125 --outer-lr 1 --outer-momentum 0
 
 Runs `atoll simulate` once per row and seed (`--train.seed`: weight init and data order):
   ddp           data-parallel (`--mesh.mode ddp`): fp32 gradients averaged across islands every step
@@ -126,7 +127,9 @@ def row_settings(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         "int8-ef": (f"DiLoCo int8 + EF, H={h}", [*diloco(h), "--comm.codec", "int8", "--comm.error_feedback", "true"]),
         "int4": (f"DiLoCo int4, H={h}", [*diloco(h), "--comm.codec", "int4"]),
         "int4-ef": (f"DiLoCo int4 + EF, H={h}", [*diloco(h), "--comm.codec", "int4", "--comm.error_feedback", "true"]),
-        "topk-ef": (f"DiLoCo topk + EF, H={h}", [*diloco(h), "--comm.codec", "topk", "--comm.error_feedback", "true"]),
+        "topk-ef": (f"DiLoCo topk 1/{round(1 / args.topk_density)} at {args.topk_bits} bits + EF, H={h}",
+                    [*diloco(h), "--comm.codec", "topk", "--comm.error_feedback", "true",
+                     "--comm.topk_density", repr(args.topk_density), "--comm.topk_bits", str(args.topk_bits)]),
         "int8-overlap": (f"DiLoCo int8, H={h}, overlap tau={h // 5}", [*diloco(h), "--comm.codec", "int8",
                                                                        "--diloco.overlap_steps", str(h // 5)]),
         "int8-overlap-mix": (f"DiLoCo int8, H={h}, overlap tau={h // 5}, mix merge",
@@ -154,6 +157,8 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
     parser.add_argument("--outer-lr", type=float, default=None, help="DiLoCo outer learning rate (default: the config's)")
     parser.add_argument("--outer-momentum", type=float, default=None, help="DiLoCo outer momentum (default: the config's)")
+    parser.add_argument("--topk-density", type=float, default=1 / 64, help="the topk-ef row's comm.topk_density (default 1/64)")
+    parser.add_argument("--topk-bits", type=int, default=2, choices=[1, 2, 4], help="the topk-ef row's comm.topk_bits (default 2)")
     parser.add_argument("--plain-average-fraction", type=float, default=None,
                         help="share of the run whose outer steps are plain averages (default: the config's, 0.2)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per island per step")
