@@ -191,10 +191,11 @@ def common_start(store: Store, rank: int, run: int) -> float:
     Rank 0 picks it START_LEAD_S ahead and publishes it in the store; the others wait for it
     (bounded by the store's timeout). The islands are processes of one machine in network
     namespaces, which share its monotonic clock, so they start within a scheduler tick of each
-    other. Timing each island from its own exit from a barrier instead added the barrier's
+    other. Timing each island from its own exit from a barrier instead can add the barrier's
     release skew (up to a one-way delay: 20 ms on the defaults, 2% of an int4 ring) to the
-    slowest island's time. An island that reads the moment late (it cannot, at this lead) would
-    start late and still be timed from it.
+    slowest island's time (on this machine it did not move the int4 ring measurably). An island
+    that reads the moment late (unlikely at this lead: a store round trip on the defaults is
+    40 ms) starts late and is still timed from it.
     """
     key = f"start/{run}"
     if rank == 0:
