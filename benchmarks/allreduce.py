@@ -55,15 +55,21 @@ rounds are shuffled. `--methods` runs some rows only (names as printed, comma-se
 
 Floor: a pipelined ring keeps every link busy as long as one step's segment takes longer on the
 wire than a chunk plus the one-way delay (int4, 3 islands, 64 MiB: 250 ms against 62 ms), so a
-ring takes at least bytes / rate plus one one-way delay (its last chunk's last hop): for int4 at
-3 islands on the defaults 12.7 MB / 100 Mbit/s = 1.016 s + 20 ms, 98% of the link. Measured (this
-session's machine, load 0.3, `--repeats 5`, BBR): int4 1.062 s, 95.4% of the link, 7.14x gloo
-fp32 (range 1.06-1.29 s); int8 1.91 s, 97.2%, 3.97x. Under Reno (3 rounds, reversed order): int4
-1.058 s, 95.7%, 6.93x. The remaining 20-30 ms are not explained: chunks of 1, 2, 4 or 8 MB and
-`net.ipv4.tcp_slow_start_after_idle=0` did not change them. The rounds where the int4 ring runs
-right after gloo's fp32 all-reduce are slower (1.17-1.23 s under Reno, with or without slow start
-after idle): with `--methods "gloo fp32,atoll ring int4,atoll ring int8"` its median was
-1.057-1.089 s (93.0-95.9%).
+ring takes at least bytes / rate plus two one-way delays: gloo sends a message only once the
+receiver's notice that it posted the receive has arrived (gloo/transport/tcp/pair.cc: a send with
+no announced receive waits for NOTIFY_RECV_READY), so the first byte leaves one delay after the
+start, and the last byte arrives one delay after it leaves. For int4 at 3 islands on the defaults
+that is 12.7 MB / 100 Mbit/s = 1.016 s + 40 ms = 1.056 s, 96.2% of the link. Measured (this
+session's machine, load 0.1-0.3, `--repeats 5`, BBR): int4 1.062 s, 95.4% of the link, 7.14x
+gloo fp32 (range 1.06-1.29 s); int8 1.91 s, 97.2%, 3.97x. Under Reno (3 rounds, reversed order):
+int4 1.058 s, 95.7%, 6.93x. At one-way delays of 5 / 20 / 40 ms (`--methods "atoll ring int8,atoll
+ring int4" --repeats 5`) int4 read 1.036 / 1.063 / 1.104 s: two delays per ring plus 10 ms.
+Chunks of 1, 2, 4 or 8 MB and `net.ipv4.tcp_slow_start_after_idle=0` changed nothing. DiLoCo
+hides the first delay of all but one ring per outer step: each bucket's ring posts its first step
+while the previous one runs (`ring_all_reduce_means_`). The rounds where the int4 ring runs right
+after gloo's fp32 all-reduce are slower (1.17-1.23 s under Reno, with or without slow start after
+idle): with `--methods "gloo fp32,atoll ring int4,atoll ring int8"` its median was 1.057-1.089 s
+(93.0-95.9%).
 
 The topk all-gather moves 1.0 MB per island at 3 islands (the int4 ring 12.7 MB). With the
 encode of `TopkCodec` before its numpy selection it took 1.86-1.87 s over two runs (4.0-4.1x gloo
