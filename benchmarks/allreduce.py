@@ -248,17 +248,27 @@ def emulated_wan(islands: int, rate_bps: int, delay_s: float, name: str, sysctls
 
 
 def set_sysctl(namespace: str, setting: str) -> None:
-    """`sysctl -w setting` inside `namespace`; exits 2, saying why, where the kernel refuses it."""
-    done = subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", setting], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        print(f"allreduce benchmark: --sysctl {setting}: {done.stderr.strip() or done.stdout.strip()} (a namespace may use only "
-              "the congestion controls in net.ipv4.tcp_allowed_congestion_control)", file=sys.stderr)
+    """Write KEY=VALUE to /proc/sys inside `namespace`; exits 2, saying why, where the kernel refuses it."""
+    from atoll.wan.namespaces import run_in_namespace
+
+    key, _, value = setting.partition("=")
+    try:
+        run_in_namespace(namespace, lambda: sysctl_path(key).write_text(value))
+    except OSError as err:
+        print(f"allreduce benchmark: --sysctl {setting}: {err.strerror or err} (KEY=VALUE, e.g. net.ipv4.tcp_congestion_control=reno, "
+              "one of net.ipv4.tcp_allowed_congestion_control)", file=sys.stderr)
         sys.exit(2)
 
 
 def read_sysctl(namespace: str, key: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-n", key], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    from atoll.wan.namespaces import run_in_namespace
+
+    return run_in_namespace(namespace, lambda: sysctl_path(key).read_text().strip())
+
+
+def sysctl_path(key: str) -> Path:
+    """A kernel setting's file; under /proc/sys/net it is the opening thread's network namespace's."""
+    return Path("/proc/sys") / key.strip().replace(".", "/")
 
 
 @contextmanager
