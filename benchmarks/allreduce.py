@@ -420,10 +420,10 @@ def main() -> None:
     if args.methods:
         methods = tuple(name.strip() for name in args.methods.split(","))
         unknown = [name for name in methods if name not in METHODS]
-        if unknown or args.mac or args.buckets:
-            print(f"allreduce benchmark: --methods {args.methods!r}: " + (
-                "it does not combine with --mac or --buckets" if not unknown else
-                f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}"), file=sys.stderr)
+        problem = (f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}" if unknown
+                   else "it does not combine with --mac or --buckets" if args.mac or args.buckets else None)
+        if problem:
+            print(f"allreduce benchmark: --methods {args.methods!r}: {problem}", file=sys.stderr)
             sys.exit(2)
     if args.buckets:
         methods = tuple(f"{RING}{args.codec} x {args.buckets}{how}" for how in (ONE_BY_ONE, PIPELINED))
